@@ -1,0 +1,86 @@
+"""`DraftHeads`: all heads of one head set (Medusa, Hydra or Hydra++), for training and for decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import DynamicCache, PretrainedConfig
+
+from hydra.model.config import HydraConfig
+from hydra.model.heads.prefix_layer import PrefixLayer
+from hydra.model.heads.resblock import HeadMLP
+
+
+class DraftHeads(nn.Module):
+    """Head i guesses token x_{t+i+2} at position t.
+
+    Ungrounded (Medusa) head i reads c_t only; grounded (Hydra) head i reads
+    [c_t, e(x_{t+1}), ..., e(x_{t+i+1})], the embeddings of the tokens already on its tree path, where
+    e is the frozen base input embedding. c_t is the base hidden state h_t, or for Hydra++ the prefix layer's
+    output over h_{<=t}. The base embedding and output layer are passed in at call time, never stored here,
+    so a checkpoint holds head weights only.
+    """
+
+    def __init__(self, config: HydraConfig, base_config: PretrainedConfig):
+        super().__init__()
+        d, vocab = base_config.hidden_size, base_config.vocab_size
+        self.num_heads = config.hydra_num_heads
+        self.grounded = config.grounded_heads
+        self.hidden_size = d
+        self.prefix = PrefixLayer(base_config) if config.hydra_head_arch == "prefix-mlp" else None
+        self.mlps = nn.ModuleList(
+            HeadMLP((i + 2) * d if self.grounded else d, d, config.hydra_num_layers, config.dropout_rate)
+            for i in range(self.num_heads))
+        self.lm_dropout = nn.Dropout(config.dropout_rate)
+        # Own output layers (bias=True as in the paper); initialised from the base output layer by HydraModel.
+        self.lm_heads = None if config.share_lm_head else nn.ModuleList(
+            nn.Linear(d, vocab, bias=True) for _ in range(self.num_heads))
+
+    # --- building blocks -------------------------------------------------------------------------------
+    def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: DynamicCache | None = None) -> torch.Tensor:
+        """c_t from base hidden states (B, S, d); the prefix layer (if any) appends to `cache`."""
+        if self.prefix is None:
+            return hidden
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+        return self.prefix(hidden, position_ids, cache)
+
+    def head_hidden(self, i: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Head i's hidden state. path_embeds: (..., (i+1)*d) = [e(x_{t+1}), ..., e(x_{t+i+1})] if grounded."""
+        x = torch.cat([context, path_embeds], dim=-1) if self.grounded else context
+        return self.mlps[i](x)
+
+    def head_logits(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module) -> torch.Tensor:
+        hidden = self.lm_dropout(hidden)
+        if self.lm_heads is None:
+            return F.linear(hidden, base_lm_head.weight, getattr(base_lm_head, "bias", None))
+        return self.lm_heads[i](hidden)
+
+    # --- training ----------------------------------------------------------------------------------------
+    def forward(self, base_hidden: torch.Tensor, input_ids: torch.Tensor, embed_tokens: nn.Module,
+                position_ids: torch.Tensor | None = None, noise_alpha: float = 0.0) -> torch.Tensor:
+        """All heads at all positions in one call (teacher forcing). Returns head hidden states (H, B, S, d).
+
+        Head i at position t reads the true tokens x_{t+1..t+i+1}, i.e. the embeddings shifted left by
+        1..i+1. Positions whose shifted tokens run past the end of the row see zeros; their targets lie
+        beyond the row too, so the loss never uses them. `noise_alpha` adds NEFTune-style uniform noise to
+        the token embeddings (training only), as the original code does.
+        """
+        context = self.context(base_hidden, position_ids)
+        with torch.no_grad():
+            emb = embed_tokens(input_ids)
+        emb = emb.to(context.dtype)
+        if noise_alpha and self.training:
+            scale = noise_alpha / (input_ids.shape[1] * self.hidden_size) ** 0.5
+            emb = emb + torch.empty_like(emb).uniform_(-1, 1) * scale
+        shifted = []
+        for j in range(self.num_heads if self.grounded else 0):
+            shifted.append(F.pad(emb[:, j + 1:], (0, 0, 0, j + 1)))  # row t holds e(x_{t+j+1})
+        outs = []
+        for i in range(self.num_heads):
+            path = torch.cat(shifted[: i + 1], dim=-1) if self.grounded else None
+            outs.append(self.head_hidden(i, context, path))
+        return torch.stack(outs)

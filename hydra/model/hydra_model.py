@@ -1,0 +1,199 @@
+"""`HydraModel`: a frozen Hugging Face causal LM plus a set of draft heads.
+
+Only the heads are ever saved: `config.json` (a `HydraConfig`) + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hydra.model.base_model import load_base_model, to_dtype
+from hydra.model.config import HydraConfig
+from hydra.model.heads.draft_heads import DraftHeads
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LEGACY_WEIGHTS_NAME = "hydra_lm_head.pt"
+
+
+@dataclass
+class HydraTrainOutput:
+    base_hidden: torch.Tensor  # (B, S, d) the base model's hidden state (what its output layer reads)
+    head_hidden: torch.Tensor  # (H, B, S, d) every head's hidden state at every position
+
+
+class HydraModel(nn.Module):
+    """Frozen base model + draft heads.
+
+    Args:
+        base_model: a causal LM (Llama family) exposing get_input_embeddings / get_output_embeddings.
+        config: the heads' configuration. Its hidden_size / vocab_size, if set, must match the base model.
+        tokenizer: optional, kept for convenience (CLI, evaluation).
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: HydraConfig,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        base_cfg = base_model.config
+        for field in ("hidden_size", "vocab_size"):
+            want, have = getattr(config, field), getattr(base_cfg, field)
+            if want is not None and want != have:
+                raise ValueError(f"these heads were built for a base model with {field}={want}, but "
+                                 f"{base_cfg.name_or_path or 'the base model'} has {field}={have}")
+        config.hidden_size, config.vocab_size = base_cfg.hidden_size, base_cfg.vocab_size
+        self.config = config
+        self.tokenizer = tokenizer
+        base_model.requires_grad_(False)
+        self.base_model = base_model
+        param = next(base_model.parameters())
+        self.heads = DraftHeads(config, base_cfg).to(device=param.device, dtype=param.dtype)
+        if self.heads.lm_heads is not None:
+            with torch.no_grad():
+                for lm in self.heads.lm_heads:
+                    lm.weight.copy_(self.lm_head.weight)
+                    nn.init.zeros_(lm.bias)
+
+    # The base model's layers, used by the heads but not owned by them (never saved with the heads).
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base_model.get_output_embeddings()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base_model.get_decoder()
+
+    def train(self, mode: bool = True) -> HydraModel:
+        super().train(mode)
+        self.base_model.eval()  # the base model is frozen: never dropout in it
+        return self
+
+    def base_hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The hidden states the heads read: post-final-norm (offset 0) or hidden_states[-(k+1)]."""
+        k = self.config.hidden_state_offset
+        out = self.decoder(input_ids=input_ids, output_hidden_states=k > 0, **kwargs)
+        return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, noise_alpha: float = 0.0) -> HydraTrainOutput:
+        """Training forward: base hidden states (no grad) and all heads' hidden states at all positions.
+
+        Logits come from `head_logits(i, hidden)` / `base_logits(hidden)` so a loss can project to the
+        vocabulary in chunks instead of materialising (H, B, S, V) at once.
+        """
+        with torch.no_grad():
+            base_hidden = self.base_hidden_states(input_ids, position_ids=position_ids,
+                                                  attention_mask=attention_mask, use_cache=False)
+        head_hidden = self.heads(base_hidden, input_ids, self.embed_tokens, position_ids, noise_alpha)
+        return HydraTrainOutput(base_hidden, head_hidden)
+
+    def head_logits(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.heads.head_logits(i, hidden, self.lm_head)
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # --- persistence -----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> None:
+        """Write config.json + heads-only model.safetensors (optionally cast, e.g. to bfloat16)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", to_dtype(dtype) if dtype else v.dtype).contiguous()
+                 for k, v in self.heads.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.config.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, heads: str | Path, base_model: str | PreTrainedModel | None = None,
+                        dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                        tokenizer: PreTrainedTokenizerBase | None = None) -> HydraModel:
+        """Load heads from a folder or Hub repo id and put them on a base model.
+
+        Args:
+            heads: folder or Hub repo id holding config.json + model.safetensors (or the original release's
+                config.json + hydra_lm_head.pt, converted on the fly without unpickling arbitrary objects).
+            base_model: a loaded model, or a model id / folder overriding the config's
+                base_model_name_or_path, or None to use the config's.
+            dtype, device: for the base model (when loaded here) and the heads.
+        """
+        folder = _resolve_heads_folder(heads)
+        config = load_hydra_config(folder / CONFIG_NAME)
+        if isinstance(base_model, PreTrainedModel):
+            base = base_model
+        else:
+            base, loaded_tok = load_base_model(base_model or config.base_model_name_or_path, dtype, device)
+            tokenizer = tokenizer or loaded_tok
+        weights = folder / WEIGHTS_NAME
+        if weights.is_file():
+            state = _read_safetensors(weights)
+        elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+            from hydra.model.legacy import convert_legacy_state_dict, read_legacy_weights
+
+            state = convert_legacy_state_dict(read_legacy_weights(folder / LEGACY_WEIGHTS_NAME), config)
+        else:
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {folder}")
+        model = cls(base, config, tokenizer)
+        _load_heads_state(model.heads, state, folder)
+        return model
+
+
+def load_hydra_config(path: Path) -> HydraConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a heads folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or "hydra_num_heads" not in raw:
+        raise ValueError(f"{path} is not a Hydra heads config (no 'hydra_num_heads' field)")
+    raw.pop("model_type", None)
+    known = {"transformers_version", "architectures"}
+    return HydraConfig(**{k: v for k, v in raw.items() if k not in known})
+
+
+def _resolve_heads_folder(heads: str | Path) -> Path:
+    path = Path(heads)
+    if path.is_dir():
+        return path
+    if path.exists() or str(heads).startswith((".", "/", "~")) or str(heads).count("/") != 1:
+        raise FileNotFoundError(f"heads folder {heads} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(heads), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"could not find heads {heads!r}: not a local folder, and the Hub could not "
+                                f"provide it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _load_heads_state(heads: DraftHeads, state: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = heads.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"heads in {folder} do not match their config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"heads in {folder} do not fit this base model: {k} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(expected[k].shape)}")
+    heads.load_state_dict(state, strict=True)
