@@ -1,0 +1,86 @@
+"""Which tree candidates to keep, given the base model's logits at every tree node.
+
+All three rules take the verification logits (T, V) in tree order and the tree's tokens (T,), and return
+the accepted node indices (root first, a root-to-node path) plus the next token (the "bonus" token the base
+model decided after the last accepted node).
+
+- greedy: keep the longest path whose tokens equal the base model's argmax at each parent. Exact.
+- typical: Medusa/Hydra typical acceptance. A child x of node u is accepted iff
+  p_u(x) > min(threshold, alpha * exp(-H(p_u))) with p_u = softmax(logits_u / temperature); ties between
+  equally long paths go to the larger summed log-probability; the next token is the argmax. Deterministic and
+  lossy: it does not sample from the base model's distribution (as in the original Hydra and Medusa code).
+- exact: speculative sampling over the tree (multi-draft rejection sampling, as in SpecInfer / EAGLE). The
+  drafts are deterministic given the context, so child x is accepted with probability p(x); on rejection
+  p(x) is set to 0 and p renormalised before trying the next sibling; if all siblings are rejected the next
+  token is sampled from what remains. Output tokens are distributed exactly as sampling from the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hydra.model.trees import TreeBuffers
+
+
+def greedy_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, int]:
+    pred = logits.argmax(-1)
+    # Sentinel slot T: its token (-1) never equals an argmax, so padded path slots never match.
+    tokens_ext = torch.cat([tokens, tokens.new_full((1,), -1)])
+    pred_ext = torch.cat([pred, pred.new_full((1,), -2)])
+    paths = tree.retrieve
+    match = tokens_ext[paths[:, 1:]] == pred_ext[paths[:, :-1]]
+    lengths = match.long().cumprod(dim=1).sum(dim=1)
+    best = int(lengths.argmax())
+    accepted = paths[best, : int(lengths[best]) + 1]
+    return accepted, int(pred[accepted[-1]])
+
+
+def typical_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
+                   posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> tuple[torch.Tensor, int]:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
+    threshold = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
+    paths = tree.retrieve
+    parents, kids = paths[:, :-1], paths[:, 1:]
+    valid = kids < tokens.shape[0]
+    safe_kids = kids.clamp(max=tokens.shape[0] - 1)
+    p_child = probs[parents.clamp(max=tokens.shape[0] - 1), tokens[safe_kids]]
+    match = valid & (p_child > threshold[parents.clamp(max=tokens.shape[0] - 1)])
+    keep = match.long().cumprod(dim=1)
+    lengths = keep.sum(dim=1)
+    best_len = int(lengths.max())
+    # Among the longest paths, the one with the largest summed log-probability of its accepted tokens.
+    score = (torch.log(p_child.clamp_min(1e-30)) * keep).sum(dim=1)
+    score = torch.where(lengths == best_len, score, torch.full_like(score, -float("inf")))
+    best = int(score.argmax())
+    accepted = paths[best, : best_len + 1]
+    return accepted, int(logits[accepted[-1]].argmax())
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def exact_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    probs_all = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    token_list = tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        p = probs_all[node].clone()
+        accepted_child = None
+        for child in tree.children[node]:
+            x = token_list[child]
+            if torch.rand((), generator=generator) < p[x]:
+                accepted_child = child
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:  # all mass was on rejected drafts (cannot happen with exact arithmetic)
+                p = probs_all[node].clone()
+                break
+            p /= total
+        if accepted_child is None:
+            return torch.tensor(path, device=tokens.device), sample_from(p, generator)
+        path.append(accepted_child)
+        node = accepted_child
