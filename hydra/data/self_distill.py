@@ -1,0 +1,267 @@
+"""Self-distillation: let the base model answer the training prompts, saved as ShareGPT JSON Lines.
+
+Usage:
+    python -m hydra.data.self_distill --prompts ../shared/data/train_prompts/prompts.jsonl \
+        --output data/self_distill.jsonl --num-prompts 2000 --max-new-tokens 400 --temperature 0 \
+        --batch-size 32 --dtype bfloat16 --device cpu          # on a GPU: --device cuda --batch-size 128
+Prompts ({"id", "turns": [user turns]}, or ShareGPT records whose human turns are used) are taken in a seeded
+shuffled order (--seed; the file is grouped by source) and answered turn by turn, later turns seeing the model's
+own earlier replies. Re-running the same command resumes: ids already in --output are skipped, a line cut off
+by a kill is dropped and regenerated. Replies cut at --max-new-tokens are kept and marked "truncated": true.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from hydra.data.sharegpt import needs_special_tokens, render_chat
+from hydra.model.base_model import load_base_model
+
+Prompt = dict[str, Any]
+
+
+def read_prompts(path: str | os.PathLike, num_prompts: int | None = None, seed: int | None = 42) -> list[Prompt]:
+    """Read prompt records -> [{"id", "turns", "source"?}]; shuffled with `seed` (None keeps file order), first N.
+
+    The same seed gives the same order, so a larger --num-prompts extends a smaller run instead of replacing it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts, seen = [], set()
+    with path.open("rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON line ({e})") from None
+            prompt = _to_prompt(record)
+            if prompt is None:
+                raise ValueError(f"{path}:{line_no}: expected {{'id', 'turns': [str, ...]}} or a ShareGPT record")
+            if prompt["id"] not in seen:  # an id is the resume key: keep its first occurrence only
+                seen.add(prompt["id"])
+                prompts.append(prompt)
+    if seed is not None:
+        random.Random(seed).shuffle(prompts)
+    return prompts[:num_prompts] if num_prompts is not None else prompts
+
+
+def _to_prompt(record: Any) -> Prompt | None:
+    if not isinstance(record, dict) or record.get("id") is None:
+        return None
+    if "turns" in record:
+        turns = record["turns"]
+    elif "conversations" in record:
+        turns = [t.get("value") for t in record["conversations"] if t.get("from") in ("human", "user")]
+    else:
+        return None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        return None
+    prompt = {"id": str(record["id"]), "turns": turns}
+    if "source" in record:
+        prompt["source"] = record["source"]
+    return prompt
+
+
+def read_done_ids(path: str | os.PathLike) -> set[str]:
+    """Ids already in the output file. A last line cut off by a kill is removed from the file."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    done, good_end, pos = set(), 0, 0
+    while pos < len(data):
+        newline = data.find(b"\n", pos)
+        if newline < 0:  # no newline: the write was interrupted; regenerate that record
+            break
+        try:
+            done.add(str(json.loads(data[pos:newline].decode("utf-8"))["id"]))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            print(f"[hydra.data] {path}: ignoring unreadable line at byte {pos}", flush=True)
+        pos = good_end = newline + 1
+    if good_end < len(data):
+        print(f"[hydra.data] {path}: dropping a truncated last line ({len(data) - good_end} bytes)", flush=True)
+        os.truncate(path, good_end)
+    return done
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer and model define no eos token; cannot tell where a reply ends")
+    return ids
+
+
+@torch.inference_mode()
+def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                     generation_config: GenerationConfig, stop_ids: Sequence[int]) -> list[tuple[str, bool, int]]:
+    """Continue each rendered prompt (one left-padded batch). Returns (reply, hit_max_new_tokens, new_tokens)."""
+    batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
+                      add_special_tokens=needs_special_tokens(texts[0], tokenizer)).to(model.device)
+    output = model.generate(**batch, generation_config=generation_config)
+    new = output[:, batch["input_ids"].shape[1]:].cpu()
+    is_stop = torch.isin(new, torch.tensor(list(stop_ids)))
+    results = []
+    for row, stops in zip(new, is_stop):
+        hit_limit = not bool(stops.any())
+        n = len(row) if hit_limit else int(stops.nonzero()[0, 0])
+        reply = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+        results.append((reply, hit_limit, n if hit_limit else n + 1))
+    return results
+
+
+def distill_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                  generation_config: GenerationConfig, stop_ids: Sequence[int], max_prompt_tokens: int,
+                  template: str | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Answer every user turn of a batch of prompts in order; turn k's context holds the model's replies 1..k-1.
+
+    Returns ShareGPT records and counters. A conversation stops before a turn whose context would exceed
+    max_prompt_tokens or after an empty reply; its earlier turns are kept.
+    """
+    counts = {"new_tokens": 0, "truncated_replies": 0, "empty_reply": 0, "context_too_long": 0}
+    histories: list[list[dict[str, Any]]] = [[] for _ in prompts]
+    alive = [True] * len(prompts)
+    for turn in range(max(len(p["turns"]) for p in prompts)):
+        active, texts = [], []
+        for i, prompt in enumerate(prompts):
+            if not alive[i] or turn >= len(prompt["turns"]):
+                continue
+            messages = histories[i] + [{"role": "user", "content": prompt["turns"][turn]}]
+            text = render_chat(messages, tokenizer, template, add_generation_prompt=True)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+                alive[i] = False
+                counts["context_too_long"] += 1
+                continue
+            active.append(i)
+            texts.append(text)
+        if not active:
+            break
+        for i, (reply, hit_limit, n_new) in zip(active, generate_replies(model, tokenizer, texts,
+                                                                         generation_config, stop_ids)):
+            counts["new_tokens"] += n_new
+            if not reply:  # keep the turns before it; a record with no reply at all is not written
+                alive[i] = False
+                counts["empty_reply"] += 1
+                continue
+            counts["truncated_replies"] += hit_limit
+            histories[i].append({"role": "user", "content": prompts[i]["turns"][turn]})
+            histories[i].append({"role": "assistant", "content": reply, "truncated": hit_limit})
+    records = [_to_sharegpt(prompt, history) for prompt, history in zip(prompts, histories) if history]
+    return records, counts
+
+
+def _to_sharegpt(prompt: Prompt, history: list[dict[str, Any]]) -> dict[str, Any]:
+    turns = []
+    for message in history:
+        turn = {"from": "human" if message["role"] == "user" else "gpt", "value": message["content"]}
+        if message.get("truncated"):
+            turn["truncated"] = True  # hydra.data.sharegpt then labels the text but no end token
+        turns.append(turn)
+    record = {"id": prompt["id"], "conversations": turns}
+    if "source" in prompt:
+        record["source"] = prompt["source"]
+    return record
+
+
+def length_sorted_batches(prompts: Sequence[Prompt], lengths: Sequence[int], batch_size: int,
+                          window: int) -> list[list[Prompt]]:
+    """Batches of similar prompt length (less left padding), sorting only within windows of `window` prompts
+    so a resumed or partial run still progresses through the prompts in order."""
+    batches = []
+    for start in range(0, len(prompts), window):
+        order = sorted(range(start, min(start + window, len(prompts))), key=lambda i: -lengths[i])
+        batches += [[prompts[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", required=True, help="JSON Lines of {id, turns: [user turns]} (or ShareGPT)")
+    parser.add_argument("--output", required=True, help="ShareGPT JSON Lines to write (appended on resume)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
+    parser.add_argument("--max-new-tokens", type=int, default=400)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048,
+                        help="skip a prompt (or stop a conversation) whose rendered context is longer")
+    parser.add_argument("--sort-window", type=int, default=16, help="sort by length within this many batches")
+    parser.add_argument("--template", choices=["vicuna"], default=None,
+                        help="vicuna_v1.1 instead of the tokenizer's chat template")
+    parser.add_argument("--seed", type=int, default=42, help="prompt order and sampling seed")
+    parser.add_argument("--no-shuffle", action="store_true", help="take prompts in file order")
+    parser.add_argument("--base-model", default=None, help="HF id or folder (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    prompts = read_prompts(args.prompts, args.num_prompts, None if args.no_shuffle else args.seed)
+    output = Path(args.output)
+    done = read_done_ids(output)
+    pending = [p for p in prompts if p["id"] not in done]
+    print(f"[hydra.data] {len(prompts)} prompts, {len(prompts) - len(pending)} already in {output}, "
+          f"{len(pending)} to generate", flush=True)
+    if not pending:
+        return 0
+
+    model, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = stop_token_ids(model, tokenizer)
+    sampling = args.temperature > 0
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=sampling, temperature=args.temperature if sampling else None,
+        top_p=args.top_p if sampling else None, top_k=None, eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(args.seed)
+
+    first_turns = [render_chat([{"role": "user", "content": p["turns"][0]}], tokenizer, args.template,
+                               add_generation_prompt=True) for p in pending]
+    lengths = [len(ids) for ids in tokenizer(first_turns, add_special_tokens=False)["input_ids"]]
+    fits = [i for i, n in enumerate(lengths) if n <= args.max_prompt_tokens]
+    if len(fits) < len(pending):
+        print(f"[hydra.data] skipping {len(pending) - len(fits)} prompts longer than --max-prompt-tokens "
+              f"{args.max_prompt_tokens}", flush=True)
+    pending, lengths = [pending[i] for i in fits], [lengths[i] for i in fits]
+    batches = length_sorted_batches(pending, lengths, args.batch_size, args.batch_size * args.sort_window)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    totals = {"written": 0, "new_tokens": 0, "truncated_replies": 0, "empty_reply": 0, "context_too_long": 0}
+    start = time.perf_counter()
+    with output.open("a", encoding="utf-8") as f, tqdm(total=len(pending), desc="self-distill", unit="prompt") as bar:
+        for batch in batches:
+            records, counts = distill_batch(model, tokenizer, batch, generation_config, stop_ids,
+                                            args.max_prompt_tokens, args.template)
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()  # a kill loses at most the batch in flight
+            os.fsync(f.fileno())
+            for key, value in counts.items():
+                totals[key] += value
+            totals["written"] += len(records)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{totals['new_tokens'] / (time.perf_counter() - start):.0f}")
+    elapsed = time.perf_counter() - start
+    print(f"[hydra.data] wrote {totals['written']} conversations to {output}: {totals['new_tokens']} new tokens in "
+          f"{elapsed:.1f} s ({totals['new_tokens'] / elapsed:.1f} tok/s); {totals['truncated_replies']} replies hit "
+          f"--max-new-tokens; {totals['context_too_long']} conversations stopped at --max-prompt-tokens, "
+          f"{totals['empty_reply']} empty replies", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""hydra.data.sharegpt: loading, masking, templates, packing (tokenizer only, no model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from hydra.data.partition_train_test import main as partition_main, split_records
+from hydra.data.sharegpt import (IGNORE_INDEX, collate_packed, load_sharegpt, pack, render_and_mask,
+                                 tokenize_records)
+from hydra.model.base_model import load_tokenizer
+
+CONVERSATION = {"id": "c1", "conversations": [
+    {"from": "system", "value": "You are terse."},
+    {"from": "human", "value": "What is 2 + 2?"},
+    {"from": "gpt", "value": "2 + 2 = 4."},
+    {"from": "human", "value": "And times 3?"},
+    {"from": "gpt", "value": "That is 12.\nDone."},
+]}
+REPLIES = ["2 + 2 = 4.", "That is 12.\nDone."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None  # like a base (non-chat) Llama: falls back to vicuna_v1.1
+    return tok
+
+
+def labelled_runs(example: dict) -> list[list[int]]:
+    """Contiguous runs of labelled token ids."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+def test_mask_keeps_exactly_assistant_tokens_and_end_token(tokenizer):
+    example = render_and_mask(CONVERSATION, tokenizer, max_length=4096)
+    runs = labelled_runs(example)
+    assert [tokenizer.decode(run) for run in runs] == [reply + "<|im_end|>" for reply in REPLIES]
+    # The role header is context, not target.
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    first = example["labels"].index(runs[0][0])
+    assert example["input_ids"][first - len(header):first] == header
+    assert all(label == IGNORE_INDEX for label in example["labels"][first - len(header):first])
+
+
+def test_mask_accepts_chat_messages_and_truncates(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    full = render_and_mask(messages, tokenizer, max_length=4096)
+    short = render_and_mask(messages, tokenizer, max_length=len(full["input_ids"]) - 3)
+    assert short["input_ids"] == full["input_ids"][:-3] and short["labels"] == full["labels"][:-3]
+
+
+def test_truncated_reply_gets_no_end_token_label(tokenizer):
+    conv = [{"from": "human", "value": "count"}, {"from": "gpt", "value": "1 2 3", "truncated": True}]
+    runs = labelled_runs(render_and_mask(conv, tokenizer, max_length=512))
+    assert [tokenizer.decode(run) for run in runs] == ["1 2 3"]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_vicuna_template(tokenizer, plain_tokenizer, explicit):
+    tok, template = (tokenizer, "vicuna") if explicit else (plain_tokenizer, None)
+    example = render_and_mask(CONVERSATION, tok, max_length=4096, template=template)
+    text = tok.decode(example["input_ids"])
+    assert text.startswith("You are terse. USER: What is 2 + 2? ASSISTANT:")
+    runs = [tok.decode(run) for run in labelled_runs(example)]
+    assert [r.strip() for r in runs] == [reply + tok.eos_token for reply in REPLIES]
+
+
+def write_jsonl(path, records, raw_lines=()):
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in raw_lines:
+            f.write(line + b"\n")
+
+
+def test_malformed_records_are_skipped_per_reason(tmp_path, capsys):
+    good = CONVERSATION
+    alias = {"id": "a", "conversations": [{"from": "user", "value": "q"}, {"from": "chatgpt", "value": "a"}]}
+    leading_gpt = {"id": "l", "conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "q"},
+                                                {"from": "gpt", "value": "a"}]}
+    bad = [
+        {"id": "e", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+        {"id": "o", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"},
+                                      {"from": "gpt", "value": "a"}]},
+        {"id": "m", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
+        {"id": "n", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+        {"id": "g", "conversations": [{"from": "human", "value": "only a question"}]},
+        {"id": "x"},
+    ]
+    path = tmp_path / "data.jsonl"
+    write_jsonl(path, [good, alias, leading_gpt] + bad, raw_lines=[b'{"id": "u", "conversations": "\xff\xfe"}'])
+    records, stats = load_sharegpt(path)
+    assert [r["id"] for r in records] == ["c1", "a", "l"]
+    assert records[1]["conversations"] == [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    assert [t["from"] for t in records[2]["conversations"]] == ["human", "gpt"]
+    assert stats["loaded"] == 3 and stats["skipped"] == 7
+    assert stats["skipped_by_reason"] == {"empty turn": 1, "bad role order": 1, "missing field": 1,
+                                          "non-string turn": 1, "no gpt turn": 1, "missing conversations": 1,
+                                          "invalid utf-8": 1}
+    out = capsys.readouterr().out
+    assert f"loaded 3 conversations from {path}, skipped 7 (" in out and "empty turn: 1" in out
+
+    as_json = tmp_path / "data.json"
+    as_json.write_text(json.dumps([good, alias] + bad))
+    records, stats = load_sharegpt(as_json)
+    assert len(records) == 2 and stats["skipped"] == 6
+
+
+def test_not_sharegpt_raises_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_sharegpt(tmp_path / "nope.json")
+    text = tmp_path / "notes.json"
+    text.write_text("this is not json\nat all\n")
+    with pytest.raises(ValueError, match="notes.json.*not JSON"):
+        load_sharegpt(text)
+    other = tmp_path / "prompts.jsonl"
+    write_jsonl(other, [{"id": "1", "turns": ["hi"]}, {"id": "2", "turns": ["yo"]}])
+    with pytest.raises(ValueError, match="prompts.jsonl.*'conversations'"):
+        load_sharegpt(other)
+    obj = tmp_path / "obj.json"
+    obj.write_text(json.dumps({"data": []}))
+    with pytest.raises(ValueError, match="obj.json"):
+        load_sharegpt(obj)
+
+
+def test_pack_restarts_positions_and_never_splits():
+    examples = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([3, 4, 2, 9, 5], 1)]
+    rows = pack(examples, max_length=8)
+    # 3+4 fit; 2 starts a new row; 9 is truncated to 8 and gets its own row; 5 a new row.
+    assert [row["input_ids"] for row in rows] == [[1] * 3 + [2] * 4, [3] * 2, [4] * 8, [5] * 5]
+    assert rows[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    assert rows[2]["position_ids"] == list(range(8))
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 8
+        # Every conversation's tokens sit in exactly one row, whole (up to truncation).
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        ids = [row["input_ids"][s] for s in starts]
+        assert len(set(ids)) == len(ids)
+
+    batch = collate_packed(rows[:2], pad_token_id=0)
+    assert batch["input_ids"].shape == (2, 7) and "attention_mask" not in batch
+    assert batch["labels"][1].tolist() == [3, 3] + [IGNORE_INDEX] * 5
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4]
+
+
+def test_packed_rows_match_separate_forward(tokenizer):
+    """transformers reads position-id restarts as separate sequences: packed logits == one-by-one logits.
+
+    Only with use_cache=False: with a cache (the config default) the packed mask is not inferred."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64)).eval()
+    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10, 11], "labels": [8] * 4},
+                {"input_ids": [12, 13, 14, 15, 16], "labels": [0] * 5}]
+    batch = collate_packed(pack(examples, max_length=8))  # rows of 3+4 and 5 (+2 pad) tokens
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+    torch.testing.assert_close(packed[0], torch.cat(alone[:2]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1, :5], alone[2], atol=1e-5, rtol=1e-5)
+
+
+def test_tokenize_records_and_partition(tmp_path, tokenizer):
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"},
+                                                {"from": "gpt", "value": f"answer {i}"}]} for i in range(40)]
+    path = tmp_path / "all.json"
+    path.write_text(json.dumps(records + [{"id": "bad", "conversations": []}]))
+    assert partition_main(["--input", str(path), "--output-dir", str(tmp_path / "split")]) == 0
+    train = [json.loads(line) for line in (tmp_path / "split" / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (tmp_path / "split" / "val.jsonl").read_text().splitlines()]
+    assert (len(train), len(val)) == (38, 2)
+    assert sorted(r["id"] for r in train + val) == sorted(r["id"] for r in records)
+    assert split_records(list(range(40)), 0.05, 42) == split_records(list(range(40)), 0.05, 42)
+
+    examples = tokenize_records(train, tokenizer, max_length=64)
+    assert len(examples) == 38 and all(len(e["input_ids"]) <= 64 for e in examples)

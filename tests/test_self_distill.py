@@ -1,0 +1,100 @@
+"""hydra.data.self_distill: resumable generation (tiny random Llama with the real SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hydra.data.self_distill import main, read_done_ids, read_prompts
+from hydra.data.sharegpt import load_sharegpt
+from hydra.model.base_model import load_tokenizer
+
+PROMPTS = [
+    {"id": "p0", "source": "t", "turns": ["Say hello."]},
+    {"id": "p1", "source": "t", "turns": ["Name a colour.", "And another one?"]},
+    {"id": "p2", "source": "t", "turns": ["What is 1 + 1?"]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def run(prompt_file, output, model, num_prompts):
+    return main(["--prompts", str(prompt_file), "--output", str(output), "--num-prompts", str(num_prompts),
+                 "--batch-size", "2", "--max-new-tokens", "6", "--temperature", "0", "--no-shuffle",
+                 "--base-model", model, "--dtype", "float32", "--device", "cpu"])
+
+
+def output_ids(path):
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_resume_writes_no_duplicates(tmp_path, prompt_file, tiny_model):
+    output = tmp_path / "out" / "distill.jsonl"
+    assert run(prompt_file, output, tiny_model, 2) == 0  # stands for a run killed after its first batch
+    assert sorted(output_ids(output)) == ["p0", "p1"]
+    first_lines = output.read_text(encoding="utf-8")
+    assert run(prompt_file, output, tiny_model, 3) == 0
+    assert output.read_text(encoding="utf-8").startswith(first_lines)  # earlier records untouched
+    assert sorted(output_ids(output)) == ["p0", "p1", "p2"]
+    assert run(prompt_file, output, tiny_model, 3) == 0  # nothing left to do
+    assert sorted(output_ids(output)) == ["p0", "p1", "p2"]
+
+    records, stats = load_sharegpt(output)  # the output is valid ShareGPT training data
+    assert stats["skipped"] == 0 and len(records) == 3
+    multi = next(r for r in records if r["id"] == "p1")["conversations"]
+    assert [t["from"] for t in multi] == ["human", "gpt", "human", "gpt"]
+    assert [multi[0]["value"], multi[2]["value"]] == PROMPTS[1]["turns"]
+    # 6 new tokens from a random model: replies are cut at the limit, kept and marked.
+    assert all(t.get("truncated") for t in multi if t["from"] == "gpt")
+
+
+def test_truncated_last_line_is_repaired(tmp_path, prompt_file, tiny_model):
+    output = tmp_path / "distill.jsonl"
+    assert run(prompt_file, output, tiny_model, 2) == 0
+    with output.open("a", encoding="utf-8") as f:
+        f.write('{"id": "p2", "conversations": [{"from": "human", "val')  # killed mid-write
+    assert read_done_ids(output) == {"p0", "p1"}
+    assert output.read_text(encoding="utf-8").endswith("}\n")  # the partial line was cut off
+    with output.open("a", encoding="utf-8") as f:
+        f.write('{"id": "p2", "conv')
+    assert run(prompt_file, output, tiny_model, 3) == 0
+    ids = output_ids(output)  # every line parses
+    assert sorted(ids) == ["p0", "p1", "p2"]
+
+
+def test_read_prompts_order_is_stable(prompt_file):
+    shuffled = [p["id"] for p in read_prompts(prompt_file, seed=1)]
+    assert sorted(shuffled) == ["p0", "p1", "p2"]
+    assert [p["id"] for p in read_prompts(prompt_file, 2, seed=1)] == shuffled[:2]  # larger N extends smaller N
+    assert [p["id"] for p in read_prompts(prompt_file, seed=None)] == ["p0", "p1", "p2"]
+
+
+@pytest.mark.slow
+def test_real_model_answers(tmp_path, prompt_file):
+    output = tmp_path / "real.jsonl"
+    assert main(["--prompts", str(prompt_file), "--output", str(output), "--num-prompts", "1", "--no-shuffle",
+                 "--max-new-tokens", "24", "--device", "cpu"]) == 0
+    records, _ = load_sharegpt(output)
+    assert records[0]["id"] == "p0" and records[0]["conversations"][1]["value"].strip()
