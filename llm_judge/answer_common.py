@@ -1,0 +1,218 @@
+"""The MT-Bench answer harness shared by gen_model_answer_hydra.py and gen_model_answer_baseline.py.
+
+Both scripts run exactly this code; the only difference is the decoding function (`hydra_generate` or
+`ar_generate`, which share loading, KV cache and stopping). One record per question, FastChat's answer format
+plus per-turn speed data:
+
+    {"question_id", "answer_id", "model_id", "tstamp",
+     "choices": [{"index": 0, "turns": [str, str],
+                  "new_tokens": [int, int],          # tokens emitted per turn (stop token excluded)
+                  "wall_time": [float, float],       # seconds around the whole generate call, prefill included
+                  "steps": [int, int],               # decoding steps = base-model forwards, prefill included
+                  "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
+                  "finish_reasons": [str, str]}],
+     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, device, heads, base_model}}
+
+tau = sum(new_tokens) / sum(steps); tokens/s = sum(new_tokens) / sum(wall_time) (see show_speed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+LLM_JUDGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = LLM_JUDGE_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from a fresh clone: make `hydra` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_QUESTION_FILE = REPO_ROOT.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+DEFAULT_ANSWER_DIR = LLM_JUDGE_DIR / "data" / "mt_bench" / "model_answer"
+DEFAULT_MAX_NEW_TOKEN = 256
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=f"Generate MT-Bench answers with {'Hydra speculative' if method == 'hydra' else 'plain autoregressive'} "
+                    "decoding, recording wall time, new tokens and decoding steps per turn.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", default=None,
+                   help="heads folder or Hub repo id (default: the shipped heads, hydra/heads/default)")
+    p.add_argument("--base-model", default=None, help="override the base model named in the heads' config")
+    p.add_argument("--model-id", default=None,
+                   help=f"name written into the answers (default: {method}-<heads folder name>)")
+    p.add_argument("--answer-file", default=None,
+                   help="output jsonl (default: llm_judge/data/mt_bench/model_answer/<model-id>.jsonl)")
+    p.add_argument("--question-file", default=None,
+                   help="questions jsonl (default: ../shared/data/mt_bench/question.jsonl from the repository root)")
+    p.add_argument("--question-begin", type=int, default=None, help="index of the first question (debugging)")
+    p.add_argument("--question-end", type=int, default=None, help="index after the last question (debugging)")
+    p.add_argument("--max-new-token", type=int, default=DEFAULT_MAX_NEW_TOKEN,
+                   help="cap per turn; keep it equal between the baseline and Hydra runs you compare")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of the first question's first turn before measuring")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    if method == "hydra":
+        p.add_argument("--tree", default=None, help="candidate tree name or JSON file (default: the heads' own)")
+        p.add_argument("--sampling", choices=("typical", "exact"), default=None,
+                       help="acceptance rule when temperature > 0 (default: the engine's)")
+        p.add_argument("--posterior-threshold", type=float, default=None)
+        p.add_argument("--posterior-alpha", type=float, default=None)
+    return p
+
+
+def load_questions(path: str | Path, begin: int | None = None, end: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"question file {path} not found")
+    with path.open(encoding="utf-8") as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    for q in questions:
+        if "question_id" not in q or not isinstance(q.get("turns"), list):
+            raise SystemExit(f"{path}: every line needs 'question_id' and a 'turns' list")
+    return questions[begin:end]
+
+
+def answered_ids(path: Path) -> set:
+    """question_ids already in an answer file (a torn last line from an interrupted run is ignored)."""
+    done = set()
+    if path.is_file():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["question_id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return done
+
+
+def reorg_answer_file(path: Path) -> None:
+    """Sort by question_id and keep the last record of each question (as FastChat does); unreadable lines
+    (a record torn by an interrupted run) are dropped."""
+    records = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                records[rec["question_id"]] = line if line.endswith("\n") else line + "\n"
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(records[k] for k in sorted(records, key=lambda q: (str(type(q)), q))), encoding="utf-8")
+    tmp.replace(path)
+
+
+def answer_question(model, question: dict, generate, config) -> dict:
+    """Both turns of one question, each conditioned on the model's own earlier answers."""
+    import dataclasses
+
+    from hydra.inference.loading import render_prompt, synchronize
+
+    tokenizer = model.tokenizer
+    device = next(model.parameters()).device
+    messages: list[dict] = []
+    out = {"index": 0, "turns": [], "new_tokens": [], "wall_time": [], "steps": [], "accept_lengths": [],
+           "finish_reasons": []}
+    for turn, text in enumerate(question["turns"]):
+        messages.append({"role": "user", "content": text})
+        ids = render_prompt(tokenizer, messages)
+        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + turn)
+        tokens, accept = [], []
+        reason = None
+        try:
+            synchronize(device)
+            start = time.perf_counter()
+            for step in generate(model, ids, cfg):
+                tokens += step.tokens
+                accept.append(step.accept_length)
+                reason = step.finish_reason
+            synchronize(device)
+            wall = time.perf_counter() - start
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        except ValueError as e:  # the conversation does not fit the context
+            print(f"question {question['question_id']} turn {turn + 1}: {e}", file=sys.stderr)
+            answer, wall, reason = "$ERROR$", 0.0, "error"
+        messages.append({"role": "assistant", "content": answer})
+        out["turns"].append(answer)
+        out["new_tokens"].append(len(tokens))
+        out["wall_time"].append(wall)
+        out["steps"].append(len(accept))
+        out["accept_lengths"].append(accept)
+        out["finish_reasons"].append(reason)
+    return out
+
+
+def main(method: str, argv: list[str] | None = None) -> int:
+    args = build_parser(method).parse_args(argv)
+    if args.max_new_token < 1:
+        raise SystemExit("--max-new-token must be >= 1")
+    questions = load_questions(args.question_file or DEFAULT_QUESTION_FILE, args.question_begin, args.question_end)
+
+    import shortuuid
+    import torch
+    from tqdm import tqdm
+
+    from hydra.inference.loading import default_heads_folder, load_model
+    from hydra.model.generate import DEFAULT_TREE, DecodeConfig, ar_generate, hydra_generate
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    heads = args.model_path or default_heads_folder()
+    model_id = args.model_id or f"{method}-{Path(str(heads)).name if heads else 'base'}"
+    answer_file = Path(args.answer_file) if args.answer_file else DEFAULT_ANSWER_DIR / f"{model_id}.jsonl"
+    if answer_file.is_file():
+        reorg_answer_file(answer_file)  # drops a torn last line left by an interrupted run before appending
+    done = answered_ids(answer_file)
+    todo = [q for q in questions if q["question_id"] not in done]
+    print(f"{model_id}: {len(questions)} questions, {len(questions) - len(todo)} already in {answer_file}, "
+          f"{len(todo)} to answer", flush=True)
+    if not todo:
+        return 0
+
+    try:
+        model, has_heads = load_model(args.model_path, args.base_model, args.dtype, args.device,
+                                      heads_required=method == "hydra")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    torch.manual_seed(args.seed)
+    kwargs = {}
+    if method == "hydra":
+        kwargs = {k: v for k, v in dict(tree=args.tree, sampling=args.sampling,
+                                        posterior_threshold=args.posterior_threshold,
+                                        posterior_alpha=args.posterior_alpha).items() if v is not None}
+    config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
+                          seed=args.seed if args.temperature > 0 else None, **kwargs)
+    generate = hydra_generate if method == "hydra" else ar_generate
+    device = next(model.parameters()).device
+    decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,
+                "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+                "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
+                "base_model": args.base_model or model.config.base_model_name_or_path}
+    if method == "hydra":
+        decoding.update(tree=config.tree or model.config.tree or DEFAULT_TREE, sampling=config.sampling,
+                        posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
+
+    warm = dict(todo[0], turns=todo[0]["turns"][:1])
+    for _ in tqdm(range(args.warmup), desc="warmup", disable=args.warmup == 0):
+        answer_question(model, warm, generate, config)
+
+    answer_file.parent.mkdir(parents=True, exist_ok=True)
+    with answer_file.open("a", encoding="utf-8") as f:
+        for q in tqdm(todo, desc=model_id, unit="question"):
+            record = {"question_id": q["question_id"], "answer_id": shortuuid.uuid(), "model_id": model_id,
+                      "choices": [answer_question(model, q, generate, config)], "tstamp": time.time(),
+                      "decoding": decoding}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    reorg_answer_file(answer_file)
+    print(f"wrote {answer_file}", flush=True)
+    return 0

@@ -1,0 +1,113 @@
+"""gen_model_answer_hydra.py / gen_model_answer_baseline.py on a tiny random model: record format, resuming,
+and greedy Hydra == greedy baseline through the shared harness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "llm_judge"))
+
+import answer_common  # noqa: E402
+
+QUESTIONS = [json.loads(line) for line in (REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """root/base: tiny Llama (d=32, 2 layers) with SmolLM2's tokenizer; root/heads: random Hydra heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hydra.model import HydraConfig, HydraModel, load_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_answers")
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id)).eval()
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    model = HydraModel(base, HydraConfig(hydra_num_heads=4, base_model_name_or_path=str(root / "base")), tok)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(root / "heads")
+    (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:2]))
+    return root
+
+
+def run(method: str, tiny: Path, answer_file: Path, *extra: str) -> int:
+    return answer_common.main(method, ["--model-path", str(tiny / "heads"), "--question-file", str(tiny / "q.jsonl"),
+                                       "--answer-file", str(answer_file), "--max-new-token", "6", "--dtype",
+                                       "float32", "--device", "cpu", "--warmup", "0", *extra])
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open()]
+
+
+def test_answers_format_resume_and_greedy_equality(tiny, tmp_path):
+    hyd, base = tmp_path / "hydra.jsonl", tmp_path / "baseline.jsonl"
+    assert run("hydra", tiny, hyd, "--tree", "tree_16") == 0
+    assert run("baseline", tiny, base) == 0
+    for path, method in ((hyd, "hydra"), (base, "baseline")):
+        recs = read(path)
+        assert [r["question_id"] for r in recs] == [q["question_id"] for q in QUESTIONS[:2]]
+        for r in recs:
+            assert r["model_id"] == f"{method}-heads" and r["answer_id"] and r["tstamp"] > 0
+            assert r["decoding"]["method"] == method and r["decoding"]["max_new_token"] == 6
+            c = r["choices"][0]
+            assert c["index"] == 0 and len(c["turns"]) == 2 and all(isinstance(t, str) for t in c["turns"])
+            for t in range(2):
+                assert 0 < c["new_tokens"][t] <= 6 and c["wall_time"][t] > 0
+                assert c["steps"][t] == len(c["accept_lengths"][t]) >= 1
+                assert sum(c["accept_lengths"][t]) >= c["new_tokens"][t]
+                if method == "baseline":
+                    assert set(c["accept_lengths"][t]) == {1}
+    assert read(hyd)[0]["decoding"]["tree"] == "tree_16"
+    # Greedy speculative decoding is lossless: identical text through the identical harness.
+    assert [r["choices"][0]["turns"] for r in read(hyd)] == [r["choices"][0]["turns"] for r in read(base)]
+
+    # Resume: nothing to do; after dropping one record, only that question is answered again.
+    before = hyd.read_text()
+    assert run("hydra", tiny, hyd, "--tree", "tree_16") == 0
+    assert hyd.read_text() == before
+    lines = before.splitlines(keepends=True)
+    hyd.write_text(lines[0] + lines[1][:20])  # second record lost, last line torn as by a crash
+    assert run("hydra", tiny, hyd, "--tree", "tree_16") == 0
+    recs = read(hyd)
+    assert [r["question_id"] for r in recs] == [q["question_id"] for q in QUESTIONS[:2]]
+    assert recs[0]["answer_id"] == json.loads(lines[0])["answer_id"]
+
+
+def test_question_range_and_missing_heads(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "a.jsonl"
+    assert run("baseline", tiny, out, "--question-begin", "1", "--question-end", "2") == 0
+    assert [r["question_id"] for r in read(out)] == [QUESTIONS[1]["question_id"]]
+
+    from hydra.inference import loading
+
+    monkeypatch.setattr(loading, "DEFAULT_HEADS_DIR", tmp_path / "no_heads")
+    with pytest.raises(SystemExit, match="no heads given"):
+        answer_common.main("hydra", ["--question-file", str(tiny / "q.jsonl"), "--answer-file",
+                                     str(tmp_path / "b.jsonl"), "--base-model", str(tiny / "base")])
+
+
+def test_scripts_help_runs_from_any_directory(tmp_path):
+    for script in ("gen_model_answer_hydra.py", "gen_model_answer_baseline.py"):
+        r = subprocess.run([sys.executable, str(REPO / "llm_judge" / script), "-h"], capture_output=True,
+                           text=True, cwd=str(tmp_path), timeout=120)
+        assert r.returncode == 0, r.stderr
+        for flag in ("--model-path", "--base-model", "--model-id", "--answer-file", "--dtype", "--temperature",
+                     "--max-new-token", "--question-file", "--question-begin", "--question-end", "--warmup",
+                     "--num-threads"):
+            assert flag in r.stdout
+        assert ("--tree" in r.stdout) == ("hydra" in script)
