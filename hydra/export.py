@@ -98,8 +98,9 @@ def _lm_head_from_folder(folder: Path) -> torch.Tensor | None:
     names = ["model.embed_tokens.weight"] if tied else ["lm_head.weight"]
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
+            present = set(f.keys())
             for key in names:
-                if key in f.keys():
+                if key in present:
                     return f.get_tensor(key)
     return None
 

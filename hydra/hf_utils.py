@@ -39,7 +39,7 @@ def _safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
-    except Exception as e:  # safetensors raises its own error types
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
         raise FolderError(f"{path} is not a readable safetensors file ({e})") from None
 
 
@@ -133,7 +133,7 @@ def _upload_main(argv: list[str]) -> int:
     except FolderError as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # HTTP errors, connection errors (httpx), file errors
+    except Exception as e:  # noqa: BLE001  (HTTP and connection errors of several libraries, file errors)
         msg = (str(e).splitlines() or [""])[0]
         hint = " (log in with `hf auth login` or set HF_TOKEN)" if "401" in msg or "403" in msg else ""
         print(f"[hydra] upload failed{hint}: {type(e).__name__}: {msg}", file=sys.stderr)

@@ -185,9 +185,9 @@ def main(method: str, argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     kwargs = {}
     if method == "hydra":
-        kwargs = {k: v for k, v in dict(tree=args.tree, sampling=args.sampling,
-                                        posterior_threshold=args.posterior_threshold,
-                                        posterior_alpha=args.posterior_alpha).items() if v is not None}
+        optional = {"tree": args.tree, "sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
+                    "posterior_alpha": args.posterior_alpha}
+        kwargs = {k: v for k, v in optional.items() if v is not None}
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
     generate = hydra_generate if method == "hydra" else ar_generate

@@ -28,9 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from answer_common import DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, LLM_JUDGE_DIR, REPO_ROOT, load_questions  # noqa: E402
+# Run as a script, this file's folder is on sys.path.
+from answer_common import DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, LLM_JUDGE_DIR, REPO_ROOT, load_questions
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_JUDGE_FILE = SHARED_DATA / "judge_prompts.jsonl"

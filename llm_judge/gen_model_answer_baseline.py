@@ -12,11 +12,8 @@ the default model is used. Use the same --max-new-token as the Hydra run you com
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from answer_common import main  # noqa: E402
 
 if __name__ == "__main__":
+    from answer_common import main  # the script's folder is on sys.path
+
     sys.exit(main("baseline"))

@@ -12,11 +12,8 @@ record format.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from answer_common import main  # noqa: E402
 
 if __name__ == "__main__":
+    from answer_common import main  # the script's folder is on sys.path
+
     sys.exit(main("hydra"))

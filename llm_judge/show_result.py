@@ -17,10 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from answer_common import DEFAULT_QUESTION_FILE, load_questions  # noqa: E402
-from gen_judgement import DEFAULT_JUDGMENT_DIR, read_jsonl  # noqa: E402
+from answer_common import DEFAULT_QUESTION_FILE, load_questions
+from gen_judgement import DEFAULT_JUDGMENT_DIR, read_jsonl
 
 
 def _mean(xs: list[float]) -> str:
@@ -44,8 +42,8 @@ def summarize(judgments: list[dict], models: list[str] | None = None) -> tuple[s
         stats[model] = {"turn1": sum(by_turn[1]) / len(by_turn[1]) if by_turn[1] else None,
                         "turn2": sum(by_turn[2]) / len(by_turn[2]) if by_turn[2] else None,
                         "avg": sum(both) / len(both), "n": len(both), "unparsed": unparsed[model]}
-        rows.append((stats[model]["avg"], f"| {model} | {_mean(by_turn[1])} | {_mean(by_turn[2])} | {_mean(both)} | "
-                                          f"{len(both)} | {unparsed[model]} |"))
+        row = f"| {model} | {_mean(by_turn[1])} | {_mean(by_turn[2])} | {_mean(both)} | {len(both)} | {unparsed[model]} |"
+        rows.append((stats[model]["avg"], row))
     lines = ["| model | turn 1 | turn 2 | average | judgments | unparsed |", "|---|---|---|---|---|---|"]
     lines += [r for _, r in sorted(rows, key=lambda r: -r[0])]
     return "\n".join(lines), stats

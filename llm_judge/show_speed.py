@@ -22,10 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from answer_common import DEFAULT_QUESTION_FILE, load_questions  # noqa: E402
-from gen_judgement import read_jsonl  # noqa: E402
+from answer_common import DEFAULT_QUESTION_FILE, load_questions
+from gen_judgement import read_jsonl
 
 OVERALL = "overall"
 
@@ -165,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             same, total, differ = check_equal(baseline, recs)
             print(f"{label}: {same}/{total} questions identical to the baseline"
                   + (f" (first differing: {differ})" if differ else ""))
-    if args.plot:
-        if plot(speedups, Path(args.plot), args.title):
-            print(f"\nwrote {args.plot}")
+    if args.plot and plot(speedups, Path(args.plot), args.title):
+        print(f"\nwrote {args.plot}")
     return 0
 
 

@@ -225,12 +225,12 @@ def test_cli_chats_with_heads_loaded_by_hub_id(hub, tmp_path):
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_fake",
                HF_HUB_OFFLINE="0", TOKENIZERS_PARALLELISM="false")
     up = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "--folder", str(heads), "--repo", "me/chat-heads"],
-                        capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+                        check=False, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
     assert up.returncode == 0, up.stderr
     assert "HydraModel.from_pretrained('me/chat-heads')" in up.stdout
     chat = subprocess.run([sys.executable, "-m", "hydra.inference.cli", "--model", "me/chat-heads", "--device", "cpu",
                            "--max-new-tokens", "5", "--stats", "--tree", "chain_4"],
-                          input="Hello\n", capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+                          input="Hello\n", check=False, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "4 hydra-mlp heads, tree chain_4" in chat.stdout and "[stats] 5 tokens" in chat.stdout
 
@@ -279,6 +279,6 @@ def test_upload_reports_hub_errors(tmp_path, capsys):
 
 
 def test_help_mentions_both_commands():
-    r = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "-h"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "-h"], check=False, capture_output=True, text=True,
                        cwd=str(REPO), timeout=120)
     assert r.returncode == 0 and "--folder" in r.stdout and "--private" in r.stdout and "export-medusa" in r.stdout

@@ -209,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    from transformers.utils import logging as hf_logging
+
     from hydra.inference.loading import DEFAULT_HEADS_DIR, load_model
     from hydra.model.generate import DEFAULT_TREE, DecodeConfig
     from hydra.model.trees import build_tree_buffers, get_tree
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if not has_heads and not args.ar:
         print(f"[hydra] note: no trained heads in hydra/{DEFAULT_HEADS_DIR.parent.name}/{DEFAULT_HEADS_DIR.name} "
               "and no --model given: plain autoregressive decoding", flush=True)
-    kwargs = {k: v for k, v in dict(sampling=args.sampling, posterior_threshold=args.posterior_threshold,
-                                    posterior_alpha=args.posterior_alpha).items() if v is not None}
+    optional = {"sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
+                "posterior_alpha": args.posterior_alpha}
+    kwargs = {k: v for k, v in optional.items() if v is not None}
     config = DecodeConfig(tree=args.tree, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, **kwargs)
     if speculative:
