@@ -254,7 +254,7 @@ def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int)
         d_model = ctx.shape[-1]
         for d in range(tree.max_depth):
             hid = heads.head_hidden(d, rows[:, :d_model], rows[:, d_model:])
-            top = heads.head_logits(d, hid, lm_head).topk(tree.topk[d], dim=-1).indices
+            top = heads.draft_topk(d, hid, lm_head, tree.topk[d])
             level = top[tree.parent_row[d], tree.rank[d]]
             levels.append(level)
             if d + 1 < tree.max_depth:
@@ -262,6 +262,6 @@ def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int)
                 rows = torch.cat([rows[tree.parent_row[d][grow]], embed(level[grow])], dim=-1)
     else:
         for d in range(tree.max_depth):  # Medusa: head d's top-k does not depend on the path
-            top = heads.head_logits(d, heads.head_hidden(d, ctx[None]), lm_head).topk(tree.topk[d], -1).indices
+            top = heads.draft_topk(d, heads.head_hidden(d, ctx[None]), lm_head, tree.topk[d])
             levels.append(top[0, tree.rank[d]])
     return torch.cat(levels)

@@ -22,6 +22,7 @@ from hydra.model.heads.draft_heads import DraftHeads
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LEGACY_WEIGHTS_NAME = "hydra_lm_head.pt"
+DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
 
 
 @dataclass
@@ -112,6 +113,8 @@ class HydraModel(nn.Module):
         state = {k: v.detach().to("cpu", to_dtype(dtype) if dtype else v.dtype).contiguous()
                  for k, v in self.heads.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.heads.draft_vocab is not None:
+            save_file({"token_ids": self.heads.draft_vocab.cpu()}, str(folder / DRAFT_VOCAB_NAME))
         self.config.save_pretrained(folder)
 
     @classmethod
@@ -145,6 +148,11 @@ class HydraModel(nn.Module):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {folder}")
         model = cls(base, config, tokenizer)
         _load_heads_state(model.heads, state, folder)
+        if (folder / DRAFT_VOCAB_NAME).is_file():
+            ids = _read_safetensors(folder / DRAFT_VOCAB_NAME).get("token_ids")
+            if ids is None or ids.dim() != 1 or (ids.numel() and int(ids.max()) >= config.vocab_size):
+                raise ValueError(f"{folder / DRAFT_VOCAB_NAME} does not hold 1-D token_ids within the vocabulary")
+            model.heads.set_draft_vocab(ids.to(next(model.heads.parameters()).device))
         return model
 
 
@@ -172,7 +180,8 @@ def _resolve_heads_folder(heads: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(heads), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]))
+        return Path(snapshot_download(str(heads), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME,
+                                                                   DRAFT_VOCAB_NAME]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise FileNotFoundError(f"could not find heads {heads!r}: not a local folder, and the Hub could not "
                                 f"provide it ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -36,6 +36,10 @@ class DraftHeads(nn.Module):
         # Own output layers (bias=True as in the paper); initialised from the base output layer by HydraModel.
         self.lm_heads = None if config.share_lm_head else nn.ModuleList(
             nn.Linear(d, vocab, bias=True) for _ in range(self.num_heads))
+        # Optional reduced draft vocabulary (token ids), used only to pick candidates while decoding (see
+        # draft_topk). Not part of state_dict: it lives in its own file next to the heads.
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_weights: dict[int, tuple] = {}
 
     # --- building blocks -------------------------------------------------------------------------------
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -58,6 +62,33 @@ class DraftHeads(nn.Module):
         if self.lm_heads is None:
             return F.linear(hidden, base_lm_head.weight, getattr(base_lm_head, "bias", None))
         return self.lm_heads[i](hidden)
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        self.draft_vocab = None if token_ids is None else token_ids.to(torch.long)
+        self._draft_weights.clear()
+
+    def draft_topk(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module, k: int) -> torch.Tensor:
+        """Head i's k best token ids. With a draft vocabulary, only its rows of the output layer are read:
+        at batch size 1 projecting onto the full vocabulary is memory-bound, and the heads do it once per
+        tree depth, so a 4-8x smaller candidate vocabulary removes most of the proposal cost. Verification
+        still uses the full vocabulary, so outputs are unchanged; a token outside it just cannot be drafted."""
+        if self.draft_vocab is None:
+            return self.head_logits(i, hidden, base_lm_head).topk(k, dim=-1).indices
+        weight, bias = self._draft_projection(i, base_lm_head)
+        return self.draft_vocab[F.linear(hidden, weight, bias).topk(k, dim=-1).indices]
+
+    def _draft_projection(self, i: int, base_lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = base_lm_head if self.lm_heads is None else self.lm_heads[i]
+        key = 0 if self.lm_heads is None else i
+        stamp = (layer.weight.data_ptr(), layer.weight._version)
+        cached = self._draft_weights.get(key)
+        if cached is None or cached[0] != stamp:
+            ids = self.draft_vocab.to(layer.weight.device)
+            self.draft_vocab = ids
+            bias = getattr(layer, "bias", None)
+            cached = (stamp, layer.weight[ids].contiguous(), None if bias is None else bias[ids].contiguous())
+            self._draft_weights[key] = cached
+        return cached[1], cached[2]
 
     # --- training ----------------------------------------------------------------------------------------
     def forward(self, base_hidden: torch.Tensor, input_ids: torch.Tensor, embed_tokens: nn.Module,
