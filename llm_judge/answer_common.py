@@ -13,7 +13,7 @@ plus per-turn speed data:
                   "finish_reasons": [str, str]}],
      "decoding": {method, tree, temperature, sampling, max_new_token, dtype, device, heads, base_model}}
 
-tau = sum(new_tokens) / sum(steps); tokens/s = sum(new_tokens) / sum(wall_time) (see show_speed.py).
+tau = sum(accept_lengths) / sum(steps); tokens/s = sum(new_tokens) / sum(wall_time) (see show_speed.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ Usage:
 
 Per category (joined with the question file) and overall, over the questions present in every file:
     tokens/s = sum(new_tokens) / sum(wall_time)       (wall time includes prefill)
-    tau      = sum(new_tokens) / sum(steps)           (tokens per base-model forward, bonus token included; AR = 1)
+    tau      = mean accepted length = sum(accept_lengths) / sum(steps): tokens decided per base-model forward,
+               bonus token included (AR = 1). It counts the stop token and tokens past --max-new-token that
+               the last step decided, so it measures the drafts, not the cap; files without accept_lengths
+               fall back to sum(new_tokens) / sum(steps).
     speedup  = tokens/s / the baseline's tokens/s in the same category
 Prints a markdown table. --plot writes a bar chart of the speedups (needs matplotlib: pip install matplotlib).
 --check-equal counts the questions whose every turn is identical to the baseline's: with greedy decoding
@@ -50,7 +53,8 @@ def label_of(path: str | Path, records: dict) -> str:
 
 def aggregate(records: dict, qids: list, categories: dict) -> dict[str, dict[str, float]]:
     """{category or 'overall': {"tokens", "time", "steps", "questions"}} summed over both turns."""
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: {"tokens": 0, "time": 0.0, "steps": 0, "questions": 0})
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: {"tokens": 0, "decided": 0, "time": 0.0, "steps": 0,
+                                                              "questions": 0})
     for qid in qids:
         choice = records[qid]["choices"][0]
         for key in (categories.get(qid, "?"), OVERALL):
@@ -58,13 +62,15 @@ def aggregate(records: dict, qids: list, categories: dict) -> dict[str, dict[str
             s["tokens"] += sum(choice["new_tokens"])
             s["time"] += sum(choice["wall_time"])
             s["steps"] += sum(choice["steps"])
+            accept = choice.get("accept_lengths")
+            s["decided"] += sum(map(sum, accept)) if accept else sum(choice["new_tokens"])
             s["questions"] += 1
     return sums
 
 
 def rates(s: dict) -> tuple[float, float]:
     tps = s["tokens"] / s["time"] if s["time"] > 0 else float("nan")
-    tau = s["tokens"] / s["steps"] if s["steps"] > 0 else float("nan")
+    tau = s["decided"] / s["steps"] if s["steps"] > 0 else float("nan")
     return tps, tau
 
 

@@ -73,10 +73,15 @@ class FakeJudge:
         self.server.server_close()
 
 
+def spread(n: int, steps: int) -> list[int]:
+    """n tokens over `steps` steps (accept lengths summing to n)."""
+    return [n // steps + (i < n % steps) for i in range(steps)]
+
+
 def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wall=(1.0, 2.0), steps=(5, 10)):
     return {"question_id": q["question_id"], "answer_id": "a", "model_id": model, "tstamp": 0.0,
             "choices": [{"index": 0, "turns": turns, "new_tokens": list(new_tokens), "wall_time": list(wall),
-                         "steps": list(steps), "accept_lengths": [[2] * s for s in steps]}]}
+                         "steps": list(steps), "accept_lengths": [spread(n, s) for n, s in zip(new_tokens, steps)]}]}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -193,6 +198,17 @@ def test_speed_report_numbers_plot_and_equality(tmp_path, capsys):
     assert f"hydra: 1/2 questions identical to the baseline (first differing: [{MATH['question_id']}])" in out
     if _has_matplotlib():
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tau_is_the_mean_accepted_length():
+    """The stop token is decided (and counted by accept_length) but not emitted: AR stays at tau = 1."""
+    rec = answer_record(WRITING, "ar", ["a", "b"], new_tokens=(2, 3), wall=(1.0, 1.0), steps=(3, 3))
+    rec["choices"][0]["accept_lengths"] = [[1, 1, 1], [1, 1, 1]]
+    sums = show_speed.aggregate({WRITING["question_id"]: rec}, [WRITING["question_id"]], {})
+    assert show_speed.rates(sums["overall"]) == (2.5, 1.0)
+    del rec["choices"][0]["accept_lengths"]  # older files: new tokens / steps
+    sums = show_speed.aggregate({WRITING["question_id"]: rec}, [WRITING["question_id"]], {})
+    assert show_speed.rates(sums["overall"])[1] == pytest.approx(5 / 6)
 
 
 def _has_matplotlib() -> bool:

@@ -101,13 +101,14 @@ class Chat:
         self.out.write(f"{ASSISTANT}: ")
         self.out.flush()
         tokens: list[int] = []
-        steps, reason = 0, None
+        steps, decided, reason = 0, 0, None
         synchronize(device)
         start = time.perf_counter()
         try:
             for delta, step in stream_text(self.tokenizer, generate(self.model, ids, self.config)):
                 tokens += step.tokens
                 steps += 1
+                decided += step.accept_length
                 reason = step.finish_reason
                 if delta:
                     self.out.write(delta)
@@ -131,7 +132,7 @@ class Chat:
             self._say(f"[reply stopped at --max-new-tokens {self.config.max_new_tokens}]")
         if self.stats:
             n = len(tokens)
-            tau = n / steps if steps else 0.0
+            tau = decided / steps if steps else 0.0  # mean accepted length, bonus token included; AR = 1
             self._say(f"[stats] {n} tokens in {elapsed:.2f} s, {n / elapsed if elapsed > 0 else 0.0:.1f} tokens/s, "
                       f"tau {tau:.2f} tokens/step ({steps} steps)")
         return True
