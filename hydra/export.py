@@ -11,7 +11,9 @@ Two layouts (see `python -m hydra.hf_utils export-medusa -h`):
 - `vllm`: vLLM's `Medusa` draft model: `config.json` with model_type "medusa", hidden_size, vocab_size,
   num_heads, num_hidden_layers, medusa_fc_bias=true; `model.safetensors` with `blocks.{h}.layers.{l}.weight/
   bias` and `lm_heads.{h}.weight` (shared heads: `original_lm_head: true` and a single `lm_heads.0.weight`).
-  vLLM proposes the top-1 chain only (no tree) and verifies with its lossless rejection sampler.
+  vLLM proposes the top-1 chain only (no tree) and verifies with its lossless rejection sampler. A draft
+  vocabulary saved with the heads (draft_vocab.safetensors) becomes vLLM's `token_map` tensor plus
+  `truncated_vocab_size`; the Medusa layout has no such field and drafts over the full vocabulary.
 
 Both formats compute head h as `W_out (x + SiLU(W_l x + b_l) ...)` on the base model's final hidden state,
 which is exactly what `mlp` heads compute, except that neither has an output-layer bias: a trained nonzero
@@ -33,7 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from hydra.model.base_model import to_dtype
 from hydra.model.config import HydraConfig
-from hydra.model.hydra_model import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_hydra_config
+from hydra.model.hydra_model import (CONFIG_NAME, DRAFT_VOCAB_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
+                                     load_hydra_config)
 
 FORMATS = ("medusa", "vllm")
 MEDUSA_WEIGHTS = "medusa_lm_head.safetensors"
@@ -168,6 +171,11 @@ def export_heads(folder: str | Path, out: str | Path, fmt: str = "medusa", base_
                "medusa_fc_bias": True, "truncated_vocab_size": int(vocab), "base_model_name_or_path": base_name}
         if config.share_lm_head:
             cfg["original_lm_head"] = True
+        draft_vocab = folder / DRAFT_VOCAB_NAME
+        if draft_vocab.is_file():  # vLLM's equivalent: token_map + truncated_vocab_size (it slices lm_heads)
+            token_map = load_file(str(draft_vocab))["token_ids"].to(torch.long)
+            tensors["token_map"] = token_map.contiguous()
+            cfg["truncated_vocab_size"] = int(token_map.numel())
         weights = out / VLLM_WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(weights), metadata={"format": "pt"})

@@ -24,7 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-from hydra.model.hydra_model import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_hydra_config
+from hydra.model.hydra_model import (CONFIG_NAME, DRAFT_VOCAB_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
+                                     load_hydra_config)
 
 IGNORE_PATTERNS = [".*", "**/.*", "__pycache__/*", "*.tmp", "*.partial"]
 
@@ -85,6 +86,8 @@ def validate_folder(folder: str | Path) -> str:
                           f"{'have' if has_lm else 'lack'} per-head output layers")
     if any(k.startswith("prefix.") for k in keys) != (config.hydra_head_arch == "prefix-mlp"):
         raise FolderError(f"{folder}: the weights do not match hydra_head_arch={config.hydra_head_arch!r}")
+    if (folder / DRAFT_VOCAB_NAME).exists() and _safetensors_keys(folder / DRAFT_VOCAB_NAME) != ["token_ids"]:
+        raise FolderError(f"{folder / DRAFT_VOCAB_NAME} should hold exactly one tensor, token_ids")
     return "hydra"
 
 

@@ -110,6 +110,26 @@ def test_shared_output_layer_of_a_tied_base_model(tmp_path):
     assert torch.equal(tensors["1.1.weight"], model.lm_head.weight)
 
 
+def test_draft_vocabulary_becomes_vllm_token_map(base_folder, tmp_path):
+    model = make_heads(base_folder, tmp_path / "heads", hydra_num_heads=2, hydra_head_arch="mlp",
+                       share_lm_head=False)
+    vocab = torch.tensor([0, 3, 5, 7, 11, 42, 99])
+    model.heads.set_draft_vocab(vocab)
+    model.save_pretrained(tmp_path / "heads")
+    assert validate_folder(tmp_path / "heads") == "hydra"
+    assert hf_main(["export-medusa", "--folder", str(tmp_path / "heads"), "--out", str(tmp_path / "v"),
+                    "--format", "vllm"]) == 0
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    tensors = load_file(str(tmp_path / "v" / "model.safetensors"))
+    assert cfg["truncated_vocab_size"] == 7 and cfg["vocab_size"] == 100 and torch.equal(tensors["token_map"], vocab)
+    x = torch.randn(3, 32)
+    # vLLM slices each loaded lm_heads weight with token_map and scatters the logits back to the full vocabulary.
+    sliced = {**tensors, "lm_heads.1.weight": tensors["lm_heads.1.weight"][vocab]}
+    full = model.head_logits(1, model.heads.head_hidden(1, x))
+    torch.testing.assert_close(vllm_logits(sliced, cfg, 1, x), full[:, vocab])
+    assert validate_folder(tmp_path / "v") == "vllm"
+
+
 def test_nonzero_output_bias_is_dropped_with_a_warning(base_folder, tmp_path, capsys):
     make_heads(base_folder, tmp_path / "heads", zero_bias=False, hydra_num_heads=2, hydra_head_arch="mlp",
                share_lm_head=False)
