@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hydra.model import HydraConfig, HydraModel, load_base_model
+from hydra.model import DEFAULT_BASE_MODEL, HydraConfig, HydraModel, load_base_model
 
 # Trained heads shipped with the package (config.json + model.safetensors); absent until someone trains them.
 DEFAULT_HEADS_DIR = Path(__file__).resolve().parents[1] / "heads" / "default"
@@ -41,7 +41,7 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
                 "pass a heads folder or Hub repo id")
         base, tokenizer = load_base_model(base_model, dtype, device)
         config = HydraConfig(hydra_num_heads=1, hydra_head_arch="mlp",
-                             base_model_name_or_path=base_model or base.config.name_or_path)
+                             base_model_name_or_path=base_model or DEFAULT_BASE_MODEL)
         return HydraModel(base, config, tokenizer).eval(), False
     model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device)
     return model.eval(), True
