@@ -8,9 +8,16 @@ import json
 import pytest
 import torch
 
-from hydra.data.partition_train_test import main as partition_main, split_records
-from hydra.data.sharegpt import (IGNORE_INDEX, collate_packed, load_sharegpt, pack, render_and_mask,
-                                 tokenize_records)
+from hydra.data.partition_train_test import main as partition_main
+from hydra.data.partition_train_test import split_records
+from hydra.data.sharegpt import (
+    IGNORE_INDEX,
+    collate_packed,
+    load_sharegpt,
+    pack,
+    render_and_mask,
+    tokenize_records,
+)
 from hydra.model.base_model import load_tokenizer
 
 CONVERSATION = {"id": "c1", "conversations": [
@@ -94,8 +101,8 @@ def write_jsonl(path, records, raw_lines=()):
 def test_malformed_records_are_skipped_per_reason(tmp_path, capsys):
     good = CONVERSATION
     alias = {"id": "a", "conversations": [{"from": "user", "value": "q"}, {"from": "chatgpt", "value": "a"}]}
-    leading_gpt = {"id": "l", "conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "q"},
-                                                {"from": "gpt", "value": "a"}]}
+    leading_gpt = {"id": "l", "conversations": [
+        {"from": "gpt", "value": "hello"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     bad = [
         {"id": "e", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
         {"id": "o", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"},
@@ -106,7 +113,8 @@ def test_malformed_records_are_skipped_per_reason(tmp_path, capsys):
         {"id": "x"},
     ]
     path = tmp_path / "data.jsonl"
-    write_jsonl(path, [good, alias, leading_gpt] + bad, raw_lines=[b'{"id": "u", "conversations": "\xff\xfe"}'])
+    bad_utf8 = b'{"id": "u", "conversations": "\xff\xfe"}'
+    write_jsonl(path, [good, alias, leading_gpt] + bad, raw_lines=[bad_utf8])
     records, stats = load_sharegpt(path)
     assert [r["id"] for r in records] == ["c1", "a", "l"]
     assert records[1]["conversations"] == [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
@@ -168,13 +176,16 @@ def test_packed_rows_match_separate_forward(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=64)).eval()
-    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10, 11], "labels": [8] * 4},
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=64)).eval()
+    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                {"input_ids": [8, 9, 10, 11], "labels": [8] * 4},
                 {"input_ids": [12, 13, 14, 15, 16], "labels": [0] * 5}]
     batch = collate_packed(pack(examples, max_length=8))  # rows of 3+4 and 5 (+2 pad) tokens
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
     torch.testing.assert_close(packed[0], torch.cat(alone[:2]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[1, :5], alone[2], atol=1e-5, rtol=1e-5)

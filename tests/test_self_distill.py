@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hydra.data.self_distill import main, read_done_ids, read_prompts
+from hydra.data.self_distill import length_sorted_batches, main, read_done_ids, read_prompts
 from hydra.data.sharegpt import load_sharegpt
 from hydra.model.base_model import load_tokenizer
 
@@ -87,8 +87,16 @@ def test_truncated_last_line_is_repaired(tmp_path, prompt_file, tiny_model):
 def test_read_prompts_order_is_stable(prompt_file):
     shuffled = [p["id"] for p in read_prompts(prompt_file, seed=1)]
     assert sorted(shuffled) == ["p0", "p1", "p2"]
-    assert [p["id"] for p in read_prompts(prompt_file, 2, seed=1)] == shuffled[:2]  # larger N extends smaller N
+    # A larger N extends a smaller N.
+    assert [p["id"] for p in read_prompts(prompt_file, 2, seed=1)] == shuffled[:2]
     assert [p["id"] for p in read_prompts(prompt_file, seed=None)] == ["p0", "p1", "p2"]
+
+
+def test_batches_sorted_by_length_with_multi_turn_last():
+    prompts = [{"id": str(i), "turns": ["q"] * (2 if i in (1, 4) else 1)} for i in range(7)]
+    lengths = [5, 9, 1, 7, 3, 8, 2]
+    batches = length_sorted_batches(prompts, lengths, batch_size=2, window=4)
+    assert [[p["id"] for p in b] for b in batches] == [["5", "3"], ["0", "2"], ["6"], ["1", "4"]]
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ Usage:
     python -m hydra.data.partition_train_test --input ShareGPT_V4.3_unfiltered_cleaned_split.json \
         --output-dir data/sharegpt --test-size 0.05 --seed 42
 Writes D/train.jsonl and D/val.jsonl holding only the valid records (see hydra.data.sharegpt.load_sharegpt),
-split 95/5 with seed 42 like the original Hydra, which used datasets' train_test_split: the same index choice is
-reproduced here (numpy default_rng(seed).permutation; the first ceil(n * test_size) indices are the test set).
+split 95/5 with seed 42 like the original Hydra, which used datasets' train_test_split: the same index
+choice is reproduced here (numpy default_rng(seed).permutation; the first ceil(n * test_size) indices are the
+validation set).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 from hydra.data.sharegpt import load_sharegpt
 
 
-def split_records(records: Sequence[Any], test_size: float = 0.05, seed: int = 42) -> tuple[list[Any], list[Any]]:
+def split_records(records: Sequence[Any], test_size: float = 0.05,
+                  seed: int = 42) -> tuple[list[Any], list[Any]]:
     """(train, val) like `datasets.Dataset.train_test_split(test_size, seed=seed)`.
 
     test_size: a fraction in (0, 1), or an integer number of validation records.

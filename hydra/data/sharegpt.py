@@ -2,15 +2,16 @@
 
 Usage:
     records, stats = load_sharegpt("data/self_distill.jsonl")      # .json list or .jsonl, bad records skipped
-    ex = render_and_mask(records[0], tokenizer, max_length=2048)  # {"input_ids", "labels"}; only replies labelled
+    ex = render_and_mask(records[0], tokenizer, max_length=2048)  # {"input_ids", "labels"}: replies labelled
     examples = tokenize_records(records, tokenizer, 2048)         # the same for a whole list
-    rows = pack(examples, max_length=2048)                        # + "position_ids" restarting per conversation
+    rows = pack(examples, max_length=2048)                        # + "position_ids", from 0 per conversation
     batch = collate_packed(rows[:8], pad_token_id=tokenizer.pad_token_id)  # tensors, no attention_mask
-    model(**{k: batch[k] for k in ("input_ids", "position_ids")}, use_cache=False)  # block-diagonal causal mask
+    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)  # packed mask
 
 Rendering uses the tokenizer's own chat template; `template="vicuna"` (or a tokenizer without a chat template)
 uses FastChat's vicuna_v1.1 template, as the Hydra paper did. Labels are -100 except on the tokens of each
-assistant reply plus the turn's end token (e.g. `<|im_end|>`), found from character offsets of the rendered text.
+assistant reply plus the turn's end token (e.g. `<|im_end|>`), found from character offsets of the rendered
+text.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ _CHAT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 Record = dict[str, Any]
 
 
-# ---------------------------------------------------------------------------------------------------- loading
+# -------------------------------------------------------------------------------------------------- loading
 
 def load_sharegpt(path: str | os.PathLike, verbose: bool = True) -> tuple[list[Record], dict[str, Any]]:
     """Read a ShareGPT `.json` (list of records) or `.jsonl` file and keep only well-formed conversations.
 
-    Returns (records, stats). Each record is `{"id": str, "conversations": [{"from", "value"}, ...]}` with roles
-    normalised to "system"/"human"/"gpt": an optional leading system turn, then human/gpt alternating, at least
-    one gpt turn. A leading gpt turn is dropped (as FastChat does) and so is a trailing human turn (it would carry
-    no label). stats = {"loaded": int, "skipped": int, "skipped_by_reason": {reason: count}}.
+    Returns (records, stats). Each record is `{"id": str, "conversations": [{"from", "value"}, ...]}` with
+    roles normalised to "system"/"human"/"gpt": an optional leading system turn, then human/gpt alternating,
+    at least one gpt turn. A leading gpt turn is dropped (as FastChat does) and so is a trailing human turn
+    (it would carry no label). stats = {"loaded": int, "skipped": int, "skipped_by_reason": {reason: count}}.
 
     Raises FileNotFoundError if the file is missing, ValueError if it is not ShareGPT at all.
     """
@@ -52,7 +53,7 @@ def load_sharegpt(path: str | os.PathLike, verbose: bool = True) -> tuple[list[R
     raw_records, reasons = _read_json_records(path)
     if not any(isinstance(r, dict) and "conversations" in r for r in raw_records):
         raise ValueError(f"{path}: no record has a 'conversations' field; this is not a ShareGPT file "
-                         f"(expected [{{\"id\": ..., \"conversations\": [{{\"from\": \"human\", \"value\": ...}}]}}])")
+                         '(expected [{"id": ..., "conversations": [{"from": "human", "value": ...}, ...]}])')
     records: list[Record] = []
     for index, raw in enumerate(raw_records):
         record, reason = normalize_record(raw, default_id=f"{path.stem}-{index}")
@@ -86,7 +87,8 @@ def _read_json_records(path: Path) -> tuple[list[Any], Counter]:
             return parsed, reasons
         if isinstance(parsed, dict) and "conversations" in parsed:  # a one-record .jsonl parses as one object
             return [parsed], reasons
-        raise ValueError(f"{path}: JSON top level is a {type(parsed).__name__}; expected a list of ShareGPT records")
+        raise ValueError(f"{path}: JSON top level is a {type(parsed).__name__}; "
+                         f"expected a list of ShareGPT records")
     records, first_error = [], None
     for line_no, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -138,7 +140,7 @@ def normalize_record(raw: Any, default_id: str = "") -> tuple[Record | None, str
     return {"id": str(record_id) if record_id is not None else default_id, "conversations": system + body}, ""
 
 
-# ---------------------------------------------------------------------------------------------------- rendering
+# ------------------------------------------------------------------------------------------------ rendering
 
 def to_messages(conversation: Record | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """A ShareGPT record / turn list (or chat messages already) -> [{"role", "content"[, "truncated"]}]."""
@@ -250,8 +252,8 @@ def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("render_and_mask needs a fast tokenizer (return_offsets_mapping)")
     text, spans = render_with_spans(to_messages(conversation), tokenizer, template)
-    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=needs_special_tokens(text, tokenizer),
-                         truncation=False)
+    encoding = tokenizer(text, return_offsets_mapping=True, truncation=False,
+                         add_special_tokens=needs_special_tokens(text, tokenizer))
     input_ids = list(encoding["input_ids"])[:max_length]
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
@@ -262,7 +264,7 @@ def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: 
             span_index += 1
         if span_index == len(spans):
             break
-        # Overlap, not containment: with vicuna the first reply token is " word", straddling "ASSISTANT: word".
+        # Overlap, not containment: with vicuna the first reply token is " word", straddling ": word".
         if tok_end > spans[span_index][0]:
             labels[t] = input_ids[t]
     return {"input_ids": input_ids, "labels": labels}
@@ -290,15 +292,15 @@ def tokenize_records(records: Iterable[Record], tokenizer: PreTrainedTokenizerBa
     return examples
 
 
-# ---------------------------------------------------------------------------------------------------- packing
+# -------------------------------------------------------------------------------------------------- packing
 
 def pack(examples: Iterable[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
     """Greedily concatenate tokenized conversations into rows of at most max_length tokens.
 
     Each row gets position_ids restarting at 0 for every conversation, which is how transformers (5.x) detects
     packed sequences and builds a block-diagonal causal mask, but only when the model is called with no
-    attention_mask and use_cache=False (with a KV cache, even an empty one, it assumes one plain sequence). A conversation
-    longer than max_length is truncated, never split across rows. Order is kept.
+    attention_mask and use_cache=False (with a KV cache, even an empty one, it assumes one plain sequence).
+    A conversation longer than max_length is truncated, never split across rows. Order is kept.
     """
     rows: list[dict[str, list[int]]] = []
     row = _empty_row()
@@ -321,12 +323,13 @@ def _empty_row() -> dict[str, list[int]]:
     return {"input_ids": [], "labels": [], "position_ids": []}
 
 
-def collate_packed(rows: Sequence[dict[str, list[int]]], pad_token_id: int | None = 0) -> dict[str, torch.Tensor]:
+def collate_packed(rows: Sequence[dict[str, list[int]]],
+                   pad_token_id: int | None = 0) -> dict[str, torch.Tensor]:
     """Right-pad packed rows into a batch: input_ids, labels (-100 on pad), position_ids.
 
     Pad positions count 0, 1, ... so they form a sequence of their own that no real token attends to. No
-    attention_mask is returned on purpose: transformers only infers the packed block-diagonal mask when it is None
-    (and use_cache=False).
+    attention_mask is returned on purpose: transformers only infers the packed block-diagonal mask when it is
+    None (and use_cache=False).
     """
     width = max(len(row["input_ids"]) for row in rows)
     pad_id = 0 if pad_token_id is None else pad_token_id
