@@ -1,0 +1,47 @@
+"""Learning-rate schedules as a pure function of the optimizer step (so resuming needs no scheduler state).
+
+All schedules warm up linearly from 0 over `warmup_steps` (lr multiplier step / warmup_steps, the Hugging Face
+convention), then:
+  cosine    f + (1 - f) * 0.5 * (1 + cos(pi * progress)), progress = (step - warmup) / (total - warmup)
+  linear    f + (1 - f) * (total - step) / (total - warmup)
+  constant  1
+where f = final_lr_multiplier (the original Hydra `--final_lr_multiplier`; 0 = decay to zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("cosine", "linear", "constant")
+_ALIASES = {"constant_with_warmup": "constant", "cosine_with_warmup": "cosine"}
+
+
+def check_schedule(kind: str, final_lr_multiplier: float) -> str:
+    kind = _ALIASES.get(kind, kind)
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown lr_scheduler_type {kind!r}; choose one of {SCHEDULES}")
+    if not 0.0 <= final_lr_multiplier <= 1.0:
+        raise ValueError(f"final_lr_multiplier must be in [0, 1], got {final_lr_multiplier}")
+    return kind
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
+                  final_lr_multiplier: float = 0.0) -> float:
+    """The factor on the peak learning rate for optimizer step `step` (0-based: the update about to happen)."""
+    kind = check_schedule(kind, final_lr_multiplier)
+    f = final_lr_multiplier
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f + (1.0 - f) * (1.0 - progress)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

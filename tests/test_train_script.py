@@ -1,0 +1,206 @@
+"""hydra/train/train.py end to end on a tiny random Llama with the real SmolLM2 tokenizer and a tiny ShareGPT file:
+a single-process run (logs, eval metrics, checkpoints, loadable heads), torchrun x2 on CPU (gloo) matching a
+single process with the same global batch, kill-and-resume matching an uninterrupted run, and (if DeepSpeed is
+installed) --deepspeed deepspeed.json matching the plain data-parallel run.
+
+Subprocess runs check the files they write, not the launcher's exit code (a process may abort at exit after it
+has saved everything).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hydra.model import HydraModel, load_tokenizer
+from hydra.train import train
+from hydra.train.checkpoint import list_checkpoints, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the cat sat on a mat and then it ran to the big red house near the river while two dogs "
+         "watched from across green fields under a cloudy sky").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """(model folder, data file): a 2-layer random Llama with SmolLM2's tokenizer and 40 ShareGPT conversations."""
+    from conftest import make_tiny_base
+
+    root = tmp_path_factory.mktemp("train_script")
+    tok = load_tokenizer(None)
+    base = make_tiny_base(vocab_size=len(tok), hidden_size=32, max_position_embeddings=1024)
+    base.config.bos_token_id, base.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    base.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(40):
+            conv = []
+            for _ in range(rng.randint(1, 3)):
+                conv.append({"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(3, 10)))})
+                conv.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(5, 30)))})
+            f.write(json.dumps({"id": str(i), "conversations": conv}) + "\n")
+        f.write("{not json\n")  # malformed lines are skipped and counted by the data pipeline
+    return root / "tiny", root / "data.jsonl"
+
+
+def _args(model_dir, data, out, **flags) -> list[str]:
+    base = {"model_name_or_path": model_dir, "data_path": data, "output_dir": out, "model_max_length": 256,
+            "per_device_train_batch_size": 1, "logging_steps": 1, "learning_rate": 1e-2, "eval_steps": 0,
+            "save_steps": 0, "hydra_num_heads": 3}
+    base.update(flags)
+    out_args = []
+    for k, v in base.items():
+        out_args += [f"--{k}", str(v)]
+    return out_args
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _run(cmd: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "hydra.train.train"]
+
+
+def test_single_process_run(tiny_setup, tmp_path):
+    """bf16 + hydra-mlp + teacher loss: loss goes down, evals log per-head accuracies, the last 2 checkpoints
+    are kept, and the final heads load with HydraModel.from_pretrained."""
+    model_dir, data = tiny_setup
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, data, out, max_steps=6, eval_steps=3, save_steps=2, bf16=True,
+                            per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                            lm_loss_weight=0.5, teacher_loss_weight=1.0)) == 0
+    events = _events(out)
+    train_ev = [e for e in events if "loss" in e]
+    eval_ev = [e for e in events if "eval_loss" in e]
+    assert [e["step"] for e in train_ev] == [1, 2, 3, 4, 5, 6]
+    assert train_ev[-1]["loss"] < train_ev[0]["loss"]
+    assert all(e["tokens_per_s"] > 0 for e in train_ev)
+    assert [e["step"] for e in eval_ev] == [3, 6]
+    for i in range(3):
+        for key in ("top1", "top5", "teacher_top1", "teacher_top5"):
+            assert 0.0 <= eval_ev[-1][f"eval_head{i}_{key}"] <= 1.0
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]
+    assert read_state(out / "checkpoint-6")["global_step"] == 6
+    _assert_same_weights(out, out / "checkpoint-6")
+    loaded = HydraModel.from_pretrained(out, base_model=str(model_dir))
+    assert loaded.config.hydra_num_heads == 3 and loaded.config.hydra_head_arch == "hydra-mlp"
+    for k, v in loaded.heads.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, _weights(out)[k])
+    # a finished run rerun with the same command does nothing more
+    assert train.main(_args(model_dir, data, out, max_steps=6, eval_steps=3, save_steps=2, bf16=True,
+                            per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                            lm_loss_weight=0.5, teacher_loss_weight=1.0)) == 0
+    assert len(_events(out)) == len(events)
+
+
+def test_torchrun_two_processes_matches_single_process(tiny_setup, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) runs 2 steps and saves loadable heads, equal to one process
+    accumulating the same global batch."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=2, hydra_head_arch="prefix-mlp", teacher_loss_weight=1.0, save_steps=2)
+    ddp = tmp_path / "ddp"
+    proc = _run(_torchrun(2) + _args(model_dir, data, ddp, **flags), timeout=240)
+    assert (ddp / "model.safetensors").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read_state(ddp / "checkpoint-2")["world_size"] == 2
+    HydraModel.from_pretrained(ddp, base_model=str(model_dir))
+
+    single = tmp_path / "single"
+    assert train.main(_args(model_dir, data, single, gradient_accumulation_steps=2, **flags)) == 0
+    _assert_same_weights(ddp, single, atol=1e-6)
+    losses = lambda out: [e["loss"] for e in _events(out) if "loss" in e]  # noqa: E731
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-6)
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny_setup, tmp_path):
+    """max_steps 4, save_steps 2, the process dies after step 3: rerunning the same command resumes from
+    checkpoint-2 and ends at step 4 with the same weights and optimizer state as an uninterrupted run
+    (dropout and embedding noise on, so the random state must be restored too)."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=4, save_steps=2, dropout_rate=0.1, noise_alpha=5.0, hydra_head_arch="prefix-mlp",
+                 per_device_train_batch_size=2, teacher_loss_weight=1.0)
+    full = tmp_path / "full"
+    assert train.main(_args(model_dir, data, full, **flags)) == 0
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "hydra.train.train"] + _args(model_dir, data, resumed, **flags)
+    proc = _run(cmd, env_extra={train.EXIT_AFTER_ENV: "3"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(resumed)] == [2]
+    assert not (resumed / "model.safetensors").exists()
+    (resumed / "checkpoint-4.partial").mkdir()  # what a kill in the middle of a save leaves behind
+
+    assert train.main(_args(model_dir, data, resumed, **flags)) == 0
+    assert not (resumed / "checkpoint-4.partial").exists()
+    assert read_state(resumed / "checkpoint-4")["global_step"] == 4
+    _assert_same_weights(full, resumed, atol=1e-6)
+    opt_a = torch.load(full / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(resumed / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    for k, state in opt_a["state"].items():
+        for name, t in state.items():
+            torch.testing.assert_close(t, opt_b["state"][k][name], rtol=0, atol=1e-6)
+    # the log holds each step once, in order
+    steps = [e["step"] for e in _events(resumed) if "loss" in e]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_deepspeed_zero2_matches_plain(tiny_setup, tmp_path):
+    pytest.importorskip("deepspeed")
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=2, gradient_accumulation_steps=2, teacher_loss_weight=1.0, save_steps=2)
+    plain = tmp_path / "plain"
+    assert train.main(_args(model_dir, data, plain, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                            **{k: v for k, v in flags.items() if k != "gradient_accumulation_steps"})) == 0
+    ds = tmp_path / "ds"
+    proc = _run(_torchrun(2) + _args(model_dir, data, ds, deepspeed=REPO / "deepspeed.json", **flags), timeout=420)
+    assert (ds / "model.safetensors").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (ds / "checkpoint-2" / "deepspeed").is_dir()
+    # (different micro-batch shapes and reduction order: Adam magnifies rounding on near-zero gradients)
+    _assert_same_weights(plain, ds, atol=1e-4)
+
+
+def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path):
+    """--cache_hidden_states over ~3 epochs (with evaluations reading cached val rows) gives the same heads as
+    recomputing the base model every time, and fills the cache for every row it saw."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=8, per_device_train_batch_size=4, eval_steps=4, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, bf16=True)
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train.main(_args(model_dir, data, plain, **flags)) == 0
+    assert train.main(_args(model_dir, data, cached, cache_hidden_states=True, **flags)) == 0
+    _assert_same_weights(plain, cached, atol=1e-5)
+    evals = lambda out: [e["eval_loss"] for e in _events(out) if "eval_loss" in e]  # noqa: E731
+    assert evals(plain) == pytest.approx(evals(cached), rel=1e-5)
+    from hydra.train.hidden_cache import HiddenCache  # noqa: F401  (the folder layout below is its contract)
+    (folder,) = (cached / "hidden_cache").iterdir()
+    flags_file = (folder / "filled.bin").read_bytes()
+    assert sum(flags_file) >= 12  # 8 steps x 4 rows cover every train row of the ~15, plus the val row(s)
