@@ -18,7 +18,8 @@ H = 3
 
 
 def _model(base, arch, share_lm_head=True, randomize=None, dropout=0.0):
-    cfg = HydraConfig(hydra_num_heads=H, hydra_num_layers=1, hydra_head_arch=arch, share_lm_head=share_lm_head,
+    cfg = HydraConfig(hydra_num_heads=H, hydra_num_layers=1, hydra_head_arch=arch,
+                      share_lm_head=share_lm_head,
                       dropout_rate=dropout)
     torch.manual_seed(0)
     model = HydraModel(base, cfg)
@@ -28,7 +29,7 @@ def _model(base, arch, share_lm_head=True, randomize=None, dropout=0.0):
 
 
 def _packed_batch(vocab, lengths_per_row, seed=0, label_frac=0.7):
-    """Rows of packed conversations; labels on a random ~label_frac of tokens; position_ids restart per conversation."""
+    """Packed rows: labels on ~label_frac of the tokens, position_ids restarting per conversation."""
     gen = torch.Generator().manual_seed(seed)
     width = max(sum(r) for r in lengths_per_row)
     ids, labels, pos = [], [], []
@@ -43,7 +44,7 @@ def _packed_batch(vocab, lengths_per_row, seed=0, label_frac=0.7):
 
 
 def reference_loss(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w):
-    """The original's formulation (digest §3.4) on full (B, S, V) logits, plus the packed-conversation mask."""
+    """The original's formulation (digest §3.4) on full (B, S, V) logits, plus the packed-conversation mask"""
     total = 0.0
     t_probs = F.softmax(model.base_logits(teacher_hidden).float(), dim=-1)
     for i in range(head_hidden.shape[0]):
@@ -73,7 +74,8 @@ def test_chunked_equals_reference(tiny_base, randomize, arch, share_lm_head):
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     for chunk in (1, 5, 7, 64):
         out = model(ids, position_ids=pos)
-        loss, stats = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w, chunk_size=chunk)
+        loss, stats = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w,
+                                 chunk_size=chunk)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
         for p, g, r in zip(params, grads, ref_grads):
@@ -117,8 +119,9 @@ def test_mask_respects_packed_boundaries():
 
 
 def test_packed_row_equals_separate_conversations(tiny_base, randomize):
-    """A packed row (position_ids restarting) gives the same base hidden states, head states and loss statistics
-    as each conversation run alone (transformers builds the block-diagonal mask from the position resets)."""
+    """A packed row (position_ids restarting) gives the same base hidden states, head states and loss
+    statistics as each conversation run alone (transformers builds the block-diagonal mask from the position
+    resets)."""
     model = _model(tiny_base, "prefix-mlp", randomize=randomize).eval()
     vocab = tiny_base.config.vocab_size
     gen = torch.Generator().manual_seed(5)
@@ -200,7 +203,8 @@ def test_schedules():
     kw = dict(total_steps=110, warmup_steps=10)
     assert lr_multiplier(0, **kw) == 0.0 and lr_multiplier(5, **kw) == 0.5
     assert lr_multiplier(10, kind="cosine", final_lr_multiplier=0.33, **kw) == pytest.approx(1.0)
-    assert lr_multiplier(60, kind="cosine", final_lr_multiplier=0.33, **kw) == pytest.approx(0.33 + 0.67 * 0.5)
+    mid = lr_multiplier(60, kind="cosine", final_lr_multiplier=0.33, **kw)
+    assert mid == pytest.approx(0.33 + 0.67 * 0.5)
     assert lr_multiplier(110, kind="cosine", final_lr_multiplier=0.33, **kw) == pytest.approx(0.33)
     assert lr_multiplier(60, kind="linear", final_lr_multiplier=0.0, **kw) == pytest.approx(0.5)
     assert lr_multiplier(110, kind="linear", final_lr_multiplier=0.2, **kw) == pytest.approx(0.2)

@@ -1,7 +1,7 @@
-"""hydra/train/train.py end to end on a tiny random Llama with the real SmolLM2 tokenizer and a tiny ShareGPT file:
-a single-process run (logs, eval metrics, checkpoints, loadable heads), torchrun x2 on CPU (gloo) matching a
-single process with the same global batch, kill-and-resume matching an uninterrupted run, and (if DeepSpeed is
-installed) --deepspeed deepspeed.json matching the plain data-parallel run.
+"""hydra/train/train.py end to end on a tiny random Llama with the real SmolLM2 tokenizer and a tiny ShareGPT
+file: a single-process run (logs, eval metrics, checkpoints, loadable heads), torchrun x2 on CPU (gloo)
+matching a single process with the same global batch, kill-and-resume matching an uninterrupted run, and (if
+DeepSpeed is installed) --deepspeed deepspeed.json matching the plain data-parallel run.
 
 Subprocess runs check the files they write, not the launcher's exit code (a process may abort at exit after it
 has saved everything).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ WORDS = ("the cat sat on a mat and then it ran to the big red house near the riv
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    """(model folder, data file): a 2-layer random Llama with SmolLM2's tokenizer and 40 ShareGPT conversations."""
+    """(model folder, data file): a 2-layer random Llama with SmolLM2's tokenizer; 40 conversations."""
     from conftest import make_tiny_base
 
     root = tmp_path_factory.mktemp("train_script")
@@ -178,10 +177,11 @@ def test_deepspeed_zero2_matches_plain(tiny_setup, tmp_path):
     model_dir, data = tiny_setup
     flags = dict(max_steps=2, gradient_accumulation_steps=2, teacher_loss_weight=1.0, save_steps=2)
     plain = tmp_path / "plain"
-    assert train.main(_args(model_dir, data, plain, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                            **{k: v for k, v in flags.items() if k != "gradient_accumulation_steps"})) == 0
+    plain_flags = {**flags, "per_device_train_batch_size": 2}  # same global batch: 2 x 1 process x 2
+    assert train.main(_args(model_dir, data, plain, **plain_flags)) == 0
     ds = tmp_path / "ds"
-    proc = _run(_torchrun(2) + _args(model_dir, data, ds, deepspeed=REPO / "deepspeed.json", **flags), timeout=420)
+    proc = _run(_torchrun(2) + _args(model_dir, data, ds, deepspeed=REPO / "deepspeed.json", **flags),
+                timeout=420)
     assert (ds / "model.safetensors").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (ds / "checkpoint-2" / "deepspeed").is_dir()
     # (different micro-batch shapes and reduction order: Adam magnifies rounding on near-zero gradients)
@@ -200,7 +200,6 @@ def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path):
     _assert_same_weights(plain, cached, atol=1e-5)
     evals = lambda out: [e["eval_loss"] for e in _events(out) if "eval_loss" in e]  # noqa: E731
     assert evals(plain) == pytest.approx(evals(cached), rel=1e-5)
-    from hydra.train.hidden_cache import HiddenCache  # noqa: F401  (the folder layout below is its contract)
     (folder,) = (cached / "hidden_cache").iterdir()
     flags_file = (folder / "filled.bin").read_bytes()
     assert sum(flags_file) >= 12  # 8 steps x 4 rows cover every train row of the ~15, plus the val row(s)

@@ -1,7 +1,7 @@
 """Resumable checkpoints: `<output_dir>/checkpoint-<step>/`, written to a temporary folder and renamed.
 
 A checkpoint holds
-  config.json + model.safetensors   the heads (HydraModel.save_pretrained; loadable by HydraModel.from_pretrained)
+  config.json + model.safetensors   the heads (HydraModel.save_pretrained / HydraModel.from_pretrained)
   optimizer.pt                      the optimizer's state_dict (tensors, numbers, strings only; read back with
                                     torch.load(weights_only=True), never unpickling arbitrary objects)
   deepspeed/                        instead of optimizer.pt under --deepspeed (DeepSpeed's own format)

@@ -2,8 +2,8 @@
 
 `--data_path` is either one ShareGPT .json/.jsonl file (split 95/5 with seed 42 here, as
 hydra.data.partition_train_test does) or a folder holding train.jsonl and val.jsonl (or the original's
-train.json / val.json). Tokenized, packed rows are cached in `<output_dir>/data_cache/` (safetensors), keyed by
-the data files, the tokenizer and model_max_length, so restarts and other ranks skip the tokenization.
+train.json / val.json). Tokenized, packed rows are cached in `<output_dir>/data_cache/` (safetensors), keyed
+by the data files, the tokenizer and model_max_length, so restarts and other ranks skip the tokenization.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def build_rows(data_path: str | os.PathLike, tokenizer, max_length: int, templat
 def _rows_to_tensors(rows: list[Row], prefix: str) -> dict[str, torch.Tensor]:
     lengths = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.int64)
     cat = lambda key: torch.tensor([t for r in rows for t in r[key]], dtype=torch.int32)  # noqa: E731
-    return {f"{prefix}.lengths": lengths, f"{prefix}.input_ids": cat("input_ids"), f"{prefix}.labels": cat("labels"),
-            f"{prefix}.position_ids": cat("position_ids")}
+    return {f"{prefix}.lengths": lengths, f"{prefix}.input_ids": cat("input_ids"),
+            f"{prefix}.labels": cat("labels"), f"{prefix}.position_ids": cat("position_ids")}
 
 
 def _tensors_to_rows(tensors: dict[str, torch.Tensor], prefix: str) -> list[Row]:
@@ -86,9 +86,10 @@ def _tensors_to_rows(tensors: dict[str, torch.Tensor], prefix: str) -> list[Row]
     return rows
 
 
-def load_or_build_rows(data_path: str | os.PathLike, tokenizer, max_length: int, cache_dir: str | os.PathLike | None,
-                       template: str | None = None, is_main: bool = True, barrier=lambda: None,
-                       test_size: float = 0.05, seed: int = 42) -> tuple[list[Row], list[Row]]:
+def load_or_build_rows(data_path: str | os.PathLike, tokenizer, max_length: int,
+                       cache_dir: str | os.PathLike | None, template: str | None = None,
+                       is_main: bool = True, barrier=lambda: None, test_size: float = 0.05,
+                       seed: int = 42) -> tuple[list[Row], list[Row]]:
     """build_rows with a cache: the main process builds and writes it, the others wait and read it."""
     if cache_dir is None:
         return build_rows(data_path, tokenizer, max_length, template, test_size, seed)
@@ -111,7 +112,8 @@ class BatchOrder:
     """Which rows make up global batch number `step`: a fresh seeded permutation per epoch, no state to save.
 
     steps_per_epoch = len(rows) // global_batch (at least 1; a data set smaller than one global batch wraps).
-    Rank r, micro-batch m of a step gets the rows [(m * world + r) * per_device, ...+ per_device) of its batch.
+    Rank r, micro-batch m of a step gets the rows [(m * world + r) * per_device, ...+ per_device) of its
+    batch.
     """
 
     def __init__(self, num_rows: int, global_batch: int, seed: int):

@@ -1,18 +1,18 @@
-"""The Hydra training loss, computed in chunks so that no (heads x batch x seq x vocab) tensor ever exists.
+"""The Hydra training loss, computed in chunks: no (heads x batch x seq x vocab) tensor ever exists.
 
 Conventions (digest §3.4): head i (shift s = i + 2) at position t is scored against token x_{t+s}:
-  data loss     CE(z_i(t), x_{t+s})                                   weighted by lm_weight
-  teacher loss  -sum_v q_v log softmax(z_i(t))_v, q = softmax(base logits at t+s-1)   weighted by teacher_weight
-over positions whose target is an assistant token (labels != -100) and lies in the same packed conversation as t
-(position_ids count up by exactly s from t to t+s). Each head's loss is a mean over its scored tokens; heads are
-summed uniformly, as in the paper.
+  data loss     CE(z_i(t), x_{t+s})                                               x lm_weight
+  teacher loss  -sum_v q_v log softmax(z_i(t))_v, q = softmax(base logits at t+s-1)   x teacher_weight
+over positions whose target is an assistant token (labels != -100) and lies in the same packed conversation as
+t (position_ids count up by exactly s from t to t+s). Each head's loss is a mean over its scored tokens; heads
+are summed uniformly, as in the paper.
 
 How: positions are flattened to (B*S) and walked in chunks. Per chunk the teacher log-probs are computed once
-(only at the positions some head needs) and shared by all heads; each head's logits are computed for its scored
-positions only, in fp32 from the (possibly bf16) logits. The gradient with respect to the head hidden states
-(and the heads' own output layers, if any) is computed chunk by chunk inside a custom autograd Function, so the
-caller does one ordinary backward (works with plain loops, DDP and DeepSpeed alike) and peak memory is a few
-(chunk x vocab) tensors.
+(only at the positions some head needs) and shared by all heads; each head's logits are computed for its
+scored positions only, in fp32 from the (possibly bf16) logits. The gradient with respect to the head hidden
+states (and the heads' own output layers, if any) is computed chunk by chunk inside a custom autograd
+Function, so the caller does one ordinary backward (works with plain loops, DDP and DeepSpeed alike) and peak
+memory is a few (chunk x vocab) tensors.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ _COL = {name: k for k, name in enumerate(STAT_FIELDS)}
 
 
 def target_mask(labels: torch.Tensor, position_ids: torch.Tensor | None, num_heads: int) -> torch.Tensor:
-    """(H, B, S) bool: head i at position t is scored iff labels[t+i+2] != -100 and t+i+2 is in t's conversation.
+    """(H, B, S) bool: head i at position t is scored iff labels[t+i+2] != -100 and t+i+2 is in t's
+    conversation.
 
-    Packed rows restart position_ids at 0 for every conversation; inside one conversation they count up by one,
-    so x_{t+s} belongs to t's conversation exactly when position_ids[t+s] == position_ids[t] + s (after a reset,
-    position_ids[t+s] <= s-1 < position_ids[t] + s). None means one conversation per row.
+    Packed rows restart position_ids at 0 for every conversation; inside one conversation they count up by
+    one, so x_{t+s} belongs to t's conversation exactly when position_ids[t+s] == position_ids[t] + s (after a
+    reset, position_ids[t+s] <= s-1 < position_ids[t] + s). None means one conversation per row.
     """
     B, S = labels.shape
     if position_ids is None:
@@ -53,7 +54,8 @@ def count_targets(labels: torch.Tensor, position_ids: torch.Tensor | None, num_h
     return target_mask(labels, position_ids, num_heads).sum(dim=(1, 2))
 
 
-def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float, prefix: str = "") -> dict[str, float]:
+def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float,
+              prefix: str = "") -> dict[str, float]:
     """Turn summed statistics (H, len(STAT_FIELDS)) into means: loss, per-head losses and top-k accuracies."""
     out: dict[str, float] = {}
     total = 0.0
@@ -68,14 +70,15 @@ def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float, pref
         total += loss
         out[f"{prefix}head{i}_loss"] = loss
         out[f"{prefix}head{i}_lm_loss"] = lm
-        if stats[i, _COL["teacher_top1"]].item() >= 0:  # -1 marks "teacher not computed" (training, lm loss only)
+        # -1 marks "teacher not computed" (training with the data loss only)
+        if stats[i, _COL["teacher_top1"]].item() >= 0:
             out[f"{prefix}head{i}_teacher_loss"] = teacher
         for field in ("top1", "top5", "teacher_top1", "teacher_top5"):
             value = stats[i, _COL[field]].item()
             if value >= 0:
                 out[f"{prefix}head{i}_{field}"] = value / n
     out[f"{prefix}loss"] = total
-    out[f"{prefix}tokens"] = float(stats[:, _COL["count"]].max().item()) if stats.numel() else 0.0
+    out[f"{prefix}scored_tokens"] = float(stats[:, _COL["count"]].max().item()) if stats.numel() else 0.0
     return out
 
 
@@ -106,7 +109,8 @@ class _Runner:
         flat_labels = labels.reshape(N)
         if self.use_teacher:
             if self.teacher_hidden is None:
-                raise ValueError("the teacher loss / metrics need teacher_hidden (the base model's final hidden states)")
+                raise ValueError("the teacher loss / metrics need teacher_hidden "
+                                 "(the base model's final hidden states)")
             teacher_flat = self.teacher_hidden.detach().reshape(N, -1)
         counts = valid.sum(dim=1)
         norm = (counts if self.normalizer is None else self.normalizer.to(device)).double().clamp_min(1)
@@ -186,7 +190,7 @@ class _Runner:
                         if self.topk:
                             stats[i, _COL["teacher_top5"]] += (top == t_y[:, None]).any(-1).sum()
                     if need_grad:
-                        # d loss / d z = (w_lm + w_t) softmax(z) - w_lm onehot(y) - w_t q, over the head's normaliser.
+                        # d loss / d z = ((w_lm + w_t) softmax(z) - w_lm onehot(y) - w_t q) / normaliser
                         dz = logp.exp_()
                         if self.use_teacher and self.teacher_weight != 0.0:
                             dz.mul_((self.lm_weight + self.teacher_weight) / norm[i])
@@ -226,8 +230,9 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, grad_hidden * scale, *(g * grad_loss.to(g.dtype) for g in grad_params))
 
 
-def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-               teacher_hidden: torch.Tensor | None = None, lm_weight: float = 1.0, teacher_weight: float = 0.0,
+def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
+               lm_weight: float = 1.0, teacher_weight: float = 0.0,
                normalizer: torch.Tensor | None = None, chunk_size: int = 256, topk: bool = False,
                teacher_metrics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked Hydra loss. Returns (loss, stats).
@@ -240,14 +245,15 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor, position_
         teacher_hidden: (B, S, d) the base model's final hidden states (the teacher's logits are
             `model.base_logits(teacher_hidden)`); needed when teacher_weight != 0 or teacher_metrics.
         lm_weight, teacher_weight: weights of the data and teacher cross-entropies.
-        normalizer: (H,) token count to divide head i's summed loss by (e.g. the count over a whole global batch
-            spread over micro-batches and ranks); None = this batch's own counts (a per-head mean).
+        normalizer: (H,) token count to divide head i's summed loss by (e.g. the count over a whole global
+            batch spread over micro-batches and ranks); None = this batch's own counts (a per-head mean).
         chunk_size: flattened (batch x seq) positions per chunk.
         topk: also count top-5 hits (evaluation; top-1 is always counted).
         teacher_metrics: compute the teacher's distribution even if teacher_weight == 0 (for teacher_top*).
 
-    loss is differentiable with respect to head_hidden and the heads' own output layers (if not shared); stats is
-    (H, len(STAT_FIELDS)) float64 sums (columns of metrics that were not computed hold -1 per row); see `summarize`.
+    loss is differentiable with respect to head_hidden and the heads' own output layers (if not shared); stats
+    is (H, len(STAT_FIELDS)) float64 sums (columns of metrics that were not computed hold -1 per row); see
+    `summarize`.
     """
     heads = model.heads
     params = []

@@ -29,7 +29,7 @@ def check_schedule(kind: str, final_lr_multiplier: float) -> str:
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
                   final_lr_multiplier: float = 0.0) -> float:
-    """The factor on the peak learning rate for optimizer step `step` (0-based: the update about to happen)."""
+    """The factor on the peak learning rate for optimizer step `step` (0-based: the update about to run)."""
     kind = check_schedule(kind, final_lr_multiplier)
     f = final_lr_multiplier
     if step < warmup_steps:

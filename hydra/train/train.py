@@ -1,44 +1,51 @@
 """Train Hydra draft heads on a frozen Hugging Face causal LM (a small custom loop, nanoGPT style).
 
-Single process (CPU, or one GPU if there is one):
+Single process (CPU, or one GPU if there is one; the default base model is SmolLM2-135M-Instruct):
 
     python -m hydra.train.train --data_path data/self_distill.jsonl --output_dir runs/hydra-smollm2 \
-        --bf16 True --hydra_num_heads 4 --hydra_num_layers 1 --hydra_head_arch hydra-mlp --share_lm_head True \
-        --model_max_length 512 --per_device_train_batch_size 1 --gradient_accumulation_steps 8 \
-        --num_train_epochs 1 --learning_rate 5e-4 --warmup_steps 20 --lr_scheduler_type cosine \
-        --final_lr_multiplier 0.33 --lm_loss_weight 0.0 --teacher_loss_weight 1.0 \
-        --eval_steps 0.1 --save_steps 0.1 --logging_steps 10
+        --bf16 True --hydra_num_heads 4 --hydra_num_layers 1 --hydra_head_arch hydra-mlp \
+        --share_lm_head True --model_max_length 512 --per_device_train_batch_size 1 \
+        --gradient_accumulation_steps 8 --num_train_epochs 2 --learning_rate 5e-4 --warmup_steps 20 \
+        --lr_scheduler_type cosine --final_lr_multiplier 0.33 --lm_loss_weight 0.0 --teacher_loss_weight 1.0 \
+        --eval_steps 0.1 --save_steps 0.1 --logging_steps 10 --cache_hidden_states True
 
-Data parallel, N processes (gloo on CPU, nccl on GPUs; the same flags, global batch = per_device x N x accum):
+Data parallel on CPU (gloo) or GPUs (nccl): the same flags under torchrun; the global batch is
+per_device_train_batch_size x processes x gradient_accumulation_steps (or set --global_batch_size):
 
-    torchrun --nproc_per_node=2 -m hydra.train.train --data_path data/self_distill.jsonl --output_dir runs/x ...
+    torchrun --standalone --nproc_per_node=2 -m hydra.train.train \
+        --data_path data/self_distill.jsonl --output_dir runs/hydra-ddp --bf16 True \
+        --model_max_length 512 --per_device_train_batch_size 1 --gradient_accumulation_steps 4 ...
 
-DeepSpeed ZeRO-2 (needs `pip install deepspeed`; "auto" values in deepspeed.json are filled from these flags):
+DeepSpeed ZeRO-2 (`pip install deepspeed`; the "auto" values in deepspeed.json are filled from these flags):
 
-    torchrun --nproc_per_node=2 -m hydra.train.train ... --deepspeed deepspeed.json
+    torchrun --standalone --nproc_per_node=2 -m hydra.train.train \
+        --data_path data/self_distill.jsonl --output_dir runs/hydra-ds --bf16 True ... \
+        --deepspeed deepspeed.json
 
-The Hydra++ recipe of the paper (Vicuna-7B, 8 GPUs) in these flags:
+The paper's Hydra++ recipe (Vicuna-7B, 8 GPUs) in these flags:
     --hydra_head_arch prefix-mlp --hydra_num_heads 4 --hydra_num_layers 4 --grounded_heads True
-    --lm_loss_weight 0.0 --teacher_loss_weight 1.0 --dropout_rate 0.2 --weight_decay 0.1 --learning_rate 5e-4
-    --warmup_steps 100 --lr_scheduler_type cosine --final_lr_multiplier 0.33 --num_train_epochs 10
-    --per_device_train_batch_size 4 --global_batch_size 32 --model_max_length 2048 --bf16 True
+    --lm_loss_weight 0.0 --teacher_loss_weight 1.0 --dropout_rate 0.2 --weight_decay 0.1
+    --learning_rate 5e-4 --warmup_steps 100 --lr_scheduler_type cosine --final_lr_multiplier 0.33
+    --num_train_epochs 10 --per_device_train_batch_size 4 --global_batch_size 32 --model_max_length 2048
+    --bf16 True
 
-Multi-epoch runs on CPU: add `--cache_hidden_states True` (the frozen base model's hidden states go to
-<output_dir>/hidden_cache on first use; later epochs and evaluations skip the base forward: measured 1.6x
-(teacher loss) to 1.75x (data loss) faster per step on SmolLM2-135M, at 1.1 KiB of disk per token in bf16).
-
-`--data_path` is a ShareGPT .json/.jsonl file (split 95/5, seed 42) or a folder with train.jsonl + val.jsonl
+`--data_path`: a ShareGPT .json/.jsonl file (split 95/5, seed 42) or a folder with train.jsonl + val.jsonl
 (python -m hydra.data.partition_train_test). Rows are packed conversations (position_ids restart per
 conversation; the base model and the loss keep them apart), never padded to model_max_length.
 
-Loss: see hydra/train/loss.py (per head i: lm_loss_weight x CE(x_{t+i+2}) + teacher_loss_weight x soft CE to the
-base model's distribution, assistant tokens only, mean per head over the global batch, summed over heads).
-Trainable head weights stay fp32; `--bf16` runs the frozen base model in bf16 and the heads under bf16 autocast
-(CPU or CUDA).
+Loss (hydra/train/loss.py): per head i, lm_loss_weight x CE(x_{t+i+2}) + teacher_loss_weight x soft CE to the
+base model's distribution, on assistant tokens only, a mean per head over the global batch, summed over heads.
+Trainable head weights stay fp32; `--bf16` runs the frozen base model in bf16 and the heads under bf16
+autocast (CPU or CUDA).
+
+`--cache_hidden_states True` (multi-epoch runs on CPU) keeps the frozen base model's hidden states in
+<output_dir>/hidden_cache after their first use, so later epochs and evaluations skip the base forward:
+measured 1.6x (teacher loss) to 1.75x (data loss) faster per step on SmolLM2-135M, for 1.1 KiB of disk per
+token in bf16.
 
 Outputs in --output_dir: log.jsonl (one JSON object per logging / evaluation event; eval_* keys hold the
-validation loss and per-head top-1/top-5 accuracy against the data and against the teacher's argmax), resumable
-checkpoint-<step>/ folders (the last --save_total_limit are kept), and the final heads (config.json +
+validation loss and per-head top-1/top-5 accuracy against the data and against the teacher's argmax),
+resumable checkpoint-<step>/ folders (the last --save_total_limit are kept) and the final heads (config.json +
 model.safetensors, loadable with HydraModel.from_pretrained(output_dir)). Rerunning the same command resumes
 from the newest complete checkpoint.
 """
@@ -78,17 +85,19 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(default=None, metadata={
-        "help": "ShareGPT .json/.jsonl file (split 95/5, seed 42) or a folder with train.jsonl and val.jsonl"})
-    eval_split_ratio: float = field(default=0.05, metadata={"help": "validation fraction when data_path is a file"})
+        "help": "ShareGPT .json/.jsonl file (split 95/5, seed 42) or a folder with train.jsonl + val.jsonl"})
+    eval_split_ratio: float = field(default=0.05, metadata={
+        "help": "validation fraction when data_path is a file"})
     template: Optional[str] = field(default=None, metadata={
-        "help": "chat template: None = the tokenizer's own (vicuna_v1.1 if it has none), 'vicuna' = vicuna_v1.1"})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on at most this many val rows"})
+        "help": "chat template: None = the tokenizer's own (vicuna_v1.1 if none), 'vicuna' = vicuna_v1.1"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={
+        "help": "evaluate on at most this many val rows"})
 
 
 @dataclass
 class TrainingArguments:
     output_dir: str = field(default=None, metadata={"help": "checkpoints, log.jsonl and the final heads"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 base model + bf16 autocast for the (fp32) heads"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 base model, bf16 autocast for the fp32 heads"})
     tf32: bool = field(default=False, metadata={"help": "allow TF32 matmuls on CUDA"})
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if CUDA is available"})
     num_train_epochs: float = 3.0
@@ -106,7 +115,8 @@ class TrainingArguments:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     lr_scheduler_type: str = field(default="cosine", metadata={"help": f"one of {SCHEDULES}"})
-    final_lr_multiplier: float = field(default=0.0, metadata={"help": "cosine/linear decay to this x learning_rate"})
+    final_lr_multiplier: float = field(default=0.0, metadata={
+        "help": "cosine/linear decay to this x learning_rate"})
     model_max_length: int = field(default=2048, metadata={"help": "tokens per packed row"})
     hydra_num_heads: int = 4
     hydra_num_layers: int = 1
@@ -120,15 +130,19 @@ class TrainingArguments:
     noise_alpha: float = field(default=0.0, metadata={"help": "NEFTune-style noise on the token embeddings"})
     share_lm_head: bool = field(default=True, metadata={"help": "heads use the frozen base output layer"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed config json (ZeRO-2)"})
-    save_steps: float = field(default=0.1, metadata={"help": "checkpoint every N steps (< 1: fraction of the run)"})
+    save_steps: float = field(default=0.1, metadata={
+        "help": "checkpoint every N steps (< 1: a fraction of the run; 0: only at the end)"})
     save_total_limit: int = 2
-    eval_steps: float = field(default=0.1, metadata={"help": "evaluate every N steps (< 1: fraction; 0: only at end)"})
+    eval_steps: float = field(default=0.1, metadata={
+        "help": "evaluate every N steps (< 1: a fraction of the run; 0: only at the end)"})
     logging_steps: int = 10
     seed: int = 42
-    loss_chunk_size: int = field(default=256, metadata={"help": "positions per chunk of the vocabulary projection"})
+    loss_chunk_size: int = field(default=256, metadata={
+        "help": "positions per chunk of the vocabulary projection"})
     cache_hidden_states: bool = field(default=False, metadata={
-        "help": "keep the frozen base model's hidden states on disk (<output_dir>/hidden_cache) after their first "
-                "use: epochs 2+ and evaluations skip the base forward (~1.6x faster on CPU; 1.1 KiB/token bf16)"})
+        "help": "keep the frozen base model's hidden states on disk (<output_dir>/hidden_cache) after their "
+                "first use: epochs 2+ and evaluations skip the base forward (~1.6x faster on CPU; "
+                "1.1 KiB/token in bf16)"})
     local_rank: int = field(default=-1, metadata={"help": "set by launchers; LOCAL_RANK takes precedence"})
 
 
@@ -183,7 +197,8 @@ def setup_distributed(args: TrainingArguments) -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                device_id=device if use_cuda else None)
     return Dist(rank, world, local_rank, device)
 
 
@@ -197,7 +212,7 @@ class Logger:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop events logged after the checkpoint we continue from (they are about to be redone)."""
+        """On resume: drop events logged after the checkpoint we continue from (they are redone)."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []
@@ -238,19 +253,21 @@ def autocast_ctx(enabled: bool, device: torch.device):
 
 def base_forward(model: HydraModel, input_ids: torch.Tensor,
                  position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what the heads read, the teacher's hidden state), both (B, S, d). The teacher is always the final hidden
-    state, also when the heads read an earlier layer (hidden_state_offset > 0)."""
+    """(what the heads read, the teacher's hidden state), both (B, S, d). The teacher is always the final
+    hidden state, also when the heads read an earlier layer (hidden_state_offset > 0)."""
     k = model.config.hidden_state_offset
     with torch.no_grad():
         if k == 0:  # what HydraModel.forward runs
             h = model.base_hidden_states(input_ids, position_ids=position_ids, use_cache=False)
             return h, h
-        out = model.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=True)
+        out = model.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                            output_hidden_states=True)
         return out.hidden_states[-(k + 1)], out.last_hidden_state
 
 
-def train_forward(model: HydraModel, input_ids: torch.Tensor, position_ids: torch.Tensor, noise_alpha: float = 0.0,
-                  features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_forward(model: HydraModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  noise_alpha: float = 0.0, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(head_hidden (H, B, S, d), teacher_hidden (B, S, d)); `features` = base_forward's output if known."""
     feats, teacher = features if features is not None else base_forward(model, input_ids, position_ids)
     head_hidden = model.heads(feats, input_ids, model.embed_tokens, position_ids, noise_alpha)
@@ -258,7 +275,7 @@ def train_forward(model: HydraModel, input_ids: torch.Tensor, position_ids: torc
 
 
 def cached_features(model: HydraModel, cache, row_ids: list[int], batch: dict[str, torch.Tensor]):
-    """base_forward through the hidden-state cache: run the base model only if a row of the batch is missing."""
+    """base_forward through the hidden-state cache: the base model runs only if a row is missing."""
     cached = [cache.get(r) for r in row_ids]
     S = batch["input_ids"].shape[1]
     if any(c is None for c in cached):
@@ -306,12 +323,13 @@ def _deepspeed_config(path: str, args: TrainingArguments, accum: int, world: int
     fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
     fill(zero, "allgather_bucket_size", 5e8)
     if zero.get("stage", 0) == 3:
-        raise ValueError("ZeRO-3 is not supported (the heads' logits use the full frozen output layer); use stage 2")
+        raise ValueError("ZeRO-3 is not supported (the heads' logits use the whole frozen output layer); "
+                         "use stage 2")
     cfg.setdefault("zero_allow_untested_optimizer", True)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
-            raise ValueError(f"remove the {section!r} section from {path}: train.py owns the optimizer and schedule "
-                             "(AdamW with --learning_rate/--weight_decay, --lr_scheduler_type)")
+            raise ValueError(f"remove the {section!r} section from {path}: train.py owns the optimizer and "
+                             "schedule (AdamW with --learning_rate/--weight_decay, --lr_scheduler_type)")
     return cfg
 
 
@@ -348,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     base, tokenizer = load_base_model(model_args.model_name_or_path, dtype=dtype, device=d.device)
     if args.model_max_length > getattr(base.config, "max_position_embeddings", args.model_max_length):
-        log.info(f"warning: model_max_length {args.model_max_length} > the base model's max_position_embeddings "
-                 f"{base.config.max_position_embeddings}")
+        log.info(f"warning: model_max_length {args.model_max_length} > the base model's "
+                 f"max_position_embeddings {base.config.max_position_embeddings}")
     train_rows, val_rows = load_or_build_rows(
         data_args.data_path, tokenizer, args.model_max_length, out_dir / "data_cache", data_args.template,
         is_main=d.is_main, barrier=d.barrier, test_size=data_args.eval_split_ratio, seed=42)
@@ -359,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = HydraConfig(
         hydra_num_heads=args.hydra_num_heads, hydra_num_layers=args.hydra_num_layers,
-        hydra_head_arch=args.hydra_head_arch, grounded_heads=args.grounded_heads, dropout_rate=args.dropout_rate,
+        hydra_head_arch=args.hydra_head_arch, grounded_heads=args.grounded_heads,
+        dropout_rate=args.dropout_rate,
         share_lm_head=args.share_lm_head, hidden_state_offset=args.hidden_state_offset,
         base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL)
     torch.manual_seed(args.seed)  # same initial heads on every rank
@@ -372,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
     order = BatchOrder(len(train_rows), global_batch, args.seed)
-    total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * order.steps_per_epoch))
+    total_steps = (args.max_steps if args.max_steps > 0
+                   else max(1, math.ceil(args.num_train_epochs * order.steps_per_epoch)))
     eval_every, save_every = _every(args.eval_steps, total_steps), _every(args.save_steps, total_steps)
 
     engine = None
@@ -388,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     resume = ckpt.latest_checkpoint(out_dir)
     if resume is not None:
         state = ckpt.read_state(resume)
+        written_by_ds = (resume / ckpt.DEEPSPEED_DIR).is_dir()
+        if written_by_ds != (engine is not None):
+            raise ValueError(f"{resume} was written {'with' if written_by_ds else 'without'} --deepspeed; "
+                             "resume it the same way (or use a new --output_dir)")
         if engine is not None:
             engine.load_checkpoint(str(resume / ckpt.DEEPSPEED_DIR), tag="state", load_module_strict=False)
         else:
@@ -401,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"resuming from {resume} (step {start_step})")
 
     n_params = sum(p.numel() for p in params)
-    log.info(f"{config.hydra_head_arch} x {H} heads, {config.hydra_num_layers} layer(s), {n_params / 1e6:.2f}M "
-             f"trainable params on {base.config.name_or_path or 'base'} ({dtype}, {d.device}, {d.world} process(es)"
-             f"{', deepspeed' if engine else ''})")
+    log.info(f"{config.hydra_head_arch} x {H} heads, {config.hydra_num_layers} layer(s), "
+             f"{n_params / 1e6:.2f}M trainable params on {base.config.name_or_path or 'base'} ({dtype}, "
+             f"{d.device}, {d.world} process(es){', deepspeed' if engine else ''})")
     log.info(f"{len(train_rows)} train rows / {len(val_rows)} val rows of <= {args.model_max_length} tokens; "
-             f"global batch {global_batch} = {pd} x {d.world} x {accum}; {order.steps_per_epoch} steps/epoch; "
+             f"global batch {global_batch} = {pd} x {d.world} x {accum}; "
+             f"{order.steps_per_epoch} steps/epoch; "
              f"{total_steps} steps; eval every {eval_every or '-'}, save every {save_every or '-'}")
     if d.is_main:
         (out_dir / "training_args.json").write_text(json.dumps(
@@ -451,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
                 batch = _to_device(collate_packed([val_rows[r] for r in ids], pad_id), d.device)
                 with autocast_ctx(use_amp, d.device):
                     feats = features([len(train_rows) + r for r in ids], batch)
-                    head_hidden, teacher_hidden = train_forward(model, batch["input_ids"], batch["position_ids"],
-                                                                features=feats)
-                    _, st = hydra_loss(model, head_hidden, batch["labels"], batch["position_ids"], teacher_hidden,
-                                       chunk_size=args.loss_chunk_size, topk=True, teacher_metrics=True, **weights)
+                    head_hidden, teacher_hidden = train_forward(
+                        model, batch["input_ids"], batch["position_ids"], features=feats)
+                    _, st = hydra_loss(model, head_hidden, batch["labels"], batch["position_ids"],
+                                       teacher_hidden, chunk_size=args.loss_chunk_size, topk=True,
+                                       teacher_metrics=True, **weights)
                 stats += st
         d.all_reduce(stats)
         model.train()
@@ -500,13 +526,16 @@ def main(argv: list[str] | None = None) -> int:
             with autocast_ctx(use_amp, d.device):
                 head_hidden, teacher_hidden = train_forward(model, batch["input_ids"], batch["position_ids"],
                                                             args.noise_alpha, features(mb, batch))
-                loss, st = hydra_loss(model, head_hidden, batch["labels"], batch["position_ids"], teacher_hidden,
-                                      normalizer=normalizer, chunk_size=args.loss_chunk_size, **weights)
+                loss, st = hydra_loss(model, head_hidden, batch["labels"], batch["position_ids"],
+                                      teacher_hidden, normalizer=normalizer, chunk_size=args.loss_chunk_size,
+                                      **weights)
             stats_acc += st
             if engine is not None:
-                # The loss is already normalised by the global batch's token count; DeepSpeed averages over ranks.
+                # The loss is normalised by the global batch's token count already; DeepSpeed averages over
+                # ranks and, with scale_wrt_gas=False, does not divide by the accumulation steps.
                 engine.backward(loss * d.world, scale_wrt_gas=False)
-                with torch.no_grad():  # (gloo's all_gather fallback refuses in-place copies into views otherwise)
+                # no_grad: gloo's all_gather fallback refuses in-place copies into views otherwise
+                with torch.no_grad():
                     engine.step()
             else:
                 loss.backward()
@@ -533,15 +562,16 @@ def main(argv: list[str] | None = None) -> int:
         interval_time += time.time() - t0
         done = step + 1
 
-        if args.logging_steps > 0 and (done % args.logging_steps == 0 or done == total_steps or done == start_step + 1):
+        if args.logging_steps > 0 and (done % args.logging_steps == 0
+                                       or done in (total_steps, start_step + 1)):
             d.all_reduce(stats_acc)
             m = summarize(stats_acc, **weights)
             tps = interval_tokens / max(interval_time, 1e-9)
             rec = {"step": done, "epoch": round(order.epoch(done), 4), **m, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tps, "tokens_seen": tokens_seen}
             heads_txt = " ".join(f"{m.get(f'head{i}_loss', float('nan')):.3f}" for i in range(H))
-            log.event(rec, f"step {done}/{total_steps} | loss {m['loss']:.4f} (heads {heads_txt}) | lr {lr:.2e} "
-                           f"| grad_norm {grad_norm:.3f} | {tps:.0f} tok/s")
+            log.event(rec, f"step {done}/{total_steps} | loss {m['loss']:.4f} (heads {heads_txt}) "
+                           f"| lr {lr:.2e} | grad_norm {grad_norm:.3f} | {tps:.0f} tok/s")
             stats_acc.zero_()
             interval_tokens, interval_time = 0, 0.0
         if eval_every and done % eval_every == 0:
