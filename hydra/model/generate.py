@@ -165,9 +165,10 @@ def _decode(model: HydraModel, input_ids, config: DecodeConfig, tree: TreeBuffer
     with torch.inference_mode():
         # Prefill.
         positions = torch.arange(ids.numel(), device=device)[None]
-        hidden = _hidden(model, decoder(input_ids=ids[None], position_ids=positions, past_key_values=cache,
-                                        use_cache=True, output_hidden_states=want_all))
-        root = choose(lm_head(hidden[0, -1]))
+        out = decoder(input_ids=ids[None], position_ids=positions, past_key_values=cache, use_cache=True,
+                      output_hidden_states=want_all)
+        hidden = _hidden(model, out)  # what the heads read; the base model's logits read the final state
+        root = choose(lm_head(out.last_hidden_state[0, -1]))
         ctx = None
         if tree is not None:
             ctx = heads.context(hidden, positions, prefix_cache)[0, -1]
@@ -204,11 +205,12 @@ def _decode(model: HydraModel, input_ids, config: DecodeConfig, tree: TreeBuffer
                 tokens = torch.tensor([root], device=device)
                 mask = None
                 pos = torch.tensor([n], device=device)
-            out_hidden = _hidden(model, decoder(
+            out = decoder(
                 input_ids=tokens[None], position_ids=pos[None], past_key_values=cache, use_cache=True,
                 output_hidden_states=want_all,
-                attention_mask=_verify_mask(mask, n, base.dtype, use_bool_mask) if mask is not None else None))[0]
-            logits = lm_head(out_hidden)
+                attention_mask=_verify_mask(mask, n, base.dtype, use_bool_mask) if mask is not None else None)
+            out_hidden = _hidden(model, out)[0]
+            logits = lm_head(out.last_hidden_state[0])
             if not use_tree:
                 accepted = torch.zeros(1, dtype=torch.long, device=device)
                 nxt = choose(logits[0])
