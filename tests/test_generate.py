@@ -1,0 +1,573 @@
+"""hydra/model/generate.py on tiny random Llamas (fp32, GQA 4/2 heads): greedy speculative decoding is
+lossless for every head type and tree, the tree forward equals per-path sequential decoding, the proposals
+equal a per-node reference, exact sampling preserves the base model's distribution, and stopping / bad input
+are handled cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hydra.model import HEAD_ARCHS, HydraConfig, HydraModel
+from hydra.model import generate as gen_mod
+from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate, hydra_generate, stream_text
+from hydra.model.trees import build_tree_buffers, get_tree
+
+VOCAB = 64
+EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the digest's worked example (depth 2)
+TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
+PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
+
+
+# --- tiny models ------------------------------------------------------------------------------------------
+def _config(vocab: int, max_pos: int, attn: str) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                       attn_implementation=attn)
+
+
+def _randomize(module: torch.nn.Module, seed: int, scale: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if "norm" in name else scale * noise)
+
+
+def make_base(vocab: int = VOCAB, max_pos: int = 128, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer GQA Llama with O(1) logits (well-separated argmaxes, no fp ties)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(vocab, max_pos, attn)).float().eval()
+    _randomize(model, seed, 0.3)
+    return model.requires_grad_(False)
+
+
+def make_cycle_base(vocab: int = VOCAB, max_pos: int = 128, beta: float = 4.0, scale: float = 0.2,
+                    seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
+    """A Llama that mostly continues x -> x+1 (mod vocab) but depends on its context through random attention
+    and MLP layers: unit-norm token embeddings e_x and output rows e_{v-1}, so the residual stream's own
+    token wins unless the layers (scale) push it elsewhere. With scale 0.2 about a third of its greedy steps
+    leave the cycle, so oracle heads that predict the cycle get long but not always full acceptances."""
+    model = make_base(vocab, max_pos, attn, seed)
+    _randomize(model, seed, scale)
+    gen = torch.Generator().manual_seed(seed + 100)
+    e = torch.randn(vocab, 32, generator=gen)
+    e = e / e.norm(dim=-1, keepdim=True) * 32 ** 0.5
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(e)
+        model.lm_head.weight.copy_(beta * e.roll(1, 0) / 32 ** 0.5)  # row v = e_{v-1}
+    return model
+
+
+def random_heads(base, arch: str, num_heads: int = 4, seed: int = 1, tokenizer=None, **cfg) -> HydraModel:
+    torch.manual_seed(seed)
+    model = HydraModel(base, HydraConfig(hydra_num_heads=num_heads, hydra_num_layers=2, hydra_head_arch=arch,
+                                         share_lm_head=True, **cfg), tokenizer)
+    _randomize(model.heads, seed, 0.3)  # fresh heads have zero weights that would hide bugs
+    return model.eval()
+
+
+def oracle_heads(base, arch: str, num_heads: int = 4) -> HydraModel:
+    """Heads that predict the cycle of make_cycle_base exactly.
+
+    Grounded head i reads [c_t, e(x_{t+1}), ..., e(x_{t+i+1})]: its residual projection keeps only the last
+    embedding, and the shared base output layer maps e(x) to x+1. Medusa head i sees only h_t ~ e(x_t): an
+    identity trunk and its own output layer with rows e_{v-i-2} give x_t + i + 2.
+    """
+    model = HydraModel(base, HydraConfig(hydra_num_heads=num_heads, hydra_head_arch=arch,
+                                         share_lm_head=arch != "mlp"))
+    e = base.model.embed_tokens.weight
+    d = e.shape[1]
+    with torch.no_grad():
+        for i, mlp in enumerate(model.heads.mlps):
+            for block in mlp.blocks:
+                block.linear.weight.zero_()
+                block.linear.bias.zero_()
+            res = mlp.blocks[0].res_connection
+            if res is not None:
+                res.weight.zero_()
+                res.bias.zero_()
+                res.weight[:, -d:] = torch.eye(d)
+        if arch == "mlp":
+            for i, lm in enumerate(model.heads.lm_heads):
+                lm.weight.copy_(e.roll(i + 2, 0))
+                lm.bias.zero_()
+    return model.eval()
+
+
+def run(model, prompt, speculative: bool = True, **cfg):
+    cfg.setdefault("stop_token_ids", [])
+    cfg.setdefault("max_new_tokens", 40)
+    return generate(model, prompt, DecodeConfig(**cfg), speculative=speculative)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_base()
+
+
+@pytest.fixture(scope="module")
+def cycle_base():
+    return make_cycle_base()
+
+
+# --- losslessness ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_greedy_lossless_random_heads(base, arch):
+    model = random_heads(base, arch)
+    for prompt in PROMPTS:
+        ar = run(model, prompt, speculative=False)
+        assert len(ar.tokens) == 40 and ar.accept_lengths == [1] * 40
+        for tree in TREES:
+            out = run(model, prompt, tree=tree)
+            assert out.tokens == ar.tokens, (arch, tree, prompt)
+            assert out.finish_reason == "max_new_tokens"
+            assert sum(out.accept_lengths) >= len(out.tokens)
+
+
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_greedy_lossless_with_high_acceptance(cycle_base, arch):
+    """Oracle heads: several tokens accepted per step, so KV compaction of long (and non-first) paths and the
+    prefix layer's cache are exercised; the output must still be the base model's own greedy output."""
+    model = oracle_heads(cycle_base, arch)
+    taus = []
+    for prompt in PROMPTS:
+        ar = run(model, prompt, speculative=False, max_new_tokens=60)
+        deviations = sum((b - a) % VOCAB != 1 for a, b in zip(ar.tokens, ar.tokens[1:]))
+        assert 5 <= deviations <= 45  # the base model is neither purely periodic nor unpredictable
+        for tree in ("chain_4", "tree_16", "mc_sim_7b_63", EXAMPLE):
+            out = run(model, prompt, tree=tree, max_new_tokens=60)
+            assert out.tokens == ar.tokens, (arch, tree, prompt)
+            taus.append(len(out.tokens) / out.steps)
+            assert max(out.accept_lengths) >= 3
+    assert sum(taus) / len(taus) > 1.5, taus
+
+
+def test_greedy_lossless_eager_attention():
+    base = make_base(attn="eager", seed=3)
+    for arch in HEAD_ARCHS:
+        model = random_heads(base, arch, seed=4)
+        ar = run(model, PROMPTS[1], speculative=False)
+        assert run(model, PROMPTS[1], tree="tree_16").tokens == ar.tokens
+    cyc = make_cycle_base(attn="eager")
+    model = oracle_heads(cyc, "hydra-mlp")
+    ar = run(model, PROMPTS[2], speculative=False)
+    out = run(model, PROMPTS[2], tree="mc_sim_7b_63")
+    assert out.tokens == ar.tokens and len(out.tokens) / out.steps > 1.5
+
+
+def test_low_temperature_sampling_equals_greedy(base, cycle_base):
+    """At temperature 1e-4 exact and typical acceptance (and AR sampling) reduce to greedy decoding."""
+    for b, make in ((base, random_heads), (cycle_base, oracle_heads)):
+        model = make(b, "hydra-mlp")
+        greedy = run(model, PROMPTS[1], speculative=False).tokens
+        assert run(model, PROMPTS[1], speculative=False, temperature=1e-4, seed=0).tokens == greedy
+        for sampling in ("exact", "typical"):
+            out = run(model, PROMPTS[1], tree="tree_16", temperature=1e-4, sampling=sampling, seed=0)
+            assert out.tokens == greedy, sampling
+
+
+def test_ar_generate_equals_hf_generate(base):
+    model = HydraModel(base, HydraConfig(hydra_num_heads=1))
+    eos = base.generation_config.eos_token_id
+    assert eos == 2  # LlamaConfig's default: both loops must stop on it
+    for prompt in PROMPTS:
+        ours = run(model, prompt, speculative=False, max_new_tokens=30, stop_token_ids=None)
+        with torch.no_grad():
+            hf = base.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
+        hf = hf.tolist()
+        assert ours.finish_reason == ("eos" if eos in hf else "max_new_tokens")
+        if eos in hf:
+            hf = hf[: hf.index(eos)]
+        assert ours.tokens == hf
+
+
+def test_hidden_state_offset_only_changes_what_the_heads_read(base, monkeypatch):
+    """With hidden_state_offset = 1 the heads read hidden_states[-2], but the base model's own logits (and so
+    the output) must still come from its final hidden state: AR == HF generate and speculative == AR."""
+    model = random_heads(base, "hydra-mlp", hidden_state_offset=1)
+    spy = _Spy(monkeypatch, model)
+    for prompt in PROMPTS:
+        ours = run(model, prompt, speculative=False, max_new_tokens=20, stop_token_ids=None)
+        with torch.no_grad():
+            hf = base.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+        assert ours.tokens == hf[: hf.index(2) if 2 in hf else len(hf)]  # HF keeps the EOS (2), we cut it
+        ar = run(model, prompt, speculative=False)
+        steps = spy.consume(hydra_generate(model, prompt, DecodeConfig(tree="tree_16", max_new_tokens=40,
+                                                                        stop_token_ids=[])))
+        assert [t for s in steps for t in s.tokens] == ar.tokens
+        with torch.no_grad():
+            for _, ctx, _, emitted, _ in spy.proposals[:5]:
+                want = model.base_hidden_states(torch.tensor([prompt + emitted[:-1]]))[0, -1]
+                torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
+
+
+# --- tree verification == per-path sequential decoding -----------------------------------------------------------
+def _sequential_logits(base, context: list[int], path_tokens: list[int]) -> torch.Tensor:
+    """Feed the context, then the path's tokens one at a time with a normal DynamicCache."""
+    with torch.no_grad():
+        out = base(input_ids=torch.tensor([context]), use_cache=True)
+        cache, rows = out.past_key_values, []
+        for tok in path_tokens:
+            out = base(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
+class _Spy:
+    """Records what the decoding loop proposed (tree, c_t, root, tokens emitted so far, tree tokens) and, with
+    `logits=True`, what it verified (the (T, V) logits of every tree forward)."""
+
+    def __init__(self, monkeypatch, model, logits: bool = False):
+        self.proposals, self.verified, self.emitted = [], [], []
+        original = gen_mod._propose
+
+        def propose(model_, tree, ctx, root):
+            tokens = original(model_, tree, ctx, root)
+            self.proposals.append((tree, ctx.clone(), root, list(self.emitted), tokens.clone()))
+            return tokens
+
+        monkeypatch.setattr(gen_mod, "_propose", propose)
+        self.handle = model.lm_head.register_forward_hook(self._hook) if logits else None
+
+    def _hook(self, module, args, output):
+        if output.dim() == 2:  # a verification forward: (T, V); the prefill reads one row (V,)
+            self.verified.append(output.detach().clone())
+
+    def consume(self, steps) -> list[StepOutput]:
+        """Iterate the decoding generator, keeping `emitted` current (proposals run inside next())."""
+        self.proposals.clear()
+        self.verified.clear()
+        self.emitted = []
+        out = []
+        for step in steps:
+            self.emitted += step.tokens
+            out.append(step)
+        return out
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "tree_16"])
+def test_tree_forward_equals_per_path_sequential_decoding(monkeypatch, attn, tree):
+    """For each verification step of a real decoding run, every root-to-leaf path's tree logits equal the
+    logits of decoding that path token by token after the same context (fp32, GQA 4/2)."""
+    base = make_base(attn=attn, seed=5)
+    model = random_heads(base, "hydra-mlp", seed=6)
+    spy = _Spy(monkeypatch, model, logits=True)
+    prompt = PROMPTS[1]
+    spy.consume(hydra_generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=4, stop_token_ids=[])))
+    spy.close()
+    assert len(spy.proposals) >= 2 and len(spy.verified) == len(spy.proposals)
+    for (buffers, _, root, emitted, tokens), logits in zip(spy.proposals, spy.verified):
+        assert emitted[-1] == root and int(tokens[0]) == root
+        assert logits.shape == (buffers.size, VOCAB)
+        context = prompt + emitted[:-1]
+        t = buffers.size
+        for row in buffers.retrieve.tolist():
+            nodes = [x for x in row if x != t]
+            want = _sequential_logits(base, context, tokens[nodes].tolist())
+            torch.testing.assert_close(logits[nodes], want, atol=1e-5, rtol=1e-5)
+
+
+# --- proposals -----------------------------------------------------------------------------------------------------
+def _reference_proposal(model, tree_choices, ctx, root) -> list[int]:
+    """Node by node (no vectorisation): node p's token is the p[-1]-th best guess of head len(p)-1, read on
+    [c_t, e(root), e(tokens on p's parent path)] (grounded) or on c_t alone (Medusa)."""
+    heads, embed, lm_head = model.heads, model.embed_tokens, model.lm_head
+    token = {(): root}
+    for p in sorted({tuple(q) for q in tree_choices}, key=lambda q: (len(q), q)):
+        i = len(p) - 1
+        if heads.grounded:
+            path = torch.tensor([token[p[:k]] for k in range(len(p))])
+            hid = heads.head_hidden(i, ctx[None], embed(path).reshape(1, -1))
+        else:
+            hid = heads.head_hidden(i, ctx[None])
+        token[p] = int(heads.draft_topk(i, hid, lm_head, p[-1] + 1)[0, p[-1]])
+    return list(token.values())
+
+
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_base, arch):
+    """The vectorised depth-by-depth proposal equals a per-node reference, and the c_t it reads (base hidden
+    state, or the prefix layer's output with its own cache kept in step with accepted tokens) equals c_t
+    recomputed from scratch on the accepted sequence."""
+    model = oracle_heads(cycle_base, arch)
+    if model.heads.prefix is not None:
+        _randomize(model.heads.prefix, 9, 0.3)  # a prefix layer whose output (c_t) is far from h_t
+    with torch.no_grad():  # let c_t influence the guesses a little (the oracle heads ignore it otherwise)
+        for mlp in model.heads.mlps:
+            mlp.blocks[0].linear.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    spy = _Spy(monkeypatch, model)
+    prompt = PROMPTS[2]
+    for tree in ("mc_sim_7b_63", EXAMPLE):
+        steps = spy.consume(hydra_generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=25,
+                                                                        stop_token_ids=[])))
+        assert any(s.accept_length > 2 for s in steps)
+        assert len(spy.proposals) >= 3
+        with torch.no_grad():
+            for buffers, ctx, root, emitted, tokens in spy.proposals:
+                assert tokens.tolist() == _reference_proposal(model, buffers.choices, ctx, root)
+                seq = torch.tensor([prompt + emitted[:-1]])
+                hidden = model.base_model.model(input_ids=seq).last_hidden_state
+                positions = torch.arange(seq.shape[1])[None]
+                want = model.heads.context(hidden, positions)[0, -1]  # the prefix layer without a cache
+                torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
+
+
+# --- exact sampling end to end ------------------------------------------------------------------------------------
+def _chi2_sf(stat: float, df: int) -> float:
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _chi2_quantile(q: float, df: int) -> float:
+    lo, hi = 0.0, 10.0 * df + 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if 1 - _chi2_sf(mid, df) > q else (mid, hi)
+    return (lo + hi) / 2
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = counts.sum() * probs
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    """Chi-square goodness of fit at the 0.001 level (scipy is not a dependency: the quantile comes from the
+    regularized incomplete gamma function), and proof that the sample is large enough: moving 5% of the
+    probability mass between any two cells is rejected on the same counts. (Power estimate: the statistic
+    under that alternative is about noncentral chi-square with lambda = N * 0.05^2 * (1/p_i + 1/p_j), smallest
+    for the two largest cells. In the test below N = 5000, 48 cells, largest p = 0.22: lambda >= 113, so the
+    statistic has mean >= 161 and sd ~ sqrt(2 (df + 2 lambda)) ~ 24 against a 0.999 critical value of 84:
+    power ~ 0.9995.)"""
+    counts, probs = counts.double(), probs.double()
+    df = len(probs) - 1
+    crit = _chi2_quantile(0.999, df)
+    stat = _chi2(counts, probs)
+    assert stat < crit, f"chi2 {stat:.1f} >= {crit:.1f} (df {df}): not the base model's distribution"
+    checked = 0
+    for i in range(len(probs)):
+        for j in range(len(probs)):
+            if i != j and probs[i] >= 0.05:
+                shifted = probs.clone()
+                shifted[i] -= 0.05
+                shifted[j] += 0.05
+                assert _chi2(counts, shifted) > crit, f"too few samples to see a 5% shift {i}->{j}"
+                checked += 1
+    assert checked > 0
+
+
+def test_exact_sampling_matches_base_distribution():
+    """hydra_generate(temperature=1, sampling="exact") on a tiny model: the pair of the first two emitted
+    tokens follows p(x1 | prompt) p(x2 | prompt, x1) computed directly from the base model's softmax."""
+    v = 16
+    base = make_cycle_base(vocab=v, beta=2.5, scale=0.2, seed=2)
+    model = oracle_heads(base, "hydra-mlp", num_heads=2)
+    prompt = [3, 9, 4]
+    tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0]]
+    with torch.no_grad():
+        p1 = torch.softmax(base(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        seqs = torch.tensor([prompt + [x] for x in range(v)])
+        p2 = torch.softmax(base(seqs).logits[:, -1].double(), -1)
+    joint = (p1[:, None] * p2).flatten()
+    n = 5000
+    counts = torch.zeros(v * v, dtype=torch.float64)
+    verify_lengths = torch.zeros(4)
+    for seed in range(n):
+        out = run(model, prompt, tree=tree, temperature=1.0, sampling="exact", seed=seed, max_new_tokens=2)
+        assert len(out.tokens) == 2 and out.steps == 2
+        counts[out.tokens[0] * v + out.tokens[1]] += 1
+        verify_lengths[out.accept_lengths[1] - 1] += 1
+    # Both rejection at the root and multi-token acceptance happened often.
+    assert verify_lengths[0] > 200 and verify_lengths[1:].sum() > 1000, verify_lengths
+    # Pool the cells too small for chi-square into one; the rest are tested individually.
+    big = joint * n >= 5
+    pooled_counts = torch.cat([counts[big], counts[~big].sum()[None]])
+    pooled_probs = torch.cat([joint[big], joint[~big].sum()[None]])
+    assert big.sum() >= 15 and pooled_probs.max() < 0.3
+    assert_matches(pooled_counts, pooled_probs)
+
+
+# --- stopping ------------------------------------------------------------------------------------------------------
+def test_eos_cuts_output(cycle_base):
+    model = oracle_heads(cycle_base, "hydra-mlp")
+    prompt = PROMPTS[1]
+    ar = run(model, prompt, speculative=False, max_new_tokens=60)
+    cut_mid_step = False
+    for k in (0, 5, 11, 20, 33):
+        eos = ar.tokens[k]
+        first = ar.tokens.index(eos)
+        for speculative in (False, True):
+            out = run(model, prompt, speculative=speculative, tree="tree_16", max_new_tokens=60, stop_token_ids=[eos])
+            assert out.tokens == ar.tokens[:first] and out.finish_reason == "eos"
+            if speculative:
+                # accept_length counts the tokens this forward decided, including any after the stop token
+                emitted_last = len(out.tokens) - (sum(out.accept_lengths[:-1]))
+                cut_mid_step |= out.accept_lengths[-1] > emitted_last + 1
+    assert cut_mid_step  # at least once the stop token sat inside a multi-token acceptance
+
+
+def test_eos_from_generation_config_and_tokenizer(cycle_base):
+    model = oracle_heads(cycle_base, "mlp")
+    prompt = PROMPTS[0]
+    ar = run(model, prompt, speculative=False)
+    eos = ar.tokens[7]
+    first = ar.tokens.index(eos)
+    old = cycle_base.generation_config.eos_token_id
+    try:
+        cycle_base.generation_config.eos_token_id = [eos, VOCAB + 5]
+        out = run(model, prompt, tree="tree_8", stop_token_ids=None)
+        assert out.tokens == ar.tokens[:first] and out.finish_reason == "eos"
+        cycle_base.generation_config.eos_token_id = None
+        model.tokenizer = type("Tok", (), {"eos_token_id": eos})()
+        out = run(model, prompt, tree="tree_8", stop_token_ids=None)
+        assert out.tokens == ar.tokens[:first] and out.finish_reason == "eos"
+    finally:
+        cycle_base.generation_config.eos_token_id = old
+        model.tokenizer = None
+
+
+def test_max_new_tokens_exact(cycle_base):
+    model = oracle_heads(cycle_base, "prefix-mlp")
+    prompt = PROMPTS[2]
+    ar = run(model, prompt, speculative=False, max_new_tokens=30)
+    overshoot = False
+    for m in range(1, 14):
+        out = run(model, prompt, tree="mc_sim_7b_63", max_new_tokens=m)
+        assert out.tokens == ar.tokens[:m] and out.finish_reason == "max_new_tokens"
+        assert sum(out.accept_lengths) >= m
+        overshoot |= sum(out.accept_lengths) > m  # the last step accepted more than the budget left
+        ar_m = run(model, prompt, speculative=False, max_new_tokens=m)
+        assert ar_m.tokens == ar.tokens[:m] and ar_m.steps == m
+    assert overshoot
+
+
+def test_max_steps(cycle_base):
+    model = oracle_heads(cycle_base, "hydra-mlp")
+    prompt = PROMPTS[1]
+    ar = run(model, prompt, speculative=False, max_new_tokens=60)
+    for steps in (1, 2, 5):
+        out = run(model, prompt, tree="tree_16", max_new_tokens=60, max_steps=steps)
+        assert out.steps == steps and out.finish_reason == "max_steps"
+        assert out.tokens == ar.tokens[: len(out.tokens)] and len(out.tokens) == sum(out.accept_lengths)
+        a = run(model, prompt, speculative=False, max_new_tokens=60, max_steps=steps)
+        assert a.tokens == ar.tokens[:steps] and a.finish_reason == "max_steps"
+    assert run(model, prompt, tree="tree_16", max_steps=1).tokens == ar.tokens[:1]  # the prefill's token only
+    # max_new_tokens wins when both are reached by the same step
+    assert run(model, prompt, speculative=False, max_new_tokens=3, max_steps=3).finish_reason == "max_new_tokens"
+
+
+@pytest.mark.parametrize("tree", ["chain_4", "tree_16", "mc_sim_7b_63"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 23])
+def test_context_limit_stops_cleanly(tree, prompt_len):
+    """max_position_embeddings = 24: decoding stops with finish_reason "length" once every position is used
+    (all emitted tokens but the last were fed at positions < 24), never overflows, and equals AR until then.
+    The 64-node tree never fits next to the prompt and must fall back to one-token steps."""
+    context = 24
+    cyc = make_cycle_base(max_pos=context, seed=2)
+    model = oracle_heads(cyc, "hydra-mlp")
+    prompt = PROMPTS[2][:prompt_len] + list(range(30, 30 + max(0, prompt_len - 12)))
+    assert len(prompt) == prompt_len
+    ar = run(model, prompt, speculative=False, max_new_tokens=100)
+    out = run(model, prompt, tree=tree, max_new_tokens=100)
+    assert ar.finish_reason == out.finish_reason == "length"
+    assert out.tokens == ar.tokens
+    assert prompt_len + len(out.tokens) - 1 == context
+    # A budget that ends exactly at the limit reports the budget.
+    exact = run(model, prompt, tree=tree, max_new_tokens=context - prompt_len + 1)
+    assert exact.tokens == ar.tokens and exact.finish_reason == "max_new_tokens"
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+def test_bad_input(base):
+    model = random_heads(base, "hydra-mlp", num_heads=2)
+    context = base.config.max_position_embeddings
+
+    def run(model, prompt, speculative=True, **cfg):  # noqa: F811 - a tree that fits the two heads
+        return globals()["run"](model, prompt, speculative, **({"tree": EXAMPLE} | cfg))
+
+    for speculative in (True, False):
+        with pytest.raises(ValueError, match="empty"):
+            run(model, [], speculative=speculative)
+        with pytest.raises(ValueError, match="empty"):
+            run(model, torch.zeros(1, 0, dtype=torch.long), speculative=speculative)
+        too_long = list(range(VOCAB)) * 3
+        with pytest.raises(ValueError, match=f"{len(too_long)}.*{context}"):
+            run(model, too_long, speculative=speculative)
+        with pytest.raises(ValueError, match="prompt is 128 tokens; the context holds 128"):
+            run(model, [1] * context, speculative=speculative)
+        with pytest.raises(ValueError, match="batch size 2"):
+            run(model, torch.ones(2, 5, dtype=torch.long), speculative=speculative)
+        with pytest.raises(ValueError, match="temperature"):
+            run(model, [1, 2], speculative=speculative, temperature=-1.0)
+        with pytest.raises(ValueError, match="sampling"):
+            run(model, [1, 2], speculative=speculative, temperature=1.0, sampling="nucleus")
+        empty = run(model, [1, 2, 3], speculative=speculative, max_new_tokens=0)
+        assert empty.tokens == [] and empty.steps == 0
+        fn = hydra_generate if speculative else ar_generate
+        assert list(fn(model, [1, 2], DecodeConfig(tree=EXAMPLE, max_new_tokens=0))) == []
+    # a tree deeper than the number of heads: refused when the generator is created, before any work
+    with pytest.raises(ValueError, match="tree depth 4 exceeds the number of heads \\(2\\)"):
+        hydra_generate(model, [1, 2, 3], DecodeConfig(tree="chain_4"))
+    with pytest.raises(ValueError, match="unknown tree"):
+        run(model, [1, 2, 3], tree="no_such_tree")
+    # a (1, S) batch and a 1-D prompt are the same request; the longest allowed prompt works
+    a = run(model, torch.tensor([[5, 6, 7]]), tree=EXAMPLE, max_new_tokens=5)
+    assert a.tokens == run(model, [5, 6, 7], tree=EXAMPLE, max_new_tokens=5).tokens
+    last = run(model, [1] * (context - 1), tree=EXAMPLE, max_new_tokens=10)
+    assert len(last.tokens) == 2 and last.finish_reason == "length"
+
+
+def test_default_tree_comes_from_heads_config(base):
+    model = random_heads(base, "hydra-mlp", num_heads=2)
+    with pytest.raises(ValueError, match="exceeds the number of heads"):  # default mc_sim_7b_63 has depth 4
+        run(model, [1, 2, 3])
+    model.config.tree = [[0], [1], [0, 0]]
+    assert run(model, [1, 2, 3]).tokens == run(model, [1, 2, 3], speculative=False).tokens
+
+
+# --- streaming ------------------------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """Token i -> one byte; ids 60..63 are pieces of multi-byte UTF-8 characters, id 0 is special."""
+
+    eos_token_id = None
+    PIECES = {60: b"\xc3", 61: b"\xa9", 62: b"\xe2\x82", 63: b"\xac"}  # e-acute = c3 a9, euro = e2 82 ac
+
+    def decode(self, ids, skip_special_tokens=True):
+        out = b"".join(self.PIECES.get(i, bytes([97 + i % 26])) for i in ids if not (skip_special_tokens and i == 0))
+        return out.decode("utf-8", errors="replace")
+
+
+def test_stream_text_holds_back_incomplete_characters():
+    tok = ByteTokenizer()
+    steps = [StepOutput([1, 60], 2), StepOutput([61, 62], 2), StepOutput([63, 0, 2], 3), StepOutput([3], 1, "eos")]
+    deltas = [d for d, _ in stream_text(tok, steps)]
+    assert len(deltas) == len(steps)
+    assert not any("\ufffd" in d for d in deltas)  # never a half character
+    assert "".join(deltas) == tok.decode([1, 60, 61, 62, 63, 0, 2, 3]) == "b\u00e9\u20accd"
+    assert deltas[-1] == "d"
+    # an incomplete character at the very end is flushed (as a replacement character) when decoding finishes
+    deltas = [d for d, _ in stream_text(tok, [StepOutput([1], 1), StepOutput([60], 1, "max_new_tokens")])]
+    assert deltas == ["b", "\ufffd"]
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_stream_text_deltas_join_to_full_text(base, speculative):
+    tok = ByteTokenizer()
+    model = random_heads(base, "prefix-mlp", tokenizer=tok)
+    cfg = DecodeConfig(tree="tree_16", max_new_tokens=50, stop_token_ids=[])
+    steps = list((hydra_generate if speculative else ar_generate)(model, PROMPTS[1], cfg))
+    tokens = [t for s in steps for t in s.tokens]
+    assert any(t in ByteTokenizer.PIECES for t in tokens)
+    pairs = list(stream_text(tok, steps))
+    assert [s for _, s in pairs] == steps
+    assert "".join(d for d, _ in pairs) == tok.decode(tokens)
