@@ -41,7 +41,8 @@ autocast (CPU or CUDA).
 `--cache_hidden_states True` (multi-epoch runs on CPU) keeps the frozen base model's hidden states in
 <output_dir>/hidden_cache after their first use, so later epochs and evaluations skip the base forward:
 measured 1.6x (teacher loss) to 1.75x (data loss) faster per step on SmolLM2-135M, for 1.1 KiB of disk per
-token in bf16.
+token in bf16. On a CPU shared with other busy processes, run with OMP_NUM_THREADS=1: on 2 cores under load,
+2 threads fell to ~50 tok/s where 1 thread kept ~200 (unloaded, 2 threads reach ~350-450 tok/s).
 
 Outputs in --output_dir: log.jsonl (one JSON object per logging / evaluation event; eval_* keys hold the
 validation loss and per-head top-1/top-5 accuracy against the data and against the teacher's argmax),
