@@ -61,6 +61,7 @@ class HydraModel(nn.Module):
                 for lm in self.heads.lm_heads:
                     lm.weight.copy_(self.lm_head.weight)
                     nn.init.zeros_(lm.bias)
+        self.eval()  # inference by default (no dropout); training code calls .train()
 
     # The base model's layers, used by the heads but not owned by them (never saved with the heads).
     @property
