@@ -7,10 +7,10 @@ Usage:
 
 Per category (joined with the question file) and overall, over the questions present in every file:
     tokens/s = sum(new_tokens) / sum(wall_time)       (wall time includes prefill)
-    tau      = mean accepted length = sum(accept_lengths) / sum(steps): tokens decided per base-model forward,
-               bonus token included (AR = 1). It counts the stop token and tokens past --max-new-token that
-               the last step decided, so it measures the drafts, not the cap; files without accept_lengths
-               fall back to sum(new_tokens) / sum(steps).
+    tau      = mean accepted length: tokens decided per verification forward, bonus token included, the
+               prefill forward (always the first step, deciding one token) left out; AR = 1. It counts the
+               stop token and tokens past --max-new-token that the last step decided, so it measures the
+               drafts, not the cap; files without accept_lengths fall back to sum(new_tokens) / sum(steps).
     speedup  = tokens/s / the baseline's tokens/s in the same category
 Prints a markdown table. --plot writes a bar chart of the speedups (needs matplotlib: pip install matplotlib).
 --check-equal counts the questions whose every turn is identical to the baseline's: with greedy decoding
@@ -61,9 +61,13 @@ def aggregate(records: dict, qids: list, categories: dict) -> dict[str, dict[str
             s = sums[key]
             s["tokens"] += sum(choice["new_tokens"])
             s["time"] += sum(choice["wall_time"])
-            s["steps"] += sum(choice["steps"])
             accept = choice.get("accept_lengths")
-            s["decided"] += sum(map(sum, accept)) if accept else sum(choice["new_tokens"])
+            if accept:  # drop each turn's prefill step (see the module docstring)
+                s["decided"] += sum(sum(a[1:]) for a in accept)
+                s["steps"] += sum(len(a) - 1 for a in accept)
+            else:
+                s["decided"] += sum(choice["new_tokens"])
+                s["steps"] += sum(choice["steps"])
             s["questions"] += 1
     return sums
 

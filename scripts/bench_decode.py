@@ -34,15 +34,16 @@ def load_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
 
 
 def run(model: HydraModel, prompts, config: DecodeConfig, speculative: bool):
-    tokens = steps = 0
+    tokens = decided = verify_steps = 0
     outputs = []
     start = time.perf_counter()
     for ids in prompts:
         res = generate(model, ids, config, speculative=speculative)
         tokens += len(res.tokens)
-        steps += res.steps
+        decided += sum(res.accept_lengths[1:])  # tau leaves out the prefill step (see hydra.model.generate)
+        verify_steps += res.steps - 1
         outputs.append(res.tokens)
-    return tokens / (time.perf_counter() - start), tokens / max(steps, 1), outputs
+    return tokens / (time.perf_counter() - start), decided / max(verify_steps, 1), outputs
 
 
 def main() -> None:

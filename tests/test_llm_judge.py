@@ -206,6 +206,9 @@ def test_tau_is_the_mean_accepted_length():
     rec["choices"][0]["accept_lengths"] = [[1, 1, 1], [1, 1, 1]]
     sums = show_speed.aggregate({WRITING["question_id"]: rec}, [WRITING["question_id"]], {})
     assert show_speed.rates(sums["overall"]) == (2.5, 1.0)
+    rec["choices"][0]["accept_lengths"] = [[1, 3, 2], [1, 4]]  # the prefill step (first) is left out
+    sums = show_speed.aggregate({WRITING["question_id"]: rec}, [WRITING["question_id"]], {})
+    assert show_speed.rates(sums["overall"])[1] == 3.0
     del rec["choices"][0]["accept_lengths"]  # older files: new tokens / steps
     sums = show_speed.aggregate({WRITING["question_id"]: rec}, [WRITING["question_id"]], {})
     assert show_speed.rates(sums["overall"])[1] == pytest.approx(5 / 6)

@@ -16,6 +16,7 @@ text.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections import Counter
@@ -75,6 +76,8 @@ def _format_reasons(reasons: Counter) -> str:
 def _read_json_records(path: Path) -> tuple[list[Any], Counter]:
     """Parse the whole file as JSON; if that fails, as JSON Lines (whatever the extension says)."""
     data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip-compressed (e.g. data/self_distill_smollm2.jsonl.gz)
+        data = gzip.decompress(data)
     if not data.strip():
         raise ValueError(f"{path}: file is empty")
     reasons: Counter = Counter()

@@ -87,7 +87,7 @@ class Chat:
         """Generate the assistant's answer to the conversation so far, streaming it. Returns False (and drops
         the last user message) when the reply could not be produced or was interrupted."""
         from hydra.inference.loading import context_length, render_prompt, synchronize
-        from hydra.model.generate import ar_generate, hydra_generate, stream_text
+        from hydra.model.generate import ar_generate, hydra_generate, mean_accept_length, stream_text
 
         ids = render_prompt(self.tokenizer, self.messages)
         context = context_length(self.model)
@@ -101,14 +101,14 @@ class Chat:
         self.out.write(f"{ASSISTANT}: ")
         self.out.flush()
         tokens: list[int] = []
-        steps, decided, reason = 0, 0, None
+        accept_lengths: list[int] = []
+        reason = None
         synchronize(device)
         start = time.perf_counter()
         try:
             for delta, step in stream_text(self.tokenizer, generate(self.model, ids, self.config)):
                 tokens += step.tokens
-                steps += 1
-                decided += step.accept_length
+                accept_lengths.append(step.accept_length)
                 reason = step.finish_reason
                 if delta:
                     self.out.write(delta)
@@ -132,9 +132,9 @@ class Chat:
             self._say(f"[reply stopped at --max-new-tokens {self.config.max_new_tokens}]")
         if self.stats:
             n = len(tokens)
-            tau = decided / steps if steps else 0.0  # mean accepted length, bonus token included; AR = 1
+            tau = mean_accept_length(accept_lengths) if len(accept_lengths) > 1 else 1.0
             self._say(f"[stats] {n} tokens in {elapsed:.2f} s, {n / elapsed if elapsed > 0 else 0.0:.1f} tokens/s, "
-                      f"tau {tau:.2f} tokens/step ({steps} steps)")
+                      f"tau {tau:.2f} tokens/step ({len(accept_lengths)} steps)")
         return True
 
     def _say(self, text: str) -> None:

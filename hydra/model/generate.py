@@ -5,7 +5,8 @@ is the same loop with a one-node tree, so timings compare like with like. Batch 
 
 Every base-model forward decides some tokens and yields one `StepOutput`: the prefill decides the first
 token; a tree verification decides the accepted draft tokens plus the token after them (the bonus token).
-tau = new tokens / steps therefore counts the bonus token (as Spec-Bench and EAGLE do) and is 1.0 for AR.
+tau (`mean_accept_length`) is the mean over verification forwards, prefill excluded, bonus token included
+(as Spec-Bench and EAGLE count it; the original Hydra's new_tokens / steps is the same quantity); AR gives 1.0.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class GenerationResult:
     @property
     def steps(self) -> int:
         return len(self.accept_lengths)
+
+    @property
+    def tau(self) -> float:
+        return mean_accept_length(self.accept_lengths)
+
+
+def mean_accept_length(accept_lengths: list[int]) -> float:
+    """tau: tokens decided per verification forward, bonus token included. The first step is the prefill (it
+    decides one token and verifies nothing) and is left out; plain autoregressive decoding gives 1.0."""
+    verify = accept_lengths[1:]
+    return sum(verify) / len(verify) if verify else float("nan")
 
 
 def hydra_generate(model: HydraModel, input_ids: torch.Tensor | list[int],
