@@ -128,6 +128,12 @@ def step_time(model: HydraModel, prompt: list[int], choices: list[list[int]] | N
     return max(min(timed(2 + steps) for _ in range(3)) - min(timed(2) for _ in range(3)), 1e-9) / steps
 
 
+def write_tree_json(choices: list[list[int]], meta: dict) -> str:
+    """One path per line: readable in a diff, loadable with hydra.model.trees.get_tree."""
+    paths = ",\n  ".join(json.dumps(p) for p in choices)
+    return "{\n \"choices\": [\n  " + paths + "\n ],\n" + json.dumps(meta, indent=1)[2:] + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", required=True)
@@ -177,11 +183,10 @@ def main() -> None:
     speedup, choices, tau, t = best
     TREE_DIR.mkdir(exist_ok=True)
     out = TREE_DIR / f"{args.name}.json"
-    out.write_text(json.dumps({
-        "choices": choices, "heads": str(args.heads), "expected_tau": round(tau, 3),
-        "step_ms": round(t * 1e3, 2), "ar_step_ms": round(ar_time * 1e3, 2), "predicted_speedup": round(speedup, 3),
-        "timing_dtype": args.timing_dtype, "positions": counts[()],
-    }, indent=1))
+    meta = {"heads": str(args.heads), "expected_tau": round(tau, 3), "step_ms": round(t * 1e3, 2),
+            "ar_step_ms": round(ar_time * 1e3, 2), "predicted_speedup": round(speedup, 3),
+            "timing_dtype": args.timing_dtype, "positions": counts[()]}
+    out.write_text(write_tree_json(choices, meta))
     print(f"wrote {out} ({len(choices)} nodes, expected tau {tau:.2f}, predicted {speedup:.2f}x)")
 
 
