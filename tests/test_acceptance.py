@@ -387,5 +387,6 @@ def test_exact_is_reproducible_with_a_generator():
     runs = []
     for _ in range(2):
         gen = torch.Generator().manual_seed(7)
-        runs.append([(p.tolist(), n) for p, n in (exact_accept(logits, TOKENS, TREE, 0.7, gen) for _ in range(30))])
+        draws = (exact_accept(logits, TOKENS, TREE, 0.7, gen) for _ in range(30))
+        runs.append([(p.tolist(), n) for p, n in draws])
     assert runs[0] == runs[1]

@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hydra.model import HEAD_ARCHS, HydraConfig, HydraModel
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate, hydra_generate, stream_text
-from hydra.model.trees import build_tree_buffers, get_tree
 
 VOCAB = 64
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the digest's worked example (depth 2)
@@ -112,7 +111,7 @@ def cycle_base():
     return make_cycle_base()
 
 
-# --- losslessness ----------------------------------------------------------------------------------------------
+# --- losslessness -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", HEAD_ARCHS)
 def test_greedy_lossless_random_heads(base, arch):
     model = random_heads(base, arch)
@@ -193,7 +192,8 @@ def test_hidden_state_offset_only_changes_what_the_heads_read(base, monkeypatch)
         ours = run(model, prompt, speculative=False, max_new_tokens=20, stop_token_ids=None)
         with torch.no_grad():
             hf = base.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        hf = hf[0, len(prompt):].tolist()
         assert ours.tokens == hf[: hf.index(2) if 2 in hf else len(hf)]  # HF keeps the EOS (2), we cut it
         ar = run(model, prompt, speculative=False)
         steps = spy.consume(hydra_generate(model, prompt, DecodeConfig(tree="tree_16", max_new_tokens=40,
@@ -205,7 +205,7 @@ def test_hidden_state_offset_only_changes_what_the_heads_read(base, monkeypatch)
                 torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
 
 
-# --- tree verification == per-path sequential decoding -----------------------------------------------------------
+# --- tree verification == per-path sequential decoding ------------------------------------------------------
 def _sequential_logits(base, context: list[int], path_tokens: list[int]) -> torch.Tensor:
     """Feed the context, then the path's tokens one at a time with a normal DynamicCache."""
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_tree_forward_equals_per_path_sequential_decoding(monkeypatch, attn, tre
             torch.testing.assert_close(logits[nodes], want, atol=1e-5, rtol=1e-5)
 
 
-# --- proposals -----------------------------------------------------------------------------------------------------
+# --- proposals ----------------------------------------------------------------------------------------------
 def _reference_proposal(model, tree_choices, ctx, root) -> list[int]:
     """Node by node (no vectorisation): node p's token is the p[-1]-th best guess of head len(p)-1, read on
     [c_t, e(root), e(tokens on p's parent path)] (grounded) or on c_t alone (Medusa)."""
@@ -322,7 +322,7 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
                 torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
 
 
-# --- exact sampling end to end ------------------------------------------------------------------------------------
+# --- exact sampling end to end ------------------------------------------------------------------------------
 def _chi2_sf(stat: float, df: int) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
                                          torch.tensor(stat / 2, dtype=torch.float64)))
@@ -397,7 +397,7 @@ def test_exact_sampling_matches_base_distribution():
     assert_matches(pooled_counts, pooled_probs)
 
 
-# --- stopping ------------------------------------------------------------------------------------------------------
+# --- stopping -----------------------------------------------------------------------------------------------
 def test_eos_cuts_output(cycle_base):
     model = oracle_heads(cycle_base, "hydra-mlp")
     prompt = PROMPTS[1]
@@ -407,7 +407,8 @@ def test_eos_cuts_output(cycle_base):
         eos = ar.tokens[k]
         first = ar.tokens.index(eos)
         for speculative in (False, True):
-            out = run(model, prompt, speculative=speculative, tree="tree_16", max_new_tokens=60, stop_token_ids=[eos])
+            out = run(model, prompt, speculative=speculative, tree="tree_16", max_new_tokens=60,
+                      stop_token_ids=[eos])
             assert out.tokens == ar.tokens[:first] and out.finish_reason == "eos"
             if speculative:
                 # accept_length counts the tokens this forward decided, including any after the stop token
@@ -463,7 +464,8 @@ def test_max_steps(cycle_base):
         assert a.tokens == ar.tokens[:steps] and a.finish_reason == "max_steps"
     assert run(model, prompt, tree="tree_16", max_steps=1).tokens == ar.tokens[:1]  # the prefill's token only
     # max_new_tokens wins when both are reached by the same step
-    assert run(model, prompt, speculative=False, max_new_tokens=3, max_steps=3).finish_reason == "max_new_tokens"
+    both = run(model, prompt, speculative=False, max_new_tokens=3, max_steps=3)
+    assert both.finish_reason == "max_new_tokens"
 
 
 @pytest.mark.parametrize("tree", ["chain_4", "tree_16", "mc_sim_7b_63"])
@@ -487,7 +489,7 @@ def test_context_limit_stops_cleanly(tree, prompt_len):
     assert exact.tokens == ar.tokens and exact.finish_reason == "max_new_tokens"
 
 
-# --- bad input -------------------------------------------------------------------------------------------------------
+# --- bad input ----------------------------------------------------------------------------------------------
 def test_bad_input(base):
     model = random_heads(base, "hydra-mlp", num_heads=2)
     context = base.config.max_position_embeddings
@@ -535,7 +537,7 @@ def test_default_tree_comes_from_heads_config(base):
     assert run(model, [1, 2, 3]).tokens == run(model, [1, 2, 3], speculative=False).tokens
 
 
-# --- streaming ------------------------------------------------------------------------------------------------------
+# --- streaming ----------------------------------------------------------------------------------------------
 class ByteTokenizer:
     """Token i -> one byte; ids 60..63 are pieces of multi-byte UTF-8 characters, id 0 is special."""
 
@@ -543,13 +545,15 @@ class ByteTokenizer:
     PIECES = {60: b"\xc3", 61: b"\xa9", 62: b"\xe2\x82", 63: b"\xac"}  # e-acute = c3 a9, euro = e2 82 ac
 
     def decode(self, ids, skip_special_tokens=True):
-        out = b"".join(self.PIECES.get(i, bytes([97 + i % 26])) for i in ids if not (skip_special_tokens and i == 0))
+        ids = [i for i in ids if not (skip_special_tokens and i == 0)]
+        out = b"".join(self.PIECES.get(i, bytes([97 + i % 26])) for i in ids)
         return out.decode("utf-8", errors="replace")
 
 
 def test_stream_text_holds_back_incomplete_characters():
     tok = ByteTokenizer()
-    steps = [StepOutput([1, 60], 2), StepOutput([61, 62], 2), StepOutput([63, 0, 2], 3), StepOutput([3], 1, "eos")]
+    steps = [StepOutput([1, 60], 2), StepOutput([61, 62], 2), StepOutput([63, 0, 2], 3),
+             StepOutput([3], 1, "eos")]
     deltas = [d for d, _ in stream_text(tok, steps)]
     assert len(deltas) == len(steps)
     assert not any("\ufffd" in d for d in deltas)  # never a half character

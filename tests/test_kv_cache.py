@@ -1,5 +1,5 @@
-"""hydra/model/kv_cache.py: the position-indexed TreeKVCache (update / keep / overflow) and its equivalence with
-transformers' DynamicCache inside a real (tiny, GQA) Llama forward."""
+"""hydra/model/kv_cache.py: the position-indexed TreeKVCache (update / keep / overflow) and its equivalence
+with transformers' DynamicCache inside a real (tiny, GQA) Llama forward."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
 
 
 def _kv(n: int, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 2 heads, n, 3) keys/values whose entries identify the token: k = start + slot, v = -(start + slot)."""
+    """(1, 2 heads, n, 3) keys/values whose entries identify the token: k = start + slot, v = -k."""
     k = (start + torch.arange(n, dtype=torch.float32))[None, None, :, None].expand(1, 2, n, 3).clone()
     return k, -k
 
@@ -64,7 +64,7 @@ def test_keep_compacts_accepted_rows_and_drops_the_rest():
         assert layer.get_seq_length() == 6
         assert layer.buf_k[0, 0, :6, 0].tolist() == [0, 1, 2, 100, 102, 105]
         assert layer.buf_v[0, 1, :6, 2].tolist() == [0, -1, -2, -100, -102, -105]
-    # The next update overwrites from slot 6 and the returned view covers exactly the kept rows + the new ones.
+    # The next update writes from slot 6; the returned view covers exactly the kept rows + the new ones.
     keys, _ = cache.update(*_kv(2, start=200), 0)
     assert keys[0, 0, :, 0].tolist() == [0, 1, 2, 100, 102, 105, 200, 201]
 

@@ -103,7 +103,8 @@ def test_padding_uses_sentinel_slot_not_last_node():
     tree = build_tree_buffers(MC_SIM_7B_63)
     t = tree.size
     lengths = (tree.retrieve < t).sum(1)
-    assert set(lengths.tolist()) == {3, 4, 5}  # leaves at depth 2..4 (+ root): every depth-1 node has children
+    # leaves at depth 2..4 (+ root): every depth-1 node has children
+    assert set(lengths.tolist()) == {3, 4, 5}
     for row, n in zip(tree.retrieve.tolist(), lengths.tolist()):
         assert row[n:] == [t] * (5 - n)
         assert t - 1 not in row or row.index(t - 1) == n - 1  # the last node appears only as a real leaf
