@@ -13,7 +13,9 @@ plus per-turn speed data:
                   "finish_reasons": [str, str]}],
      "decoding": {method, tree, temperature, sampling, max_new_token, dtype, device, heads, base_model}}
 
-tau = sum(accept_lengths) / sum(steps); tokens/s = sum(new_tokens) / sum(wall_time) (see show_speed.py).
+tau = tokens decided per verification step with each turn's prefill step left out
+(sum(accept_lengths[1:]) / (steps - 1) per turn, summed); tokens/s = sum(new_tokens) / sum(wall_time)
+(see show_speed.py).
 """
 
 from __future__ import annotations

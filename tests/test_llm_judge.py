@@ -185,6 +185,11 @@ def test_speed_report_numbers_plot_and_equality(tmp_path, capsys):
     hyd = write_jsonl(tmp_path / "hyd.jsonl", [
         answer_record(WRITING, "hydra", ["x", "y"], new_tokens=(10, 10), wall=(0.5, 0.5), steps=(4, 4)),
         answer_record(MATH, "hydra", ["p", "DIFFERENT"], new_tokens=(30, 10), wall=(1.0, 0.6), steps=(10, 6))])
+    for path in (base, hyd):  # tau = new tokens / steps here; the prefill rule is pinned in the next test
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        for rec in recs:
+            del rec["choices"][0]["accept_lengths"]
+        write_jsonl(path, recs)
     png = tmp_path / "assets" / "speed.png"
     assert show_speed.main(["--baseline", str(base), "--hydra", str(hyd), "--question-file", str(qfile),
                             "--check-equal", "--plot", str(png)]) == 0
