@@ -509,13 +509,20 @@ def test_bad_input(base):
             run(model, [1] * context, speculative=speculative)
         with pytest.raises(ValueError, match="batch size 2"):
             run(model, torch.ones(2, 5, dtype=torch.long), speculative=speculative)
+        with pytest.raises(ValueError, match="not \\(1, 1, 3\\)"):
+            run(model, torch.ones(1, 1, 3, dtype=torch.long), speculative=speculative)
+        for bad_id in (-1, VOCAB):
+            with pytest.raises(ValueError, match=f"outside the base model's vocabulary \\[0, {VOCAB}\\)"):
+                run(model, [1, bad_id, 2], speculative=speculative)
+        fn = hydra_generate if speculative else ar_generate
+        with pytest.raises(ValueError, match="empty"):  # at the call, before the first step is asked for
+            fn(model, [], DecodeConfig(tree=EXAMPLE))
         with pytest.raises(ValueError, match="temperature"):
             run(model, [1, 2], speculative=speculative, temperature=-1.0)
         with pytest.raises(ValueError, match="sampling"):
             run(model, [1, 2], speculative=speculative, temperature=1.0, sampling="nucleus")
         empty = run(model, [1, 2, 3], speculative=speculative, max_new_tokens=0)
         assert empty.tokens == [] and empty.steps == 0
-        fn = hydra_generate if speculative else ar_generate
         assert list(fn(model, [1, 2], DecodeConfig(tree=EXAMPLE, max_new_tokens=0))) == []
     # a tree deeper than the number of heads: refused when the generator is created, before any work
     with pytest.raises(ValueError, match="tree depth 4 exceeds the number of heads \\(2\\)"):

@@ -74,13 +74,15 @@ def hydra_generate(model: HydraModel, input_ids: torch.Tensor | list[int],
     if tree.max_depth > model.config.hydra_num_heads:
         raise ValueError(f"tree depth {tree.max_depth} exceeds the number of heads "
                          f"({model.config.hydra_num_heads}); choose a shallower tree")
-    return _decode(model, input_ids, config, tree)
+    # Inputs are checked here, so bad input fails at the call rather than at the first step.
+    return _decode(model, _check_inputs(model, input_ids, config), config, tree)
 
 
 def ar_generate(model: HydraModel, input_ids: torch.Tensor | list[int],
                 config: DecodeConfig | None = None) -> Iterator[StepOutput]:
     """Plain autoregressive decoding through the same loop (no heads are run)."""
-    return _decode(model, input_ids, config or DecodeConfig(), None)
+    config = config or DecodeConfig()
+    return _decode(model, _check_inputs(model, input_ids, config), config, None)
 
 
 def generate(model: HydraModel, input_ids: torch.Tensor | list[int], config: DecodeConfig | None = None,
@@ -139,8 +141,13 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
         if ids.shape[0] != 1:
             raise ValueError(f"batch size {ids.shape[0]} is not supported; decode one prompt at a time")
         ids = ids[0]
-    if ids.dim() != 1 or ids.numel() == 0:
+    if ids.dim() != 1:
+        raise ValueError(f"the prompt must be a list of token ids or a (1, n) tensor, not {tuple(ids.shape)}")
+    if ids.numel() == 0:
         raise ValueError("the prompt is empty: nothing to condition on")
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"the prompt has token ids outside the base model's vocabulary [0, {vocab})")
     context = model.base_model.config.max_position_embeddings
     if ids.numel() >= context:
         raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
@@ -151,8 +158,8 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     return ids
 
 
-def _decode(model: HydraModel, input_ids, config: DecodeConfig, tree: TreeBuffers | None) -> Iterator[StepOutput]:
-    ids = _check_inputs(model, input_ids, config)
+def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
+            tree: TreeBuffers | None) -> Iterator[StepOutput]:
     if config.max_new_tokens <= 0:
         return
     base, heads = model.base_model, model.heads
