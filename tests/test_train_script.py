@@ -137,7 +137,8 @@ def test_torchrun_two_processes_matches_single_process(tiny_setup, tmp_path):
     assert train.main(_args(model_dir, data, single, gradient_accumulation_steps=2, **flags)) == 0
     _assert_same_weights(ddp, single, atol=1e-6)
     losses = lambda out: [e["loss"] for e in _events(out) if "loss" in e]  # noqa: E731
-    assert losses(ddp) == pytest.approx(losses(single), rel=1e-6)
+    # step 2's loss reads weights that agree to ~1e-6 (gloo and local accumulation sum in different orders)
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
 
 
 def test_kill_and_resume_matches_uninterrupted(tiny_setup, tmp_path):
