@@ -1,11 +1,12 @@
-"""Where a speculative decoding step spends its time: draft proposal, verification forward, output layer over the
-tree, head context update (incl. the Hydra++ prefix layer), and everything else (acceptance, KV compaction,
-Python), compared with one plain autoregressive step, on the same prompts in the same process.
+"""Where a speculative decoding step spends its time: draft proposal, verification forward, output layer over
+the tree, head context update (incl. the Hydra++ prefix layer), and everything else (acceptance, KV
+compaction, Python), compared with one plain autoregressive step, on the same prompts in the same process.
 
-    python scripts/profile_step.py                                   # shipped heads, bf16, 8 prompts x 64 tokens
+    python scripts/profile_step.py                          # shipped heads, bf16, 8 prompts x 64 tokens
     python scripts/profile_step.py --heads runs/hydra --tree tree_32 --dtype float32 --threads 1
 
-Each phase is timed around its call with time.perf_counter (CPU: calls are synchronous); the prefill is left out.
+Each phase is timed around its call with time.perf_counter (CPU calls are synchronous); the prefill is left
+out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
 
 
 class PhaseTimer:
-    """Accumulates seconds per phase; the first call of each phase in a generation (the prefill) is skipped."""
+    """Seconds per phase; the first call of each phase in a generation (the prefill) is not counted."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -92,7 +93,7 @@ def main() -> None:
     model.lm_head.forward = timer.wrap("output layer over the tree", lm_forward)
     model.heads.context = timer.wrap("head context (+ prefix layer)", context)
     gen_mod._propose = timer.wrap("draft proposal (heads)", propose)
-    phases = list(("verify forward (decoder)", "output layer over the tree", "head context (+ prefix layer)"))
+    phases = ["verify forward (decoder)", "output layer over the tree", "head context (+ prefix layer)"]
     tokens = steps = decided = 0
     start = time.perf_counter()
     try:
@@ -113,7 +114,8 @@ def main() -> None:
     print(f"heads {args.heads or 'shipped default'} | tree {tree} | {args.dtype} | threads "
           f"{torch.get_num_threads()} | {len(prompts)} prompts x {args.max_new_tokens} new tokens")
     spec_speed = tokens / (total + timer.prefill)
-    print(f"AR: {ar_tokens / ar_total:.1f} tok/s (prefill included), {ar_decoder_ms:.1f} ms per one-token forward")
+    print(f"AR: {ar_tokens / ar_total:.1f} tok/s (prefill included), "
+          f"{ar_decoder_ms:.1f} ms per one-token forward")
     print(f"speculative: {spec_speed:.1f} tok/s ({spec_speed / (ar_tokens / ar_total):.2f}x), "
           f"tau {decided / max(steps, 1):.2f}, {steps} verification steps")
     print("| phase | ms per step | share |")
@@ -123,7 +125,8 @@ def main() -> None:
     for name, ms in list(per_step.items()) + [("everything else (acceptance, cache, Python)", rest)]:
         print(f"| {name} | {ms:.1f} | {ms / (1e3 * total / max(steps, 1)):.0%} |")
     print(f"| **step total** | {1e3 * total / max(steps, 1):.1f} | 100% |")
-    print(f"verify step / AR decoder forward: {per_step.get('verify forward (decoder)', 0) / ar_decoder_ms:.2f}x")
+    verify_ms = per_step.get("verify forward (decoder)", 0.0)
+    print(f"verify step / AR decoder forward: {verify_ms / ar_decoder_ms:.2f}x")
 
 
 if __name__ == "__main__":
