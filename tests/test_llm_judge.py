@@ -6,6 +6,7 @@ The judge is a small OpenAI-compatible HTTP server started by the test (http.ser
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -78,10 +79,15 @@ def spread(n: int, steps: int) -> list[int]:
     return [n // steps + (i < n % steps) for i in range(steps)]
 
 
-def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wall=(1.0, 2.0), steps=(5, 10)):
+def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wall=(1.0, 2.0), steps=(5, 10),
+                  per_step: bool = True):
+    """per_step=False: no accept_lengths, as in older answer files (tau = new tokens / steps)."""
+    choice = {"index": 0, "turns": turns, "new_tokens": list(new_tokens), "wall_time": list(wall),
+              "steps": list(steps)}
+    if per_step:
+        choice["accept_lengths"] = [spread(n, s) for n, s in zip(new_tokens, steps)]
     return {"question_id": q["question_id"], "answer_id": "a", "model_id": model, "tstamp": 0.0,
-            "choices": [{"index": 0, "turns": turns, "new_tokens": list(new_tokens), "wall_time": list(wall),
-                         "steps": list(steps), "accept_lengths": [spread(n, s) for n, s in zip(new_tokens, steps)]}]}
+            "choices": [choice]}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -179,17 +185,14 @@ def test_unreachable_endpoint_fails_without_writing(answers, tmp_path):
 # --- show_speed ---------------------------------------------------------------------------------------------
 def test_speed_report_numbers_plot_and_equality(tmp_path, capsys):
     qfile = write_jsonl(tmp_path / "q.jsonl", [WRITING, MATH])
+    # tau = new tokens / steps here (no per-step lengths); the prefill rule is pinned in the next test
+    rec = functools.partial(answer_record, per_step=False)
     base = write_jsonl(tmp_path / "base.jsonl", [
-        answer_record(WRITING, "ar", ["x", "y"], new_tokens=(10, 10), wall=(1.0, 1.0), steps=(10, 10)),
-        answer_record(MATH, "ar", ["p", "q"], new_tokens=(30, 10), wall=(2.0, 2.0), steps=(40, 10))])
+        rec(WRITING, "ar", ["x", "y"], new_tokens=(10, 10), wall=(1.0, 1.0), steps=(10, 10)),
+        rec(MATH, "ar", ["p", "q"], new_tokens=(30, 10), wall=(2.0, 2.0), steps=(40, 10))])
     hyd = write_jsonl(tmp_path / "hyd.jsonl", [
-        answer_record(WRITING, "hydra", ["x", "y"], new_tokens=(10, 10), wall=(0.5, 0.5), steps=(4, 4)),
-        answer_record(MATH, "hydra", ["p", "DIFFERENT"], new_tokens=(30, 10), wall=(1.0, 0.6), steps=(10, 6))])
-    for path in (base, hyd):  # tau = new tokens / steps here; the prefill rule is pinned in the next test
-        recs = [json.loads(line) for line in path.read_text().splitlines()]
-        for rec in recs:
-            del rec["choices"][0]["accept_lengths"]
-        write_jsonl(path, recs)
+        rec(WRITING, "hydra", ["x", "y"], new_tokens=(10, 10), wall=(0.5, 0.5), steps=(4, 4)),
+        rec(MATH, "hydra", ["p", "DIFFERENT"], new_tokens=(30, 10), wall=(1.0, 0.6), steps=(10, 6))])
     png = tmp_path / "assets" / "speed.png"
     assert show_speed.main(["--baseline", str(base), "--hydra", str(hyd), "--question-file", str(qfile),
                             "--check-equal", "--plot", str(png)]) == 0
