@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, generate
 from hydra.inference.loading import load_model
-
-REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
 
 
 class PhaseTimer:
@@ -53,7 +49,7 @@ class PhaseTimer:
 
 
 def main() -> None:
-    from bench_decode import load_prompts  # same prompt rendering as the benchmark (scripts/ is on sys.path)
+    from bench_decode import QUESTIONS, load_prompts  # the benchmark's prompts (scripts/ is on sys.path)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default=None, help="heads folder / Hub id (default: the shipped heads)")
@@ -121,10 +117,11 @@ def main() -> None:
     print("| phase | ms per step | share |")
     print("|---|---:|---:|")
     per_step = {name: 1e3 * s / max(steps, 1) for name, s in timer.seconds.items()}
+    step_ms = 1e3 * total / max(steps, 1)
     rest = 1e3 * (total - timed) / max(steps, 1)  # acceptance, KV compaction, masks, emitting, Python
     for name, ms in list(per_step.items()) + [("everything else (acceptance, cache, Python)", rest)]:
-        print(f"| {name} | {ms:.1f} | {ms / (1e3 * total / max(steps, 1)):.0%} |")
-    print(f"| **step total** | {1e3 * total / max(steps, 1):.1f} | 100% |")
+        print(f"| {name} | {ms:.1f} | {ms / step_ms:.0%} |")
+    print(f"| **step total** | {step_ms:.1f} | 100% |")
     verify_ms = per_step.get("verify forward (decoder)", 0.0)
     print(f"verify step / AR decoder forward: {verify_ms / ar_decoder_ms:.2f}x")
 
