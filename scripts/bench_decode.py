@@ -3,11 +3,19 @@
     python scripts/bench_decode.py --num-prompts 8 --max-new-tokens 128                 # random heads, all archs
     python scripts/bench_decode.py --heads hydra/heads/default runs/medusa --trees mc_sim_7b_63 tree_32
     python scripts/bench_decode.py --dtypes float32 --check-equal                       # losslessness count
+    python scripts/bench_decode.py --heads hydra/heads/default --hf --dtypes bfloat16   # + transformers' generate
 
-Prompts are the first turns of ../shared/data/mt_bench/question.jsonl (chat template applied). For every
-configuration it prints tokens/s, tau (mean tokens decided per base-model forward, bonus token included; AR = 1)
-and speedup over AR measured in the same process on the same prompts. Timing on a shared machine is noisy:
-compare ratios from one run, not absolute numbers across runs.
+Prompts are the first turns of ../shared/data/mt_bench/question.jsonl (chat template applied; --question-file
+takes any file in that format, e.g. ../shared/data/sharegpt_eval/question.jsonl for choosing a tree without
+looking at MT-Bench). For every configuration it prints tokens/s, tau (mean tokens decided per base-model
+forward, bonus token included; AR = 1) and speedup over AR. With --hf it also times transformers' `generate`
+(plain greedy, and prompt-lookup decoding) and adds a column relative to it, the baseline that peers are
+usually quoted against.
+
+Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
+configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
+of its own runs. A slow minute then slows all configurations alike. Still, compare ratios from one run, not
+absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hydra.model import HydraConfig, HydraModel, load_base_model
-from hydra.model.generate import DecodeConfig, generate
+from hydra.model.generate import DecodeConfig, generate, stop_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
@@ -33,17 +43,54 @@ def load_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:
             for q in questions]
 
 
-def run(model: HydraModel, prompts, config: DecodeConfig, speculative: bool):
-    tokens = decided = verify_steps = 0
-    outputs = []
-    start = time.perf_counter()
-    for ids in prompts:
+@dataclass
+class Tally:
+    """One configuration's totals over the prompts."""
+    name: str
+    tree: str
+    decode: Callable[[list[int]], tuple[list[int], list[int] | None]]  # ids -> (new tokens, accept lengths)
+    seconds: float = 0.0
+    tokens: int = 0
+    decided: int = 0
+    verify_steps: int = 0
+    outputs: list = field(default_factory=list)
+
+    def add(self, ids: list[int]) -> None:
+        start = time.perf_counter()
+        tokens, accept_lengths = self.decode(ids)
+        self.seconds += time.perf_counter() - start
+        self.tokens += len(tokens)
+        self.outputs.append(tokens)
+        if accept_lengths:
+            self.decided += sum(accept_lengths[1:])  # tau leaves out the prefill step (see hydra.model.generate)
+            self.verify_steps += len(accept_lengths) - 1
+
+    @property
+    def speed(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def tau(self) -> float | None:
+        return self.decided / self.verify_steps if self.verify_steps else None
+
+
+def hydra_decoder(model: HydraModel, config: DecodeConfig, speculative: bool):
+    def decode(ids: list[int]) -> tuple[list[int], list[int]]:
         res = generate(model, ids, config, speculative=speculative)
-        tokens += len(res.tokens)
-        decided += sum(res.accept_lengths[1:])  # tau leaves out the prefill step (see hydra.model.generate)
-        verify_steps += res.steps - 1
-        outputs.append(res.tokens)
-    return tokens / (time.perf_counter() - start), decided / max(verify_steps, 1), outputs
+        return res.tokens, res.accept_lengths
+    return decode
+
+
+def hf_decoder(model: HydraModel, max_new_tokens: int, stop_ids: set[int], **generate_kwargs):
+    """transformers' own greedy `generate` (stop tokens are not counted, as in ours)."""
+    def decode(ids: list[int]) -> tuple[list[int], None]:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.base_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                            do_sample=False, eos_token_id=sorted(stop_ids), **generate_kwargs)
+        new = out[0, len(ids):].tolist()
+        return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))], None
+    return decode
 
 
 def main() -> None:
@@ -57,13 +104,18 @@ def main() -> None:
     ap.add_argument("--question-file", type=Path, default=QUESTIONS)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--check-equal", action="store_true", help="count prompts where speculative == AR output")
+    ap.add_argument("--hf", action="store_true",
+                    help="also time transformers' generate: plain greedy and prompt lookup (--prompt-lookup tokens)")
+    ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for --hf")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = DecodeConfig(max_new_tokens=args.max_new_tokens)
-    print("| dtype | heads | tree | tok/s | tau | speedup |" + (" equal |" if args.check_equal else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if args.check_equal else ""))
+    extra = (" equal |" if args.check_equal else "") + (" vs HF generate |" if args.hf else "")
+    print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from {args.question_file.name}, "
+          f"{args.max_new_tokens} new tokens, greedy")
+    print("| dtype | heads | tree | tok/s | tau | speedup |" + extra)
+    print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for dtype in args.dtypes:
         base, tokenizer = load_base_model(args.base_model, dtype=dtype)
         prompts = load_prompts(tokenizer, args.question_file, args.num_prompts)
@@ -73,18 +125,33 @@ def main() -> None:
             models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
                       for arch in ("mlp", "hydra-mlp", "prefix-mlp")}
         first = next(iter(models.values()))
-        run(first, prompts[:1], DecodeConfig(max_new_tokens=8), speculative=False)  # warm-up
-        ar_speed, _, ar_out = run(first, prompts, config, speculative=False)
-        print(f"| {dtype} | AR | - | {ar_speed:.1f} | 1.00 | 1.00x |" + (" - |" if args.check_equal else ""),
-              flush=True)
+        config = DecodeConfig(max_new_tokens=args.max_new_tokens)
+        ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
+        tallies = [ar]
+        if args.hf:
+            stop_ids = stop_token_ids(first, config)
+            hf = Tally("HF generate", "-", hf_decoder(first, args.max_new_tokens, stop_ids))
+            pld = Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
+                first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup))
+            tallies += [hf, pld]
         for name, model in models.items():
             for tree in args.trees:
                 cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens)
-                speed, tau, out = run(model, prompts, cfg, speculative=True)
-                row = f"| {dtype} | {name} | {tree} | {speed:.1f} | {tau:.2f} | {speed / ar_speed:.2f}x |"
-                if args.check_equal:
-                    row += f" {sum(a == b for a, b in zip(out, ar_out))}/{len(prompts)} |"
-                print(row, flush=True)
+                tallies.append(Tally(name, tree, hydra_decoder(model, cfg, speculative=True)))
+        for t in tallies:  # warm-up: first calls allocate and pick kernels
+            t.decode(prompts[0][:16])
+        for i, ids in enumerate(prompts):
+            k = i % len(tallies)
+            for t in tallies[k:] + tallies[:k]:
+                t.add(ids)
+        for t in tallies:
+            tau = "-" if t.tau is None else f"{t.tau:.2f}"
+            line = f"| {dtype} | {t.name} | {t.tree} | {t.speed:.1f} | {tau} | {t.speed / ar.speed:.2f}x |"
+            if args.check_equal:
+                line += " - |" if t is ar else f" {sum(a == b for a, b in zip(t.outputs, ar.outputs))}/{len(prompts)} |"
+            if args.hf:
+                line += f" {t.speed / hf.speed:.2f}x |"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,16 @@ def rank_vectors(model: HydraModel, rows: list[list[int]], masks: list[list[bool
     return counts
 
 
+def save_counts(counts: Counter, path: Path) -> None:
+    """Path counts as {"0 1": n, ...}; the empty key holds the number of positions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({" ".join(map(str, k)): v for k, v in sorted(counts.items())}))
+
+
+def load_counts(path: Path) -> Counter:
+    return Counter({tuple(int(r) for r in k.split()): v for k, v in json.loads(path.read_text()).items()})
+
+
 def write_draft_vocab(model: HydraModel, data: str, size: int, heads_folder: Path) -> None:
     """The `size` most frequent assistant tokens of `data` (plus the stop tokens) become the draft vocabulary."""
     from safetensors.torch import save_file
@@ -150,6 +160,9 @@ def main() -> None:
                          "--vocab-data (0: keep the heads as they are)")
     ap.add_argument("--vocab-data", default=None, help="ShareGPT jsonl for token counts (default: --data)")
     ap.add_argument("--prompt-tokens", type=int, default=400, help="context length used for timing")
+    ap.add_argument("--counts", default=None,
+                    help="JSON file of the measured path counts: read if it exists, else written after measuring "
+                         "(the measurement is the slow part; timing on another thread count can then reuse it)")
     args = ap.parse_args()
 
     model = HydraModel.from_pretrained(args.heads, dtype="float32")
@@ -161,7 +174,12 @@ def main() -> None:
         ex = render_and_mask(rec, model.tokenizer, args.max_length)
         rows.append(ex["input_ids"])
         masks.append([label != -100 for label in ex["labels"]])
-    counts = rank_vectors(model, rows, masks, args.max_rank)
+    if args.counts and Path(args.counts).is_file():
+        counts = load_counts(Path(args.counts))
+    else:
+        counts = rank_vectors(model, rows, masks, args.max_rank)
+        if args.counts:
+            save_counts(counts, Path(args.counts))
     print(f"{counts[()]} positions; per-depth acceptance of the top-1 chain:",
           [round(counts[(0,) * (d + 1)] / counts[()], 3) for d in range(model.config.hydra_num_heads)])
 
@@ -185,7 +203,7 @@ def main() -> None:
     out = TREE_DIR / f"{args.name}.json"
     meta = {"heads": str(args.heads), "expected_tau": round(tau, 3), "step_ms": round(t * 1e3, 2),
             "ar_step_ms": round(ar_time * 1e3, 2), "predicted_speedup": round(speedup, 3),
-            "timing_dtype": args.timing_dtype, "positions": counts[()]}
+            "timing_dtype": args.timing_dtype, "timing_threads": torch.get_num_threads(), "positions": counts[()]}
     out.write_text(write_tree_json(choices, meta))
     print(f"wrote {out} ({len(choices)} nodes, expected tau {tau:.2f}, predicted {speedup:.2f}x)")
 

@@ -123,7 +123,8 @@ def _tree_buffers(model: HydraModel, tree: str | list | None) -> TreeBuffers:
     return _TREE_CACHE[key]
 
 
-def _stop_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
+def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
+    """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
     if config.stop_token_ids is not None:
         return set(config.stop_token_ids)
     ids = set()
@@ -170,7 +171,7 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
     capacity = min(context, ids.numel() + config.max_new_tokens + tree_size)
     cache = TreeKVCache(base.config.num_hidden_layers, capacity)
     prefix_cache = heads.prefix.new_cache() if (tree is not None and heads.prefix is not None) else None
-    stop_ids = _stop_ids(model, config)
+    stop_ids = stop_token_ids(model, config)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     greedy = config.temperature == 0
     use_bool_mask = base.config._attn_implementation == "sdpa"
