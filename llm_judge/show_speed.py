@@ -135,7 +135,9 @@ def plot(speedups: dict[str, dict[str, float]], path: Path, title: str) -> bool:
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     ax.set_ylabel("speedup vs. autoregressive")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    top = max(v for per_cat in speedups.values() for v in per_cat.values())
+    ax.set_ylim(0, top * 1.25)  # headroom so the legend row never covers a bar label
+    ax.legend(fontsize=8, ncol=len(labels), loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)

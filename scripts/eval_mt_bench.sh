@@ -5,7 +5,8 @@
 #   scripts/eval_mt_bench.sh runs/medusa runs/hydra runs/hydrapp      # heads folders (default: the shipped heads)
 #
 # Environment: DTYPE (bfloat16), MAX_NEW (128), THREADS (torch threads; 1 is the robust choice on a shared
-# machine, where 2 OpenMP threads on 2 busy cores can run 30x slower), LOSSLESS_MAX_NEW (64), TAG (name prefix).
+# machine, where 2 OpenMP threads on 2 busy cores can run 30x slower), LOSSLESS_MAX_NEW (64), TAG (name prefix),
+# TREE (one tree for every head set, e.g. smollm2_hydrapp; default: each heads folder's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,11 +15,12 @@ TAG=${TAG:-smollm2}
 OUT=llm_judge/data/mt_bench/model_answer
 HEADS=("$@"); [ ${#HEADS[@]} -gt 0 ] || HEADS=(hydra/heads/default)
 common=(--dtype "$DTYPE" --max-new-token "$MAX_NEW" --num-threads "$THREADS")
+tree=(); [ -z "${TREE:-}" ] || tree=(--tree "$TREE")
 $PY llm_judge/gen_model_answer_baseline.py "${common[@]}" --model-id "$TAG-ar-$DTYPE" --answer-file "$OUT/$TAG-ar-$DTYPE.jsonl"
 files=()
 for h in "${HEADS[@]}"; do
   name=$(basename "$h")
-  $PY llm_judge/gen_model_answer_hydra.py "${common[@]}" --model-path "$h" --model-id "$TAG-$name-$DTYPE" \
+  $PY llm_judge/gen_model_answer_hydra.py "${common[@]}" "${tree[@]}" --model-path "$h" --model-id "$TAG-$name-$DTYPE" \
     --answer-file "$OUT/$TAG-$name-$DTYPE.jsonl"
   files+=("$OUT/$TAG-$name-$DTYPE.jsonl")
 done
@@ -30,7 +32,7 @@ $PY llm_judge/gen_model_answer_baseline.py "${lossless[@]}" --model-id "$TAG-ar-
 files=()
 for h in "${HEADS[@]}"; do
   name=$(basename "$h")
-  $PY llm_judge/gen_model_answer_hydra.py "${lossless[@]}" --model-path "$h" --model-id "$TAG-$name-fp32" \
+  $PY llm_judge/gen_model_answer_hydra.py "${lossless[@]}" "${tree[@]}" --model-path "$h" --model-id "$TAG-$name-fp32" \
     --answer-file "$OUT/$TAG-$name-fp32.jsonl"
   files+=("$OUT/$TAG-$name-fp32.jsonl")
 done

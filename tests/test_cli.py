@@ -51,7 +51,10 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def spawn(*args: str, timeout: int = 180):
-    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # one OpenMP thread like the test process (conftest.py): with two threads on two busy cores the child can
+    # crawl past pexpect's timeout
+    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=os.environ.get("HYDRA_TEST_THREADS", "1"))
     child = pexpect.spawn(sys.executable, ["-m", "hydra.inference.cli", *args], cwd=str(REPO), env=env,
                           encoding="utf-8", timeout=timeout, dimensions=(50, 400))
     child.logfile_read = io.StringIO()  # the whole transcript, for failure messages
