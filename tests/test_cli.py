@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def spawn(*args: str, timeout: int = 180):
-    # one OpenMP thread like the test process (conftest.py): with two threads on two busy cores the child can
-    # crawl past pexpect's timeout
+    # one OpenMP thread like the test process (conftest.py): two threads on two busy cores crawl
     env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=os.environ.get("HYDRA_TEST_THREADS", "1"))
+    # A test run started in the background (`cmd &`) inherits an ignored SIGINT, and Python keeps it ignored,
+    # so Ctrl-C would never reach the chat: give the child the default disposition back.
     child = pexpect.spawn(sys.executable, ["-m", "hydra.inference.cli", *args], cwd=str(REPO), env=env,
-                          encoding="utf-8", timeout=timeout, dimensions=(50, 400))
+                          encoding="utf-8", timeout=timeout, dimensions=(50, 400),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.logfile_read = io.StringIO()  # the whole transcript, for failure messages
     return child
 
