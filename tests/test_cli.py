@@ -52,9 +52,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def spawn(*args: str, timeout: int = 180):
-    # one OpenMP thread like the test process (conftest.py): two threads on two busy cores crawl
-    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=os.environ.get("HYDRA_TEST_THREADS", "1"))
+    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     # A test run started in the background (`cmd &`) inherits an ignored SIGINT, and Python keeps it ignored,
     # so Ctrl-C would never reach the chat: give the child the default disposition back.
     child = pexpect.spawn(sys.executable, ["-m", "hydra.inference.cli", *args], cwd=str(REPO), env=env,
