@@ -32,7 +32,8 @@ REPO_ROOT = LLM_JUDGE_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a fresh clone: make `hydra` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_QUESTION_FILE = REPO_ROOT.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+JUDGE_DATA_DIR = LLM_JUDGE_DIR / "data"  # FastChat's layout: mt_bench/question.jsonl, judge_prompts.jsonl, ...
+DEFAULT_QUESTION_FILE = JUDGE_DATA_DIR / "mt_bench" / "question.jsonl"
 DEFAULT_ANSWER_DIR = LLM_JUDGE_DIR / "data" / "mt_bench" / "model_answer"
 DEFAULT_MAX_NEW_TOKEN = 256
 
@@ -50,7 +51,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--answer-file", default=None,
                    help="output jsonl (default: llm_judge/data/mt_bench/model_answer/<model-id>.jsonl)")
     p.add_argument("--question-file", default=None,
-                   help="questions jsonl (default: ../shared/data/mt_bench/question.jsonl from the repository root)")
+                   help="questions jsonl (default: llm_judge/data/mt_bench/question.jsonl)")
     p.add_argument("--question-begin", type=int, default=None, help="index of the first question (debugging)")
     p.add_argument("--question-end", type=int, default=None, help="index after the last question (debugging)")
     p.add_argument("--max-new-token", type=int, default=DEFAULT_MAX_NEW_TOKEN,

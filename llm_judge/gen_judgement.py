@@ -9,7 +9,7 @@ Usage:
 For every answer file in llm_judge/data/mt_bench/model_answer/ (or those named by --model-list) and every
 question, turn 1 is graded with the `single-v1` prompt and turn 2 with `single-v1-multi-turn`; math, reasoning
 and coding questions use `single-math-v1[-multi-turn]` with the GPT-4 reference answers. Prompts come from
-../shared/data/judge_prompts.jsonl (FastChat's). The judge's `[[rating]]` is parsed into `score` (-1 if
+llm_judge/data/judge_prompts.jsonl (FastChat's). The judge's `[[rating]]` is parsed into `score` (-1 if
 absent). Output: FastChat's judgment jsonl (question_id, model, judge [model, prompt name], user_prompt,
 judgment, score, turn, tstamp) in llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl;
 rerunning skips (model, question, turn) triples already judged. The endpoint is spoken to with plain HTTP
@@ -29,11 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Run as a script, this file's folder is on sys.path.
-from answer_common import DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, LLM_JUDGE_DIR, REPO_ROOT, load_questions
+from answer_common import DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, JUDGE_DATA_DIR, LLM_JUDGE_DIR, REPO_ROOT, load_questions
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_JUDGE_FILE = SHARED_DATA / "judge_prompts.jsonl"
-DEFAULT_REF_FILE = SHARED_DATA / "mt_bench" / "reference_answer" / "gpt-4.jsonl"
+DEFAULT_JUDGE_FILE = JUDGE_DATA_DIR / "judge_prompts.jsonl"
+DEFAULT_REF_FILE = JUDGE_DATA_DIR / "mt_bench" / "reference_answer" / "gpt-4.jsonl"
 DEFAULT_JUDGMENT_DIR = LLM_JUDGE_DIR / "data" / "mt_bench" / "model_judgment"
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # as in FastChat
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -132,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--model-list", nargs="+", default=None, help="model ids to judge (default: all answer files)")
     p.add_argument("--answer-dir", default=str(DEFAULT_ANSWER_DIR))
-    p.add_argument("--question-file", default=None, help="default: ../shared/data/mt_bench/question.jsonl")
+    p.add_argument("--question-file", default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
     p.add_argument("--ref-answer-file", default=None,
-                   help="default: ../shared/data/mt_bench/reference_answer/gpt-4.jsonl")
-    p.add_argument("--judge-file", default=None, help="default: ../shared/data/judge_prompts.jsonl")
+                   help="default: llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl")
+    p.add_argument("--judge-file", default=None, help="default: llm_judge/data/judge_prompts.jsonl")
     p.add_argument("--output-file", default=None,
                    help="default: llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl")
     p.add_argument("--first-n", type=int, default=None, help="only the first N questions (debugging)")

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tokens/s, tau and speedup per MT-Bench category.")
     p.add_argument("--baseline", required=True, help="answer file of gen_model_answer_baseline.py")
     p.add_argument("--hydra", nargs="+", required=True, help="answer file(s) of gen_model_answer_hydra.py")
-    p.add_argument("--question-file", default=None, help="default: ../shared/data/mt_bench/question.jsonl")
+    p.add_argument("--question-file", default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
     p.add_argument("--plot", default=None, help="write a bar chart PNG here, e.g. assets/speedup.png")
     p.add_argument("--title", default="Hydra speedup on MT-Bench")
     p.add_argument("--check-equal", action="store_true",

@@ -5,8 +5,8 @@
     python scripts/bench_decode.py --dtypes float32 --check-equal                       # losslessness count
     python scripts/bench_decode.py --heads hydra/heads/default --hf --dtypes bfloat16   # + transformers' generate
 
-Prompts are the first turns of ../shared/data/mt_bench/question.jsonl (chat template applied; --question-file
-takes any file in that format, e.g. ../shared/data/sharegpt_eval/question.jsonl for choosing a tree without
+Prompts are the first turns of llm_judge/data/mt_bench/question.jsonl (chat template applied; --question-file
+takes any file in that format, e.g. data/sharegpt_eval/question.jsonl for choosing a tree without
 looking at MT-Bench). For every configuration it prints tokens/s, tau (mean tokens decided per base-model
 forward, bonus token included; AR = 1) and speedup over AR. With --hf it also times transformers' `generate`
 (plain greedy, and prompt-lookup decoding) and adds a column relative to it, the baseline that peers are
@@ -33,7 +33,7 @@ from hydra.model import HydraConfig, HydraModel, load_base_model
 from hydra.model.generate import DecodeConfig, generate, stop_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+QUESTIONS = REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 
 
 def load_prompts(tokenizer, path: Path, n: int) -> list[list[int]]:

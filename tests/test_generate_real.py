@@ -24,7 +24,7 @@ from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, hydra_ge
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+QUESTIONS = REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 TRAINED_HEADS = REPO / "hydra" / "heads" / "default"
 N_PROMPTS = int(os.environ.get("HYDRA_LOSSLESS_PROMPTS", "10"))
 NEW_TOKENS = int(os.environ.get("HYDRA_LOSSLESS_TOKENS", "64"))

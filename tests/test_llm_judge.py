@@ -24,8 +24,8 @@ import gen_judgement
 import show_result
 import show_speed
 
-SHARED = REPO.parent / "shared" / "data"
-QUESTIONS = [json.loads(line) for line in (SHARED / "mt_bench" / "question.jsonl").open()]
+JUDGE_DATA = REPO / "llm_judge" / "data"
+QUESTIONS = [json.loads(line) for line in (JUDGE_DATA / "mt_bench" / "question.jsonl").open()]
 WRITING = next(q for q in QUESTIONS if q["category"] == "writing")
 MATH = next(q for q in QUESTIONS if q["category"] == "math")
 
@@ -126,7 +126,7 @@ def test_judging_against_a_local_openai_compatible_server(answers, tmp_path, mon
     records = [json.loads(line) for line in out.open()]
     assert len(records) == 8 and all(r["score"] == 8 for r in records)
     by_key = {(r["model"], r["question_id"], r["turn"]): r for r in records}
-    ref = json.loads(next(line for line in (SHARED / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()
+    ref = json.loads(next(line for line in (JUDGE_DATA / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()
                           if json.loads(line)["question_id"] == MATH["question_id"]))
     math1 = by_key[("model-a", MATH["question_id"], 1)]
     assert math1["judge"] == ["judge-x", "single-math-v1"]

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "llm_judge"))
 
 import answer_common
 
-QUESTIONS = [json.loads(line) for line in (REPO.parent / "shared" / "data" / "mt_bench" / "question.jsonl").open()]
+QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl").open()]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Self-distillation: let the base model answer the training prompts, saved as ShareGPT JSON Lines.
 
 Usage:
-    python -m hydra.data.self_distill --prompts ../shared/data/train_prompts/prompts.jsonl \
+    python -m hydra.data.self_distill --prompts data/train_prompts.jsonl.gz \
         --output data/self_distill.jsonl --num-prompts 2000 --max-new-tokens 400 --temperature 0 \
         --batch-size 32 --dtype bfloat16 --device cpu          # on a GPU: --device cuda --batch-size 256
 Prompts ({"id", "turns": [user turns]}, or ShareGPT records whose human turns are used) are taken in a
@@ -14,6 +14,7 @@ a line cut off by a kill is dropped and regenerated. Replies cut at --max-new-to
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -42,7 +43,9 @@ def read_prompts(path: str | os.PathLike, num_prompts: int | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     prompts, seen = [], set()
-    with path.open("rb") as f:
+    with path.open("rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if gzipped else path.open("rb")) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
