@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, sample_from, typical_accept
+from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import TreeBuffers, build_tree_buffers, get_tree
@@ -228,7 +229,8 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             out = decoder(
                 input_ids=tokens[None], position_ids=pos[None], past_key_values=cache, use_cache=True,
                 output_hidden_states=want_all,
-                attention_mask=_verify_mask(mask, n, base.dtype, use_bool_mask) if mask is not None else None)
+                attention_mask=(_verify_mask(mask, n, base.dtype, use_bool_mask, base.config, tree.depth)
+                                if mask is not None else None))
             out_hidden = _hidden(model, out)[0]
             logits = lm_head(out.last_hidden_state[0])
             if not use_tree:
@@ -255,14 +257,11 @@ def _hidden(model: HydraModel, out) -> torch.Tensor:
     return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
 
 
-def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool) -> torch.Tensor:
-    """(1, 1, T, past + T): every tree node sees the whole prefix, itself and its ancestors."""
-    t = tree_mask.shape[0]
-    mask = torch.ones(t, past + t, dtype=torch.bool, device=tree_mask.device)
-    mask[:, past:] = tree_mask
-    if not as_bool:  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask[None, None]
+def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool, config=None,
+                 depth: torch.Tensor | None = None):
+    """(1, 1, T, past + T): every tree node sees the whole prefix, itself and its ancestors (within the
+    sliding window of the base model's config, if any; see hydra.model.families)."""
+    return tree_attention_mask(tree_mask, past, dtype, as_bool, config, depth)
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:

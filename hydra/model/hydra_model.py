@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hydra.model.base_model import load_base_model, to_dtype
 from hydra.model.config import HydraConfig
+from hydra.model.families import check_tree_attention
 from hydra.model.heads.draft_heads import DraftHeads
 
 WEIGHTS_NAME = "model.safetensors"
@@ -35,7 +36,8 @@ class HydraModel(nn.Module):
     """Frozen base model + draft heads.
 
     Args:
-        base_model: a causal LM (Llama family) exposing get_input_embeddings / get_output_embeddings.
+        base_model: a causal LM of a family in hydra.model.families (Llama, Mistral, Qwen2, Qwen3) exposing
+            get_input_embeddings / get_output_embeddings.
         config: the heads' configuration. Its hidden_size / vocab_size, if set, must match the base model.
         tokenizer: optional, kept for convenience (CLI, evaluation).
     """
@@ -44,6 +46,7 @@ class HydraModel(nn.Module):
                  tokenizer: PreTrainedTokenizerBase | None = None):
         super().__init__()
         base_cfg = base_model.config
+        check_tree_attention(base_cfg)
         for field in ("hidden_size", "vocab_size"):
             want, have = getattr(config, field), getattr(base_cfg, field)
             if want is not None and want != have:
