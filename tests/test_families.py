@@ -38,9 +38,9 @@ FAMILIES = {  # config class, family-specific settings
 
 def make_family_base(family: str, seed: int = 0, scale: float = 0.3, **overrides):
     """A seeded 2-layer GQA model of `family` with O(1) logits (random weights, norms near one)."""
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa",
-              tie_word_embeddings=False)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              attn_implementation="sdpa", tie_word_embeddings=False)
     config_class, settings = FAMILIES[family]
     kw.update(settings)
     kw.update(overrides)
@@ -93,7 +93,8 @@ def test_greedy_lossless(family_base, arch):
     model = random_heads(base, arch)
     for prompt in PROMPTS:
         ar = run(model, prompt, speculative=False)
-        assert run(model, prompt, speculative=False, stop_token_ids=None).tokens == hf_greedy(base, prompt, 40)
+        with_eos = run(model, prompt, speculative=False, stop_token_ids=None)
+        assert with_eos.tokens == hf_greedy(base, prompt, 40)
         for tree in TREES:
             out = run(model, prompt, tree=tree)
             assert out.tokens == ar.tokens, (family, arch, tree, prompt)
@@ -112,7 +113,7 @@ def test_greedy_lossless_with_high_acceptance(family):
             for tree in ("chain_4", "mc_sim_7b_63"):
                 out = run(model, prompt, tree=tree)
                 assert out.tokens == ar.tokens, (family, arch, tree, prompt)
-        assert run(model, PROMPTS[1], tree="mc_sim_7b_63").tau > 1.5, (family, arch)  # long paths were accepted
+        assert run(model, PROMPTS[1], tree="mc_sim_7b_63").tau > 1.5, (family, arch)  # long paths accepted
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

@@ -21,8 +21,8 @@ def check_tree_attention(config: PretrainedConfig) -> None:
     family = getattr(config, "model_type", None) or type(config).__name__
     if family not in TREE_MASK_FAMILIES:
         raise ValueError(
-            f"base model family {family!r} is not supported: Hydra verifies its draft tree in one forward with a "
-            f"custom 4D attention mask, and {family} is not known to take one "
+            f"base model family {family!r} is not supported: Hydra verifies its draft tree in one forward "
+            f"with a custom 4D attention mask, and {family} is not known to take one "
             f"(supported families: {', '.join(TREE_MASK_FAMILIES)})")
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in TREE_MASK_ATTENTION:
@@ -48,7 +48,8 @@ def tree_attention_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, 
         k_pos = torch.cat([torch.arange(past, device=full.device), q_pos])
         masks["sliding_attention"] = full & (q_pos[:, None] - k_pos[None, :] < window)
     if not as_bool:  # eager attention adds the mask to the scores
-        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+        lowest = torch.finfo(dtype).min
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, lowest)
                  for k, m in masks.items()}
     masks = {k: m[None, None] for k, m in masks.items()}
     layer_types = getattr(config, "layer_types", None) if config is not None else None

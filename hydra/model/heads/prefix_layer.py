@@ -26,12 +26,12 @@ class PrefixLayer(nn.Module):
         family = getattr(config, "model_type", type(config).__name__)
         decoder = AutoModel.from_config(config)
         if not all(hasattr(decoder, a) for a in ("layers", "norm", "rotary_emb")):
-            raise ValueError(f"cannot build a Hydra++ prefix layer for base model family {family!r}: its decoder "
-                             f"({type(decoder).__name__}) has no layers / norm / rotary_emb")
+            raise ValueError(f"cannot build a Hydra++ prefix layer for base model family {family!r}: its "
+                             f"decoder ({type(decoder).__name__}) has no layers / norm / rotary_emb")
         decoder.embed_tokens = None  # the prefix layer reads hidden states, never token ids
         self.config = config
-        # Registered under the names the checkpoints use (prefix.layer.*, prefix.norm.*); the one-layer decoder
-        # that runs them is kept outside the module tree so it adds nothing to the state dict.
+        # Registered under the names the checkpoints use (prefix.layer.*, prefix.norm.*); the one-layer
+        # decoder that runs them is kept outside the module tree so it adds nothing to the state dict.
         self.layer = decoder.layers[0]
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
