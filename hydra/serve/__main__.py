@@ -3,6 +3,7 @@
 Usage:
     python -m hydra.serve                                   # the shipped heads on the default model
     python -m hydra.serve --model HEADS_DIR_OR_HUB_ID [--base-model MODEL] [--port 8000] [--max-queue 16]
+    python -m hydra.serve --open                            # and open the web chat in a browser
 Then open http://127.0.0.1:8000/ for the chat, or point any OpenAI client at http://127.0.0.1:8000/v1.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import webbrowser
 from pathlib import Path
 
 
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens", type=int, default=512, help="reply length when a request sets no max_tokens"
     )
+    p.add_argument("--open", action="store_true", help="open the web chat in a browser once serving")
     return p
 
 
@@ -79,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print("[hydra] note: no heads found; every reply uses plain autoregressive decoding", file=sys.stderr)
     name = args.served_model_name or (Path(args.model).name if args.model else "hydra")
     app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree)
-    print(
-        f"[hydra] serving {name!r} at http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:{args.port}/)",
-        flush=True,
-    )
+    url = f"http://{args.host}:{args.port}"
+    print(f"[hydra] serving {name!r} at {url}/v1 (web chat: {url}/)", flush=True)
+    if args.open:  # the model is loaded; uvicorn binds the port well within this delay
+        threading.Timer(1.0, webbrowser.open, [url + "/"]).start()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
