@@ -54,45 +54,43 @@ def chat_ids(model, text):
     return render_prompt(model.tokenizer, [{"role": "user", "content": text}])
 
 
+def ask(client, text, stream=False, **kw):
+    """One user message through the openai client: (reply text, [finish reasons], usage, number of pieces)."""
+    kw.setdefault("temperature", 0)
+    messages = [{"role": "user", "content": text}]
+    if not stream:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, **kw)
+        return reply.choices[0].message.content, [reply.choices[0].finish_reason], reply.usage, 1
+    parts, finishes, usage = [], [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, stream=True, **kw):
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+        usage = chunk.usage or usage
+    return "".join(parts), finishes, usage, len([p for p in parts if p])
+
+
 # --- replies equal direct decoding --------------------------------------------------------------------------
 @pytest.mark.parametrize("speculative", [True, False])
 def test_chat_matches_direct_greedy(served, client, speculative):
     _, model = served
     text, reason, out = expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)
-    reply = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Tell me a story."}],
-        max_tokens=24,
-        temperature=0,
-        extra_body={"speculative": speculative},
-    )
-    assert reply.choices[0].message.content == text and text
-    assert reply.choices[0].finish_reason == reason
-    assert reply.usage.completion_tokens == len(out.tokens)
-    assert reply.usage.prompt_tokens == len(chat_ids(model, "Tell me a story."))
-    tau = reply.usage.model_extra["accepted_tokens_per_step"]
+    got, finishes, usage, _ = ask(client, "Tell me a story.", max_tokens=24,
+                                  extra_body={"speculative": speculative})
+    assert got == text and text and finishes == [reason]
+    assert usage.completion_tokens == len(out.tokens)
+    assert usage.prompt_tokens == len(chat_ids(model, "Tell me a story."))
+    tau = usage.model_extra["accepted_tokens_per_step"]
     assert tau == pytest.approx(out.tau if speculative else 1.0, abs=1e-4)
 
 
 def test_chat_stream_matches_direct_greedy(served, client):
     _, model = served
     text, reason, out = expected(model, chat_ids(model, "Hello there"), max_new_tokens=30)
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Hello there"}],
-        max_tokens=30,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    parts, finishes, usage = [], [], None
-    for chunk in stream:
-        for choice in chunk.choices:
-            parts.append(choice.delta.content or "")
-            if choice.finish_reason:
-                finishes.append(choice.finish_reason)
-        usage = chunk.usage or usage
-    assert "".join(parts) == text and len([p for p in parts if p]) > 3  # it streamed, piece by piece
+    got, finishes, usage, pieces = ask(client, "Hello there", stream=True, max_tokens=30,
+                                       stream_options={"include_usage": True})
+    assert got == text and pieces > 3  # it streamed, piece by piece
     assert finishes == [reason]
     assert usage.completion_tokens == len(out.tokens)
     assert usage.model_extra["accepted_tokens_per_step"] == pytest.approx(out.tau, abs=1e-4)
@@ -120,37 +118,16 @@ def test_stop_strings_cut_the_reply(served, client):
     stop = full[8:11]
     want = full[: full.find(stop)]
     for stream in (False, True):
-        kw = dict(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Tell me a story."}],
-            max_tokens=24,
-            temperature=0,
-            stop=[stop, "\x00never"],
-        )
-        if stream:
-            chunks = list(client.chat.completions.create(stream=True, **kw))
-            got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-        else:
-            reply = client.chat.completions.create(**kw)
-            got, finish = reply.choices[0].message.content, [reply.choices[0].finish_reason]
-        assert got == want and finish == ["stop"], stream
+        got, finishes, _, _ = ask(client, "Tell me a story.", stream, max_tokens=24, stop=[stop, "\x00never"])
+        assert got == want and finishes == ["stop"], stream
 
 
 def test_seeded_sampling_is_reproducible_and_the_librarys(served, client):
     _, model = served
     text, _, _ = expected(model, chat_ids(model, "Pick a word"), max_new_tokens=16, temperature=1.0, seed=7)
-    kw = dict(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Pick a word"}],
-        max_tokens=16,
-        temperature=1.0,
-        seed=7,
-    )
-    first = client.chat.completions.create(**kw).choices[0].message.content
-    assert first == text == client.chat.completions.create(**kw).choices[0].message.content
-    other = client.chat.completions.create(**{**kw, "seed": 8}).choices[0].message.content
-    assert other != first
+    first = ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=7)[0]
+    assert first == text == ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=7)[0]
+    assert ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=8)[0] != first
 
 
 def test_models_and_health(served, client):
@@ -259,31 +236,13 @@ def test_load_8_clients_x_5_requests(served, client):
     """Every reply complete and equal to direct greedy decoding of its own prompt; nothing lost."""
     _, model = served
     prompts = {(c, i): f"client {c} asks question {i}" for c in range(8) for i in range(5)}
-    want = {k: expected(model, chat_ids(model, p), max_new_tokens=12)[:2] for k, p in prompts.items()}
+    want = {}
+    for k, p in prompts.items():
+        text, reason, _ = expected(model, chat_ids(model, p), max_new_tokens=12)
+        want[k] = (text, [reason])
 
     def one_client(c):
-        got = {}
-        for i in range(5):
-            kw = dict(
-                model=MODEL,
-                messages=[{"role": "user", "content": prompts[c, i]}],
-                max_tokens=12,
-                temperature=0,
-            )
-            if i % 2:
-                chunks = list(client.chat.completions.create(stream=True, **kw))
-                got[c, i] = (
-                    "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
-                    [
-                        ch.choices[0].finish_reason
-                        for ch in chunks
-                        if ch.choices and ch.choices[0].finish_reason
-                    ][0],
-                )
-            else:
-                reply = client.chat.completions.create(**kw)
-                got[c, i] = (reply.choices[0].message.content, reply.choices[0].finish_reason)
-        return got
+        return {(c, i): ask(client, prompts[c, i], stream=bool(i % 2), max_tokens=12)[:2] for i in range(5)}
 
     with ThreadPoolExecutor(8) as pool:
         results = {}

@@ -21,6 +21,9 @@ class PrefixLayer(nn.Module):
         config = copy.deepcopy(base_config)
         config.num_hidden_layers = 1
         config.use_cache = True
+        # The prefix layer reads hidden states, never token ids: a one-row embedding saves allocating and
+        # initialising a vocabulary-sized one that would be dropped at once.
+        config.vocab_size, config.pad_token_id = 1, None
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[-1:]  # the kind of layer it follows: the base's top layer
         family = getattr(config, "model_type", type(config).__name__)
@@ -28,7 +31,7 @@ class PrefixLayer(nn.Module):
         if not all(hasattr(decoder, a) for a in ("layers", "norm", "rotary_emb")):
             raise ValueError(f"cannot build a Hydra++ prefix layer for base model family {family!r}: its "
                              f"decoder ({type(decoder).__name__}) has no layers / norm / rotary_emb")
-        decoder.embed_tokens = None  # the prefix layer reads hidden states, never token ids
+        decoder.embed_tokens = None
         self.config = config
         # Registered under the names the checkpoints use (prefix.layer.*, prefix.norm.*); the one-layer
         # decoder that runs them is kept outside the module tree so it adds nothing to the state dict.
