@@ -20,6 +20,8 @@ from hydra.data.sharegpt import (
 )
 from hydra.model.base_model import load_tokenizer
 
+from helpers import write_jsonl
+
 CONVERSATION = {"id": "c1", "conversations": [
     {"from": "system", "value": "You are terse."},
     {"from": "human", "value": "What is 2 + 2?"},
@@ -88,14 +90,6 @@ def test_vicuna_template(tokenizer, plain_tokenizer, explicit):
     assert text.startswith("You are terse. USER: What is 2 + 2? ASSISTANT:")
     runs = [tok.decode(run) for run in labelled_runs(example)]
     assert [r.strip() for r in runs] == [reply + tok.eos_token for reply in REPLIES]
-
-
-def write_jsonl(path, records, raw_lines=()):
-    with open(path, "wb") as f:
-        for r in records:
-            f.write((json.dumps(r) + "\n").encode())
-        for line in raw_lines:
-            f.write(line + b"\n")
 
 
 def test_malformed_records_are_skipped_per_reason(tmp_path, capsys):

@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from hydra.model.generate import _verify_mask
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import build_tree_buffers
+
+from helpers import make_tiny_base
 
 VOCAB = 96
 
 
 def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     """2-layer GQA Llama (4 query / 2 KV heads), fp32, weights large enough that logits are O(1)."""
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attn_implementation=attn)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model.requires_grad_(False)
+    return make_tiny_base(VOCAB, seed=seed, scale=0.3, max_position_embeddings=128, attn_implementation=attn)
 
 
 def _kv(n: int, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "llm_judge"))
 
 import answer_common
+from helpers import save_tiny_model
 
 QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl").open()]
 
@@ -22,24 +22,7 @@ QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_ben
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """root/base: tiny Llama (d=32, 2 layers) with SmolLM2's tokenizer; root/heads: random Hydra heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hydra.model import HydraConfig, HydraModel, load_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_answers")
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id)).eval()
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    model = HydraModel(base, HydraConfig(hydra_num_heads=4, base_model_name_or_path=str(root / "base")), tok)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "heads")
+    root = save_tiny_model(tmp_path_factory.mktemp("tiny_answers"), context=512, heads=dict(num_heads=4))
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:2]))
     return root
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydra.data.self_distill import length_sorted_batches, main, read_done_ids, read_prompts
 from hydra.data.sharegpt import load_sharegpt
-from hydra.model.base_model import load_tokenizer
+
+from helpers import save_tiny_model
 
 PROMPTS = [
     {"id": "p0", "source": "t", "turns": ["Say hello."]},
@@ -21,16 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), context=512) / "base")
 
 
 @pytest.fixture()
