@@ -86,11 +86,26 @@ def test_overflow_raises_and_crop():
     with pytest.raises(RuntimeError, match="overflow: 6 tokens > capacity 5"):
         cache.update(*_kv(2), 0)
     assert cache.get_seq_length() == 4  # the failed update left the cache as it was
-    cache.layers[0].crop(2)
-    assert cache.get_seq_length() == 2
-    cache.layers[0].crop(-1)
-    assert cache.get_seq_length() == 1
     assert cache.layers[0].get_max_length() == 5
+
+
+def test_crop_means_what_it_means_in_transformers():
+    """Cache.crop(-k) removes k tokens, crop(0) removes none, crop(k > 0) is refused: checked side by side
+    with transformers' own DynamicCache."""
+    ours, theirs = TreeKVCache(num_layers=1, max_len=8), DynamicCache()
+    for cache in (ours, theirs):
+        cache.update(*_kv(5), 0)
+    for arg in (0, -2, 0, -1):
+        ours.crop(arg)
+        theirs.crop(arg)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        torch.testing.assert_close(ours.layers[0].keys, theirs.layers[0].keys)
+    assert ours.get_seq_length() == 2
+    for cache in (ours, theirs):
+        with pytest.raises(ValueError):
+            cache.crop(1)
+    ours.update(*_kv(1, start=10.0), 0)  # the next token lands right after the kept ones
+    assert ours.get_seq_length() == 3 and float(ours.layers[0].keys[0, 0, 2, 0]) == 10.0
 
 
 # --- inside a real forward ---------------------------------------------------------------------------------
