@@ -16,7 +16,7 @@ from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate
 from helpers import assert_matches, make_heads, make_tiny_base, randomize_
 
 VOCAB = 64
-EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the digest's worked example (depth 2)
+EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees.py (depth 2)
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 
