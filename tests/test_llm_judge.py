@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "llm_judge"))
 import gen_judgement
 import show_result
 import show_speed
+from helpers import write_jsonl
 
 JUDGE_DATA = REPO / "llm_judge" / "data"
 QUESTIONS = [json.loads(line) for line in (JUDGE_DATA / "mt_bench" / "question.jsonl").open()]
@@ -88,12 +89,6 @@ def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wa
         choice["accept_lengths"] = [spread(n, s) for n, s in zip(new_tokens, steps)]
     return {"question_id": q["question_id"], "answer_id": "a", "model_id": model, "tstamp": 0.0,
             "choices": [choice]}
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture
