@@ -7,12 +7,15 @@
 - `chi2_*`, `assert_matches`: a chi-square goodness-of-fit test with a power check (scipy is not a
   dependency: the quantile comes from torch's regularized incomplete gamma function).
 - `write_jsonl`: a JSONL file from records (and raw malformed lines).
+- `LocalServer`: a real HTTP server on 127.0.0.1 in a thread, for the fake Hub and the fake judge.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -159,3 +162,20 @@ def write_jsonl(path: Path, records, raw_lines: tuple[bytes, ...] = ()) -> Path:
         for line in raw_lines:
             f.write(line + b"\n")
     return path
+
+
+class LocalServer:
+    """`with Server(...) as s:` serves `handler` (a BaseHTTPRequestHandler class) at `s.url` + `path`."""
+
+    def __init__(self, handler, path: str = ""):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

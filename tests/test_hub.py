@@ -14,15 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
 
-from helpers import make_tiny_base, randomize_, save_tiny_model
+from helpers import LocalServer, make_tiny_base, randomize_, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +30,7 @@ def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class FakeHub:
+class FakeHub(LocalServer):
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo_id -> {"files": {path: bytes}, "sha": str, "private": bool}
         self.calls: list[tuple[str, str]] = []
@@ -133,17 +132,7 @@ class FakeHub:
                                       ctype="application/octet-stream")
                 self._error(404, "EntryNotFound", f"no route {path}")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def save_heads(base, root: Path, base_path: str, **cfg) -> Path:

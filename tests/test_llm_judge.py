@@ -11,8 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ sys.path.insert(0, str(REPO / "llm_judge"))
 import gen_judgement
 import show_result
 import show_speed
-from helpers import write_jsonl
+from helpers import LocalServer, write_jsonl
 
 JUDGE_DATA = REPO / "llm_judge" / "data"
 QUESTIONS = [json.loads(line) for line in (JUDGE_DATA / "mt_bench" / "question.jsonl").open()]
@@ -31,7 +30,7 @@ WRITING = next(q for q in QUESTIONS if q["category"] == "writing")
 MATH = next(q for q in QUESTIONS if q["category"] == "math")
 
 
-class FakeJudge:
+class FakeJudge(LocalServer):
     """OpenAI-compatible chat completions endpoint with canned replies; records every request."""
 
     def __init__(self, reply=lambda req: "The answer is fine. Rating: [[8]]", fail_first: int = 0):
@@ -62,17 +61,7 @@ class FakeJudge:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "/v1")
 
 
 def spread(n: int, steps: int) -> list[int]:
