@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,13 +96,14 @@ def hf_decoder(model: HydraModel, max_new_tokens: int, stop_ids: set[int], **gen
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-model", default=None)
-    ap.add_argument("--heads", nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
-    ap.add_argument("--trees", nargs="*", default=["mc_sim_7b_63"])
+    ap.add_argument("--base-model", type=os.path.expanduser, default=None)
+    ap.add_argument("--heads", type=os.path.expanduser,
+                    nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
+    ap.add_argument("--trees", type=os.path.expanduser, nargs="*", default=["mc_sim_7b_63"])
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--question-file", type=Path, default=QUESTIONS)
+    ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--check-equal", action="store_true", help="count prompts where speculative == AR output")
     ap.add_argument("--hf", action="store_true",
@@ -112,13 +114,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     extra = (" equal |" if args.check_equal else "") + (" vs HF generate |" if args.hf else "")
-    print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from {args.question_file.name}, "
+    print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from "
+          f"{Path(args.question_file).name}, "
           f"{args.max_new_tokens} new tokens, greedy")
     print("| dtype | heads | tree | tok/s | tau | speedup |" + extra)
     print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for dtype in args.dtypes:
         base, tokenizer = load_base_model(args.base_model, dtype=dtype)
-        prompts = load_prompts(tokenizer, args.question_file, args.num_prompts)
+        prompts = load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
         if args.heads:
             models = {h: HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer) for h in args.heads}
         else:

@@ -12,57 +12,25 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import make_heads, make_tiny_base
 
-from hydra.model import HydraConfig, HydraModel, load_tokenizer
+from hydra.model import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 1024
 
 
 def save_tiny_served_model(folder: Path) -> Path:
-    """Write folder/base (a 2-layer random Llama with the default tokenizer) and folder/heads (random
-    prefix-mlp heads naming that base); returns the heads folder."""
+    """Write folder/base (a 2-layer random Llama with O(1) logits and the default tokenizer) and folder/heads
+    (random prefix-mlp heads naming that base); returns the heads folder. As helpers.save_tiny_model, with
+    well-separated greedy choices (scale 0.3) so speculative and plain greedy replies agree exactly."""
     tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=CONTEXT,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            attn_implementation="sdpa",
-        )
-    )
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in base.named_parameters():  # O(1) logits: well-separated greedy choices
-            p.copy_(
-                1 + 0.1 * torch.randn(p.shape, generator=gen)
-                if "norm" in name
-                else 0.3 * torch.randn(p.shape, generator=gen)
-            )
+    base = make_tiny_base(vocab_size=len(tokenizer), scale=0.3, max_position_embeddings=CONTEXT,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     base.save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
-    heads = HydraModel(
-        base,
-        HydraConfig(
-            hydra_num_heads=4,
-            hydra_num_layers=1,
-            hydra_head_arch="prefix-mlp",
-            base_model_name_or_path=str(folder / "base"),
-            tree="tree_8",
-        ),
-    )
-    with torch.no_grad():
-        for p in heads.heads.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    heads = make_heads(base, "prefix-mlp", num_heads=4, base_model_name_or_path=str(folder / "base"),
+                       tree="tree_8")
     heads.save_pretrained(folder / "heads")
     return folder / "heads"
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_generate import assert_matches, oracle_heads, random_heads
+from helpers import assert_matches, randomize_
+from test_generate import oracle_heads, random_heads
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -46,11 +47,7 @@ def make_family_base(family: str, seed: int = 0, scale: float = 0.3, **overrides
     kw.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config_class(**kw)).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else scale * noise)
+    randomize_(model, seed, scale)
     return model.requires_grad_(False)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, sample_from, typical_accept
+from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
@@ -126,14 +127,8 @@ def _tree_buffers(model: HydraModel, tree: str | list | None) -> TreeBuffers:
 
 def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
     """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
-    if config.stop_token_ids is not None:
-        return set(config.stop_token_ids)
-    ids = set()
-    eos = getattr(model.base_model.generation_config, "eos_token_id", None)
-    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
-        ids.add(model.tokenizer.eos_token_id)
-    return ids
+    ids = config.stop_token_ids
+    return set(ids if ids is not None else eos_token_ids(model.base_model, model.tokenizer))
 
 
 def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.Tensor:
@@ -153,7 +148,7 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     context = model.base_model.config.max_position_embeddings
     if ids.numel() >= context:
         raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
-    if config.temperature < 0:
+    if not config.temperature >= 0:  # also catches nan
         raise ValueError(f"temperature must be >= 0, got {config.temperature}")
     if config.sampling not in ("exact", "typical"):
         raise ValueError(f"sampling must be 'exact' or 'typical', got {config.sampling!r}")
