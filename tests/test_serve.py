@@ -304,6 +304,36 @@ def test_malformed_completions_and_unknown_routes(served):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
+    """In-process (FastAPI's TestClient): a step that raises gives a 500 / an SSE error event, frees the
+    queue place, and the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    engine = Engine(model, has_heads=True)
+    working = engine.steps
+
+    def failing(job):
+        yield from ()
+        raise RuntimeError("boom")
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0}
+    with TestClient(create_app(engine, MODEL)) as http:
+        engine.steps = failing
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and "decoding failed: RuntimeError: boom" in r.json()["error"]["message"]
+        r = http.post("/v1/chat/completions", json={**body, "stream": True})
+        assert '"error"' in r.text and "boom" in r.text
+        engine.steps = working
+        assert engine.health()["running"] == 0 and engine.health()["waiting"] == 0
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
 def test_bad_command_line_is_one_error_line(tmp_path):
     import subprocess
     import sys

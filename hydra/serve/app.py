@@ -166,6 +166,8 @@ def create_app(
             return _EventStream(events, ticket.release)
         try:
             got = await _unless_disconnected(request, _collect(engine.run(ticket, job, steps, stats)))
+        except Exception as e:  # a decoding failure is this request's alone; the server keeps serving
+            return error(500, f"decoding failed: {type(e).__name__}: {e}")
         finally:
             ticket.release()
         if got is None:
@@ -218,17 +220,23 @@ async def _sse(events, head: dict, stats: Stats, chat: bool, include_usage: bool
         return f"data: {json.dumps(body)}\n\n"
 
     started = False
-    async for text, finish in events:
-        if text is None:  # still queued
-            yield ": queued\n\n"
-            continue
-        if chat and not started:
-            started = True
-            yield chunk(None, None, first=True)
-        if text:
-            yield chunk(text, None)
-        if finish is not None:
-            yield chunk(None, finish)
+    try:
+        async for text, finish in events:
+            if text is None:  # still queued
+                yield ": queued\n\n"
+                continue
+            if chat and not started:
+                started = True
+                yield chunk(None, None, first=True)
+            if text:
+                yield chunk(text, None)
+            if finish is not None:
+                yield chunk(None, finish)
+    except Exception as e:  # headers are sent: report the failure as an error event, as OpenAI's API does
+        body = {"error": {"message": f"decoding failed: {type(e).__name__}: {e}", "type": "server_error",
+                          "param": None, "code": None}}
+        yield f"data: {json.dumps(body)}\n\n"
+        return
     if include_usage:  # OpenAI's last chunk: no choices, the usage block
         kind = "chat.completion.chunk" if chat else head["object"]
         yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': stats.usage()})}\n\n"
