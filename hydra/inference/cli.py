@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior-threshold", type=float, default=None, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=None, help="typical acceptance delta")
     p.add_argument("--tree", default=None,
-                   help="candidate tree: a name in hydra.model.trees or a JSON file (default: the heads' own)")
+                   help="candidate tree: a name in hydra.model.trees, a JSON file, or dynamic[:N[:DEPTH[:K]]] "
+                        "(grown per step from the heads' confidence) (default: the heads' own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hydra.inference.loading import DEFAULT_HEADS_DIR, load_model
-    from hydra.model.generate import DEFAULT_TREE, DecodeConfig
-    from hydra.model.trees import build_tree_buffers, get_tree
+    from hydra.model.generate import DecodeConfig
+    from hydra.model.trees import resolve_tree, tree_spec
 
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
@@ -234,16 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, **kwargs)
     if speculative:
         try:  # fail now, not at the first message, on a bad --tree
-            tree = build_tree_buffers(get_tree(args.tree or model.config.tree or DEFAULT_TREE))
-            if tree.max_depth > model.config.hydra_num_heads:
-                raise ValueError(f"tree depth {tree.max_depth} exceeds the number of heads "
-                                 f"({model.config.hydra_num_heads}); choose a shallower --tree")
+            resolve_tree(args.tree, model.config)
         except ValueError as e:
             print(f"[hydra] error: {e}", file=sys.stderr)
             return 1
     cfg = model.config
     device = next(model.parameters()).device
-    what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {args.tree or cfg.tree or DEFAULT_TREE}"
+    what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             if speculative else "plain autoregressive decoding")
     print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)
