@@ -71,8 +71,8 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
         out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
         ctx = out.last_hidden_state[0, -1]
 
-        def verify(t: int) -> None:
-            mask = torch.ones(1, 1, t, n + t, dtype=torch.bool, device=device).tril_(n)
+        def verify(t: int) -> None:  # a plain step (t = 1) runs without a mask, as in decoding
+            mask = torch.ones(1, 1, t, n + t, dtype=torch.bool, device=device).tril_(n) if t > 1 else None
             out = model.decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
                                 past_key_values=cache, use_cache=True, attention_mask=mask)
             model.lm_head(out.last_hidden_state[0])

@@ -23,7 +23,9 @@ from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import (DEFAULT_TREE, DynamicTree, StepTree, TreeBuffers, choose_size,  # noqa: F401
                                 resolve_tree, select_step_tree, worth_expanding)
 
-MAX_BACKOFF = 8  # dynamic trees: at most this many plain steps before the heads are asked again
+# Adaptive dynamic trees: tokens per unit of step time are averaged over speculative steps with this weight
+# on the newest; while the average is below a plain step's (1), the heads rest for 1, 2, 4, ... 8 steps.
+RATE_WEIGHT, MAX_BACKOFF = 0.3, 8
 
 
 @dataclass
@@ -176,9 +178,11 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
 
 @dataclass
 class Draft:
-    """The tokens one verification forward checks (root first) and the tree they form."""
+    """The tokens one verification forward checks (root first), the tree they form, and for adaptive dynamic
+    trees the step's estimated cost in plain forwards."""
     tokens: torch.Tensor
     tree: StepTree
+    cost: float | None = None
 
 
 class _Run:
@@ -202,7 +206,8 @@ class _Run:
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it).
         self.unread: list[torch.Tensor] = []
         self.unread_from = 0
-        self.skip = self.backoff = 0  # dynamic trees: plain steps left, and the next back-off length
+        self.skip = self.backoff = 0  # adaptive dynamic trees: plain steps left, the last back-off length,
+        self.rate = 1.5  # and the average tokens per unit of step time (optimistic at first: try the heads)
         self.plain = StepTree(torch.ones(1, 1, dtype=torch.bool, device=self.device),
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
@@ -258,11 +263,8 @@ def _draft(run: _Run, root: int) -> Draft:
     ctx = _context(run)
     if isinstance(run.tree, TreeBuffers):
         return Draft(_propose(run.model, run.tree, ctx, root), run.tree)
-    tokens, tree, rate = _propose_dynamic(run.model, run.tree, ctx, root)
-    if run.tree.adaptive:  # back off while speculating loses to plain steps: 1, 2, 4, 8 plain steps
-        run.backoff = 0 if rate >= 1 else min(2 * run.backoff, MAX_BACKOFF) or 1
-        run.skip = run.backoff
-    return Draft(tokens, tree)
+    tokens, tree, cost = _propose_dynamic(run.model, run.tree, ctx, root)
+    return Draft(tokens, tree, cost if run.tree.adaptive else None)
 
 
 def _context(run: _Run) -> torch.Tensor:
@@ -288,7 +290,18 @@ def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tens
     run.n += accepted.numel()
     if run.tree is not None:
         run.unread.append(hidden[accepted])
+    if draft.cost is not None:
+        _pace(run, accepted.numel() / draft.cost)
     return draft.tokens[accepted[1:]].tolist()
+
+
+def _pace(run: _Run, rate: float) -> None:
+    """Rest the heads while speculating decides fewer tokens per unit of time than plain steps would, judged
+    on realised accepted lengths (the cost is the measured estimate), so text the heads do not know decodes
+    at nearly plain speed; each failed try doubles the rest."""
+    run.rate += RATE_WEIGHT * (rate - run.rate)
+    run.backoff = 0 if run.rate >= 1 else min(2 * run.backoff, MAX_BACKOFF) or 1
+    run.skip = run.backoff
 
 
 def _hidden(model: HydraModel, out) -> torch.Tensor:
@@ -334,7 +347,7 @@ def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
                      root: int) -> tuple[torch.Tensor, StepTree, float]:
     """Grow this step's tree from the heads' confidence (see `DynamicTree`); one head call per depth over the
     kept nodes. Candidates are numbered in proposal order (0 = root). Returns the selected tokens, their tree
-    and the expected tokens per unit of step time (`choose_size`)."""
+    and the step's estimated cost in plain forwards (proposal + verification of the selected tokens)."""
     heads, embed, lm_head = model.heads, model.embed_tokens, model.lm_head
     device, k = ctx.device, tree.topk
     root_t = torch.tensor([root], device=device)
@@ -366,6 +379,7 @@ def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
         if heads.grounded:
             rows = torch.cat([rows[best // k], embed(ids[best])], dim=-1)
     scores_t = torch.cat(scores)
-    n, rate = choose_size(scores_t, tree.costs.context + calls * tree.costs.head_call, tree)
+    overhead = tree.costs.context + calls * tree.costs.head_call
+    n, _ = choose_size(scores_t, overhead, tree)
     keep, step_tree = select_step_tree(scores_t, torch.cat(parents), torch.cat(depths), n)
-    return torch.cat(tokens)[keep], step_tree, rate
+    return torch.cat(tokens)[keep], step_tree, overhead + float(tree.verify_cost[n + 1])

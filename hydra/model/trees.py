@@ -228,10 +228,9 @@ class StepCosts:
     two), one head call (head + draft projection + top-k), and the head context update. Measured with
     `scripts/profile_step.py --costs` for the default model (bf16, one thread, CPU); README "Dynamic trees"."""
 
-    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.1), (4, 1.15), (8, 1.22), (12, 1.4), (16, 1.5),
-                                             (24, 1.85))
-    head_call: float = 0.05
-    context: float = 0.04
+    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (4, 1.04), (8, 1.2), (16, 1.49), (24, 1.85))
+    head_call: float = 0.045
+    context: float = 0.043
 
     def verify_costs(self, max_tokens: int) -> torch.Tensor:
         """(max_tokens + 1,) cost of verifying T tokens at index T (index 0 unused)."""
