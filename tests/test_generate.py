@@ -385,7 +385,8 @@ def test_dynamic_tree_adapts_to_the_heads_confidence(monkeypatch, base, cycle_ba
                                                                          stop_token_ids=[])))
     assert [t for s in steps for t in s.tokens] == run(unsure, PROMPTS[1], speculative=False).tokens
     assert len(spy.proposals) < (len(steps) - 1) / 2  # backed off on most steps
-    assert sum(tree.size for tree, *_ in spy.proposals) < 4 * len(spy.proposals)
+    # near-uniform guesses (p ~ 1/64) are worth only the nodes that verify almost for free: at most 3 of 16
+    assert max(tree.size for tree, *_ in spy.proposals) <= 4
     sure = oracle_heads(cycle_base, "hydra-mlp")
     spy = _Spy(monkeypatch, sure)
     steps = spy.consume(hydra_generate(sure, PROMPTS[1], DecodeConfig(tree="dynamic:16", max_new_tokens=40,
