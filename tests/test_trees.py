@@ -10,9 +10,22 @@ import pytest
 import torch
 
 from hydra.model import HydraConfig
-from hydra.model.trees import (_TREE_DIR, DEFAULT_TREE, MC_SIM_7B_63, TREES, DynamicTree, StepCosts, build_tree_buffers,
-                               choose_size, get_tree, parse_dynamic_tree, resolve_tree, select_step_tree, tree_spec,
-                               worth_expanding)
+from hydra.model.trees import (
+    _TREE_DIR,
+    DEFAULT_TREE,
+    MC_SIM_7B_63,
+    TREES,
+    DynamicTree,
+    StepCosts,
+    build_tree_buffers,
+    choose_size,
+    get_tree,
+    parse_dynamic_tree,
+    resolve_tree,
+    select_step_tree,
+    tree_spec,
+    worth_expanding,
+)
 
 # The digest's worked example (§4.2): tree order root, [0], [1], [0,0], [0,1], [1,0].
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]

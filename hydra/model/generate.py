@@ -20,8 +20,16 @@ import torch
 from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
-from hydra.model.trees import (DEFAULT_TREE, DynamicTree, StepTree, TreeBuffers, choose_size,  # noqa: F401
-                                resolve_tree, select_step_tree, worth_expanding)
+from hydra.model.trees import (  # noqa: F401
+    DEFAULT_TREE,
+    DynamicTree,
+    StepTree,
+    TreeBuffers,
+    choose_size,
+    resolve_tree,
+    select_step_tree,
+    worth_expanding,
+)
 
 # Adaptive dynamic trees: tokens per unit of step time are averaged over speculative steps with this weight
 # on the newest; while the average is below a plain step's (1), the heads rest for 1, 2, 4, ... 8 steps.
@@ -196,7 +204,8 @@ class _Run:
         self.capacity = min(base.config.max_position_embeddings,
                             prompt_len + config.max_new_tokens + (tree.size if tree is not None else 1))
         self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity)
-        self.prefix_cache = model.heads.prefix.new_cache() if (tree is not None and model.heads.prefix) else None
+        has_prefix = tree is not None and model.heads.prefix is not None
+        self.prefix_cache = model.heads.prefix.new_cache() if has_prefix else None
         self.stop_ids = stop_token_ids(model, config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.accept = _acceptance_rule(config, generator)

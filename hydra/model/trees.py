@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def tree_spec(tree: str | list | None, heads_config) -> str | list:
 _BUILT: dict[tuple[str, str], TreeBuffers] = {}
 
 
-def resolve_tree(tree: str | list | None, heads_config, device: torch.device | str = "cpu") -> TreeBuffers | DynamicTree:
+def resolve_tree(tree: str | list | None, heads_config,
+                 device: torch.device | str = "cpu") -> TreeBuffers | DynamicTree:
     """The tree a decoding run uses (see `tree_spec`), built (static trees once per process and device) and
     checked against the number of heads, so bad input fails before any work."""
     spec, num_heads = tree_spec(tree, heads_config), heads_config.hydra_num_heads
@@ -237,7 +239,7 @@ class StepCosts:
         pts = sorted(self.verify)
         out = [pts[0][1]]
         for t in range(1, max_tokens + 1):
-            (t0, c0), (t1, c1) = next(((a, b) for a, b in zip(pts, pts[1:]) if t <= b[0]), pts[-2:])
+            (t0, c0), (t1, c1) = next(((a, b) for a, b in pairwise(pts) if t <= b[0]), pts[-2:])
             out.append(c0 + (c1 - c0) * (t - t0) / (t1 - t0))
         return torch.tensor(out)
 
