@@ -66,8 +66,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     if method == "hydra":
-        p.add_argument("--tree", type=os.path.expanduser,
-                       default=None, help="candidate tree name or JSON file (default: the heads' own)")
+        p.add_argument("--tree", type=os.path.expanduser, default=None,
+                       help="candidate tree name, JSON file or dynamic[:N[:DEPTH[:K]]] (default: the heads' own)")
         p.add_argument("--sampling", choices=("typical", "exact"), default=None,
                        help="acceptance rule when temperature > 0 (default: the engine's)")
         p.add_argument("--posterior-threshold", type=float, default=None)
@@ -168,7 +168,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from hydra.inference.loading import check_decoding, default_heads_folder, load_model
-    from hydra.model.generate import DEFAULT_TREE, DecodeConfig, ar_generate, hydra_generate
+    from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
+    from hydra.model.trees import tree_spec
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -208,7 +209,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":
-        decoding.update(tree=config.tree or model.config.tree or DEFAULT_TREE, sampling=config.sampling,
+        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling,
                         posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
 
     warm = dict(todo[0], turns=todo[0]["turns"][:1])

@@ -4,6 +4,12 @@ compaction, Python), compared with one plain autoregressive step, on the same pr
 
     python scripts/profile_step.py                          # shipped heads, bf16, 8 prompts x 64 tokens
     python scripts/profile_step.py --heads runs/hydra --tree tree_32 --dtype float32 --threads 1
+    python scripts/profile_step.py --threads 1 --costs      # verify cost vs tree size, head call vs rows
+
+`--costs` times the pieces a dynamic tree's size rule trades off, interleaved in random order on one
+400-token context: a verification forward (decoder + output layer) over T = 1..24 tokens, one head call
+(head + draft projection + log-softmax + top-k) over R rows, and the head context update; it prints each
+relative to a one-token verification, the numbers `hydra.model.trees.STEP_COSTS` holds.
 
 Each phase is timed around its call with time.perf_counter (CPU calls are synchronous); the prefill is left
 out.
@@ -20,6 +26,7 @@ import torch
 
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, generate
+from hydra.model.trees import tree_spec
 from hydra.inference.loading import load_model
 
 
@@ -49,6 +56,62 @@ class PhaseTimer:
         return timed
 
 
+def measure_costs(model, prompt: list[int], reps: int) -> None:
+    """Median ms of the pieces of a step, interleaved; see the module docstring."""
+    import random
+    import statistics
+
+    from hydra.model.kv_cache import TreeKVCache
+
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompt, device=device)
+    n = ids.numel()
+    cache = TreeKVCache(model.base_model.config.num_hidden_layers, n + 64)
+    d_model = model.config.hidden_size
+    with torch.inference_mode():
+        out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        ctx = out.last_hidden_state[0, -1]
+
+        def verify(t: int) -> None:  # a plain step (t = 1) runs without a mask, as in decoding
+            mask = torch.ones(1, 1, t, n + t, dtype=torch.bool, device=device).tril_(n) if t > 1 else None
+            out = model.decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
+                                past_key_values=cache, use_cache=True, attention_mask=mask)
+            model.lm_head(out.last_hidden_state[0])
+            for layer in cache.layers:
+                layer.crop(n)
+
+        def head(rows: int) -> None:
+            x = torch.cat([ctx, model.embed_tokens(ids[-1:])[0]])[None].expand(rows, -1)
+            hid = model.heads.head_hidden(0, x[:, :d_model], x[:, d_model:]) if model.heads.grounded \
+                else model.heads.head_hidden(0, ctx[None])
+            model.heads.draft_topk_logprobs(0, hid, model.lm_head, 4)
+
+        def context() -> None:
+            if model.heads.prefix is not None:
+                cache_p = model.heads.prefix.new_cache()
+                model.heads.context(out.last_hidden_state[:, -1:], torch.tensor([[n - 1]], device=device), cache_p)
+
+        jobs = [(f"verify T={t}", lambda t=t: verify(t)) for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24)]
+        jobs += [(f"head call R={r}", lambda r=r: head(r)) for r in (1, 4, 8, 16)]
+        jobs += [("context update", context)]
+        times: dict[str, list[float]] = defaultdict(list)
+        for name, fn in jobs:
+            fn()  # warm-up
+        for _ in range(reps):
+            random.shuffle(jobs)
+            for name, fn in jobs:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["verify T=1"])
+    print(f"context {n} tokens, {reps} reps, threads {torch.get_num_threads()}")
+    print("| piece | median ms | / verify T=1 |")
+    print("|---|---:|---:|")
+    for name, _ in sorted(jobs, key=lambda j: (j[0].split()[0], int(j[0].split("=")[-1]) if "=" in j[0] else 0)):
+        ms = statistics.median(times[name])
+        print(f"| {name} | {1e3 * ms:.1f} | {ms / base:.3f} |")
+
+
 def main() -> None:
     from bench_decode import QUESTIONS, load_prompts  # the benchmark's prompts (scripts/ is on sys.path)
 
@@ -62,11 +125,16 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--costs", action="store_true", help="time verification vs tree size and head calls")
+    ap.add_argument("--reps", type=int, default=20, help="repetitions per piece with --costs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.heads, args.base_model, dtype=args.dtype, device="cpu", heads_required=True)
     prompts = load_prompts(model.tokenizer, QUESTIONS, args.num_prompts)
+    if args.costs:
+        long_prompt = [t for ids in prompts for t in ids][:400]
+        return measure_costs(model, long_prompt, args.reps)
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, tree=args.tree)
 
     # Plain decoding: the decoder forward per step, prefill excluded.
@@ -87,11 +155,12 @@ def main() -> None:
     # Speculative decoding, phase by phase.
     timer = PhaseTimer()
     lm_forward, context = model.lm_head.forward, model.heads.context
-    propose = gen_mod._propose
+    propose, propose_dynamic = gen_mod._propose, gen_mod._propose_dynamic
     model.decoder.forward = timer.wrap("verify forward (decoder)", decoder_forward)
     model.lm_head.forward = timer.wrap("output layer over the tree", lm_forward)
     model.heads.context = timer.wrap("head context (+ prefix layer)", context)
     gen_mod._propose = timer.wrap("draft proposal (heads)", propose)
+    gen_mod._propose_dynamic = timer.wrap("draft proposal (heads)", propose_dynamic)
     phases = ["verify forward (decoder)", "output layer over the tree", "head context (+ prefix layer)"]
     tokens = steps = decided = 0
     start = time.perf_counter()
@@ -103,13 +172,13 @@ def main() -> None:
             steps += res.steps - 1
             decided += sum(res.accept_lengths[1:])
     finally:
-        gen_mod._propose = propose
+        gen_mod._propose, gen_mod._propose_dynamic = propose, propose_dynamic
         model.decoder.forward, model.lm_head.forward = decoder_forward, lm_forward
         model.heads.context = context
     total = time.perf_counter() - start - timer.prefill  # prefill left out of the per-step figures
     timed = sum(timer.seconds.values())
 
-    tree = config.tree or model.config.tree
+    tree = tree_spec(config.tree, model.config)
     print(f"heads {args.heads or 'shipped default'} | tree {tree} | {args.dtype} | threads "
           f"{torch.get_num_threads()} | {len(prompts)} prompts x {args.max_new_tokens} new tokens")
     spec_speed = tokens / (total + timer.prefill)

@@ -18,6 +18,7 @@ from helpers import assert_matches, make_heads, make_tiny_base, randomize_
 VOCAB = 64
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees.py (depth 2)
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
+DYNAMIC = ["dynamic:4", "dynamic:16", "dynamic:8:4:4:fixed", "dynamic:3:2:2:fixed"]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 
 
@@ -100,7 +101,7 @@ def test_greedy_lossless_random_heads(base, arch):
     for prompt in PROMPTS:
         ar = run(model, prompt, speculative=False)
         assert len(ar.tokens) == 40 and ar.accept_lengths == [1] * 40
-        for tree in TREES:
+        for tree in TREES + DYNAMIC:
             out = run(model, prompt, tree=tree)
             assert out.tokens == ar.tokens, (arch, tree, prompt)
             assert out.finish_reason == "max_new_tokens"
@@ -117,7 +118,7 @@ def test_greedy_lossless_with_high_acceptance(cycle_base, arch):
         ar = run(model, prompt, speculative=False, max_new_tokens=60)
         deviations = sum((b - a) % VOCAB != 1 for a, b in zip(ar.tokens, ar.tokens[1:]))
         assert 5 <= deviations <= 45  # the base model is neither purely periodic nor unpredictable
-        for tree in ("chain_4", "tree_16", "mc_sim_7b_63", EXAMPLE):
+        for tree in ("chain_4", "tree_16", "mc_sim_7b_63", EXAMPLE, *DYNAMIC):
             out = run(model, prompt, tree=tree, max_new_tokens=60)
             assert out.tokens == ar.tokens, (arch, tree, prompt)
             taus.append(len(out.tokens) / out.steps)
@@ -145,8 +146,9 @@ def test_low_temperature_sampling_equals_greedy(base, cycle_base):
         greedy = run(model, PROMPTS[1], speculative=False).tokens
         assert run(model, PROMPTS[1], speculative=False, temperature=1e-4, seed=0).tokens == greedy
         for sampling in ("exact", "typical"):
-            out = run(model, PROMPTS[1], tree="tree_16", temperature=1e-4, sampling=sampling, seed=0)
-            assert out.tokens == greedy, sampling
+            for tree in ("tree_16", "dynamic:8"):
+                out = run(model, PROMPTS[1], tree=tree, temperature=1e-4, sampling=sampling, seed=0)
+                assert out.tokens == greedy, (sampling, tree)
 
 
 def test_ar_generate_equals_hf_generate(base):
@@ -206,14 +208,20 @@ class _Spy:
 
     def __init__(self, monkeypatch, model, logits: bool = False):
         self.proposals, self.verified, self.emitted = [], [], []
-        original = gen_mod._propose
+        original, original_dynamic = gen_mod._propose, gen_mod._propose_dynamic
 
         def propose(model_, tree, ctx, root):
             tokens = original(model_, tree, ctx, root)
             self.proposals.append((tree, ctx.clone(), root, list(self.emitted), tokens.clone()))
             return tokens
 
+        def propose_dynamic(model_, spec, ctx, root):  # records the tree selected for this step
+            tokens, tree, cost = original_dynamic(model_, spec, ctx, root)
+            self.proposals.append((tree, ctx.clone(), root, list(self.emitted), tokens.clone()))
+            return tokens, tree, cost
+
         monkeypatch.setattr(gen_mod, "_propose", propose)
+        monkeypatch.setattr(gen_mod, "_propose_dynamic", propose_dynamic)
         self.handle = model.lm_head.register_forward_hook(self._hook) if logits else None
 
     def _hook(self, module, args, output):
@@ -237,7 +245,7 @@ class _Spy:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "tree_16"])
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "tree_16", "dynamic:12:4:3:fixed"])
 def test_tree_forward_equals_per_path_sequential_decoding(monkeypatch, attn, tree):
     """For each verification step of a real decoding run, every root-to-leaf path's tree logits equal the
     logits of decoding that path token by token after the same context (fp32, GQA 4/2)."""
@@ -304,15 +312,83 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
                 torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
 
 
+def _reference_dynamic(model, spec, ctx, root) -> set[tuple[int, ...]]:
+    """EAGLE-2 expansion and selection node by node: token paths (after the root) of the N best candidates."""
+    heads, embed, lm_head = model.heads, model.embed_tokens, model.lm_head
+    score = {(): 0.0}
+    frontier = [()]
+    for d in range(spec.depth):
+        new = {}
+        for path in frontier:
+            if heads.grounded:
+                hid = heads.head_hidden(d, ctx[None], embed(torch.tensor([root, *path])).reshape(1, -1))
+            else:
+                hid = heads.head_hidden(d, ctx[None])
+            logp = torch.log_softmax(heads.head_logits(d, hid, lm_head)[0].float(), -1)
+            top = logp.topk(spec.topk)
+            for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+                new[path + (tok,)] = score[path] + lp
+        score |= new
+        frontier = sorted(new, key=lambda p: -new[p])[: spec.topk]
+    return set(sorted((p for p in score if p), key=lambda p: -score[p])[: spec.nodes])
+
+
+def _token_paths(tree, tokens) -> set[tuple[int, ...]]:
+    paths = {0: ()}
+    for j, parent in enumerate(tree.parent.tolist()[1:], start=1):
+        paths[j] = paths[parent] + (int(tokens[j]),)
+    return set(paths.values()) - {()}
+
+
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_dynamic_proposals_match_unvectorised_reference(monkeypatch, base, arch):
+    """The vectorised dynamic proposal (one head call per depth over the kept nodes, selection by stable
+    sort) selects the same token paths as expanding and ranking candidates node by node."""
+    model = random_heads(base, arch, seed=11)
+    spy = _Spy(monkeypatch, model)
+    for spec in ("dynamic:10:4:3:fixed", "dynamic:4:3:2:fixed"):
+        spy.consume(hydra_generate(model, PROMPTS[2], DecodeConfig(tree=spec, max_new_tokens=12, stop_token_ids=[])))
+        assert len(spy.proposals) >= 5
+        parsed = gen_mod.resolve_tree(spec, model.config)
+        with torch.no_grad():
+            for tree, ctx, root, _, tokens in spy.proposals:
+                assert tree.size == parsed.nodes + 1 and int(tokens[0]) == root
+                assert _token_paths(tree, tokens) == _reference_dynamic(model, parsed, ctx, root)
+
+
+def test_dynamic_tree_adapts_to_the_heads_confidence(monkeypatch, base, cycle_base):
+    """Unsure heads (near-uniform guesses): most steps verify the root alone or skip the heads (back-off), and
+    the output is still plain greedy. Sure heads (oracle): the heads are asked every step and trees are
+    verified."""
+    unsure = random_heads(base, "hydra-mlp")
+    randomize_(unsure.heads, 5, 0.01)  # tiny head outputs: flat draft distributions over the 64 tokens
+    spy = _Spy(monkeypatch, unsure)
+    steps = spy.consume(hydra_generate(unsure, PROMPTS[1], DecodeConfig(tree="dynamic:16", max_new_tokens=40,
+                                                                         stop_token_ids=[])))
+    assert [t for s in steps for t in s.tokens] == run(unsure, PROMPTS[1], speculative=False).tokens
+    assert len(spy.proposals) < (len(steps) - 1) / 2  # backed off on most steps
+    # near-uniform guesses (p ~ 1/64) are worth only the nodes that verify almost for free: at most 3 of 16
+    assert max(tree.size for tree, *_ in spy.proposals) <= 4
+    sure = oracle_heads(cycle_base, "hydra-mlp")
+    spy = _Spy(monkeypatch, sure)
+    steps = spy.consume(hydra_generate(sure, PROMPTS[1], DecodeConfig(tree="dynamic:16", max_new_tokens=40,
+                                                                       stop_token_ids=[])))
+    assert [t for s in steps for t in s.tokens] == run(sure, PROMPTS[1], speculative=False).tokens
+    assert len(spy.proposals) >= (len(steps) - 1) * 0.7
+    assert sum(s.accept_length for s in steps[1:]) / (len(steps) - 1) > 1.5
+
+
 # --- exact sampling end to end ------------------------------------------------------------------------------
-def test_exact_sampling_matches_base_distribution():
+@pytest.mark.parametrize("tree", [[[0], [1], [2], [0, 0], [0, 1], [1, 0]], "dynamic:5:2:3"])
+def test_exact_sampling_matches_base_distribution(tree):
     """hydra_generate(temperature=1, sampling="exact") on a tiny model: the pair of the first two emitted
-    tokens follows p(x1 | prompt) p(x2 | prompt, x1) computed directly from the base model's softmax."""
+    tokens follows p(x1 | prompt) p(x2 | prompt, x1) computed directly from the base model's softmax. The
+    dynamic tree is chosen from the heads' probabilities, a deterministic function of the context, so the
+    same zero-and-renormalise rule must stay exact with it."""
     v = 16
     base = make_cycle_base(vocab=v, beta=2.5, scale=0.2, seed=2)
     model = oracle_heads(base, "hydra-mlp", num_heads=2)
     prompt = [3, 9, 4]
-    tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0]]
     with torch.no_grad():
         p1 = torch.softmax(base(torch.tensor([prompt])).logits[0, -1].double(), -1)
         seqs = torch.tensor([prompt + [x] for x in range(v)])
@@ -407,7 +483,7 @@ def test_max_steps(cycle_base):
     assert both.finish_reason == "max_new_tokens"
 
 
-@pytest.mark.parametrize("tree", ["chain_4", "tree_16", "mc_sim_7b_63"])
+@pytest.mark.parametrize("tree", ["chain_4", "tree_16", "mc_sim_7b_63", "dynamic:6:4:4:fixed"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 23])
 def test_context_limit_stops_cleanly(tree, prompt_len):
     """max_position_embeddings = 24: decoding stops with finish_reason "length" once every position is used

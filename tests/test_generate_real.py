@@ -152,14 +152,17 @@ def test_greedy_lossless_long_acceptance(real, prompts, reference, monkeypatch):
     assert state["moved"] >= 10  # accepted paths outside the first branch: rows really moved in the cache
 
 
-def test_greedy_lossless_trained_heads(real, prompts, reference):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_greedy_lossless_trained_heads(real, prompts, reference, dynamic):
     if not (TRAINED_HEADS / "config.json").is_file():
         pytest.skip(f"no trained heads in {TRAINED_HEADS}")
     base, tokenizer = real
     model = HydraModel.from_pretrained(TRAINED_HEADS, base_model=base, tokenizer=tokenizer).eval()
     num_heads = model.config.hydra_num_heads
-    # the heads' own tree when they name one, else the default tree (or a chain if there are fewer heads)
+    # the heads' own tree when they name one, else the default tree (or a chain if there are fewer heads);
+    # or a dynamic tree grown from the trained heads' probabilities
     tree = None if model.config.tree else "mc_sim_7b_63" if num_heads >= 4 else CHAIN[:num_heads]
+    tree = "dynamic:8" if dynamic else tree
     tau = _check_lossless(model, prompts, reference, tree=tree)
     assert tau > 1.2  # trained heads must actually be accepted
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from hydra.model.generate import _verify_mask
+from hydra.model.families import tree_attention_mask
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import build_tree_buffers
 
@@ -142,7 +142,7 @@ def test_tree_forward_then_keep_matches_plain_forward(attn, path):
     cache = TreeKVCache(model.config.num_hidden_layers, n + tree.size + 1)
     with torch.no_grad():
         model(input_ids=prompt, position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True)
-        mask = _verify_mask(tree.attn_mask, n, torch.float32, as_bool=attn == "sdpa")
+        mask = tree_attention_mask(tree.attn_mask, n, torch.float32, as_bool=attn == "sdpa")
         model(input_ids=tokens[None], position_ids=(n + tree.depth)[None], past_key_values=cache,
               attention_mask=mask, use_cache=True)
         cache.keep(n, n + torch.tensor(path))

@@ -1,4 +1,5 @@
-"""hydra/model/trees.py: tree validation and the static buffers decoding reads (mask, depths, paths, plan)."""
+"""hydra/model/trees.py: tree validation, the static buffers decoding reads (mask, depths, paths, plan), the
+per-step selection of dynamic trees, the size rule, and resolve_tree."""
 
 from __future__ import annotations
 
@@ -8,7 +9,23 @@ from collections import Counter
 import pytest
 import torch
 
-from hydra.model.trees import _TREE_DIR, MC_SIM_7B_63, TREES, build_tree_buffers, get_tree
+from hydra.model import HydraConfig
+from hydra.model.trees import (
+    _TREE_DIR,
+    DEFAULT_TREE,
+    MC_SIM_7B_63,
+    TREES,
+    DynamicTree,
+    StepCosts,
+    build_tree_buffers,
+    choose_size,
+    get_tree,
+    parse_dynamic_tree,
+    resolve_tree,
+    select_step_tree,
+    tree_spec,
+    worth_expanding,
+)
 
 # A worked example, small enough to check by hand: tree order root, [0], [1], [0,0], [0,1], [1,0].
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]
@@ -158,3 +175,125 @@ def test_to_device_keeps_everything():
     tree = build_tree_buffers(EXAMPLE).to("cpu")
     assert tree.size == 6 and tree.topk == [2, 2] and tree.children[0] == [1, 2]
     assert all(isinstance(x, torch.Tensor) for x in tree.parent_row + tree.rank + tree.expand)
+
+
+# --- dynamic trees: per-step selection ------------------------------------------------------------------------
+def _random_candidates(seed: int, depth: int = 4, k: int = 3, ties: bool = False):
+    """Candidates as an EAGLE-2 expansion makes them: proposal order, every parent before its children, a
+    child's score = its parent's + a log-probability <= 0 (exactly 0 for some nodes when `ties`)."""
+    gen = torch.Generator().manual_seed(seed)
+    parent, depth_of, score = [-1], [0], [0.0]
+    frontier = [0]
+    for d in range(depth):
+        new = []
+        for u in frontier:
+            for _ in range(k):
+                logp = -float(torch.rand((), generator=gen)) * 3
+                if ties and torch.rand((), generator=gen) < 0.3:
+                    logp = 0.0  # a certain guess: the child ties with its parent
+                parent.append(u)
+                depth_of.append(d + 1)
+                score.append(score[u] + logp)
+                new.append(len(parent) - 1)
+        frontier = sorted(new, key=lambda i: -score[i])[:k]
+    return torch.tensor(score), torch.tensor(parent), torch.tensor(depth_of)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("nodes", [1, 4, 8, 16])
+def test_select_step_tree_is_top_n_and_ancestor_closed(seed, nodes):
+    scores, parent, depth = _random_candidates(seed, ties=seed % 2 == 1)
+    keep, tree = select_step_tree(scores, parent, depth, nodes)
+    kept = keep.tolist()
+    assert kept[0] == 0 and kept == sorted(kept) and len(kept) == nodes + 1
+    # the N best by score (ties to the lower index), brute force
+    ranked = sorted(range(1, len(scores)), key=lambda i: (-float(scores[i]), i))[:nodes]
+    assert sorted(ranked) == kept[1:]
+    # ancestor-closed, and the tree's parents are the candidates' parents
+    for i in kept[1:]:
+        assert int(parent[i]) in kept
+    local = {c: j for j, c in enumerate(kept)}
+    assert tree.parent.tolist() == [-1] + [local[int(parent[c])] for c in kept[1:]]
+    assert tree.depth.tolist() == depth[keep].tolist()
+    # mask = self + ancestors, retrieve = one row per leaf (brute force, node by node)
+    t = len(kept)
+    ancestors = []
+    for j in range(t):
+        chain, a = [], j
+        while a >= 0:
+            chain.append(a)
+            a = int(tree.parent[a])
+        ancestors.append(chain[::-1])
+    want_mask = torch.zeros(t, t, dtype=torch.bool)
+    for j, chain in enumerate(ancestors):
+        want_mask[j, chain] = True
+    assert torch.equal(tree.attn_mask, want_mask)
+    leaves = [j for j in range(t) if j not in tree.parent.tolist()]
+    width = int(tree.depth.max()) + 1
+    want_rows = [ancestors[j] + [t] * (width - len(ancestors[j])) for j in leaves]
+    assert tree.retrieve.tolist() == want_rows
+    assert tree.children == [[c for c in range(t) if int(tree.parent[c]) == j] for j in range(t)]
+
+
+def test_select_step_tree_ties_keep_parents_first():
+    """All guesses certain (log-prob 0): every score ties, and the selection must still be a tree."""
+    parent = torch.tensor([-1, 0, 0, 1, 1, 3, 3])
+    depth = torch.tensor([0, 1, 1, 2, 2, 3, 3])
+    keep, tree = select_step_tree(torch.zeros(7), parent, depth, 3)
+    assert keep.tolist() == [0, 1, 2, 3] and tree.parent.tolist() == [-1, 0, 0, 1]
+
+
+# --- dynamic trees: spec, size rule, resolve_tree ---------------------------------------------------------------
+def test_parse_dynamic_tree():
+    assert parse_dynamic_tree("dynamic", 4) == DynamicTree(8, 4, 4)
+    assert parse_dynamic_tree("dynamic:16", 3) == DynamicTree(16, 3, 4)
+    assert parse_dynamic_tree("dynamic:6:2:3:fixed", 4) == DynamicTree(6, 2, 3, adaptive=False)
+    tree = parse_dynamic_tree("dynamic:5", 4)
+    assert tree.size == 6 and tree.max_depth == 4
+    for bad in ("dynamic:0", "dynamic:x", "dynamic:4:4:4:4", "dynamic:-1", "dynamic:4:fast", "dynamic:"):
+        with pytest.raises(ValueError, match="bad dynamic tree.*dynamic\\[:N"):
+            parse_dynamic_tree(bad, 4)
+
+
+def test_resolve_tree_precedence_and_depth_check():
+    heads = HydraConfig(hydra_num_heads=2)
+    assert tree_spec(None, heads) == DEFAULT_TREE
+    heads.tree = "tree_8"
+    assert tree_spec(None, heads) == "tree_8" and tree_spec("chain_4", heads) == "chain_4"
+    assert resolve_tree(EXAMPLE, heads).choices == EXAMPLE
+    assert resolve_tree(EXAMPLE, heads) is resolve_tree(EXAMPLE, heads)  # built once
+    assert resolve_tree("dynamic:4", heads) == DynamicTree(4, 2, 4)  # depth defaults to the number of heads
+    for deep in ("tree_8", "dynamic:4:3"):
+        with pytest.raises(ValueError, match="tree depth \\d exceeds the number of heads \\(2\\)"):
+            resolve_tree(deep, heads)
+    with pytest.raises(ValueError, match="unknown tree"):
+        resolve_tree("no_such_tree", heads)
+
+
+def test_verify_costs_interpolate_and_extrapolate():
+    costs = StepCosts(verify=((1, 1.0), (3, 1.2), (5, 2.0)))
+    assert costs.verify_costs(7).tolist() == pytest.approx([1.0, 1.0, 1.1, 1.2, 1.6, 2.0, 2.4, 2.8])
+
+
+def test_choose_size():
+    costs = StepCosts(verify=((1, 1.0), (17, 1.0 + 16 * 0.05)), head_call=0.05, context=0.05)
+    tree = DynamicTree(8, 4, 4, costs=costs)
+    # root + candidates with path probabilities 0.9, 0.8, 0.5, 0.01...: the sure ones pay for their cost
+    probs = torch.tensor([0.9, 0.8, 0.5] + [0.01] * 10)
+    scores = torch.cat([torch.zeros(1), probs.log()])
+    n, rate = choose_size(scores, overhead=0.1, tree=tree)
+    assert n == 3 and rate == pytest.approx((1 + 2.2) / (0.1 + 1 + 3 * 0.05), rel=1e-5)
+    # unsure heads: nothing is worth verifying and the step is slower than a plain one
+    n, rate = choose_size(torch.cat([torch.zeros(1), torch.full((12,), -6.0)]), overhead=0.1, tree=tree)
+    assert n == 0 and rate < 1
+    # fixed trees always verify N
+    fixed = DynamicTree(8, 4, 4, adaptive=False, costs=costs)
+    assert choose_size(torch.cat([torch.zeros(1), torch.full((12,), -6.0)]), 0.1, fixed)[0] == 8
+    assert choose_size(torch.zeros(4), 0.1, fixed)[0] == 3  # fewer candidates than N
+
+
+def test_worth_expanding():
+    tree = DynamicTree(8, 4, 4, costs=StepCosts(head_call=0.05))
+    assert worth_expanding(torch.tensor([0.5, 0.02]).log(), tree)
+    assert not worth_expanding(torch.tensor([0.03, 0.01]).log(), tree)
+    assert worth_expanding(torch.tensor([0.03, 0.01]).log(), DynamicTree(8, 4, 4, adaptive=False))

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior-threshold", type=float, default=None, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=None, help="typical acceptance delta")
     p.add_argument("--tree", type=os.path.expanduser, default=None,
-                   help="candidate tree: a name in hydra.model.trees or a JSON file (default: the heads' own)")
+                   help="candidate tree: a name in hydra.model.trees, a JSON file, or dynamic[:N[:DEPTH[:K]]] "
+                        "(grown per step from the heads' confidence) (default: the heads' own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hydra.inference.loading import DEFAULT_HEADS_DIR, check_decoding, load_model
-    from hydra.model.generate import DEFAULT_TREE, DecodeConfig
+    from hydra.model.generate import DecodeConfig
+    from hydra.model.trees import tree_spec
 
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cfg = model.config
     device = next(model.parameters()).device
-    what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {args.tree or cfg.tree or DEFAULT_TREE}"
+    what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             if speculative else "plain autoregressive decoding")
     print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)

@@ -13,22 +13,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from hydra.model.acceptance import exact_accept, greedy_accept, sample_from, typical_accept
+from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
-from hydra.model.trees import TreeBuffers, build_tree_buffers, get_tree
+from hydra.model.trees import (  # noqa: F401
+    DEFAULT_TREE,
+    DynamicTree,
+    StepTree,
+    TreeBuffers,
+    choose_size,
+    resolve_tree,
+    select_step_tree,
+    worth_expanding,
+)
 
-DEFAULT_TREE = "mc_sim_7b_63"
+# Adaptive dynamic trees: tokens per unit of step time are averaged over speculative steps with this weight
+# on the newest; while the average is below a plain step's (1), the heads rest for 1, 2, 4, ... 8 steps.
+RATE_WEIGHT, MAX_BACKOFF = 0.3, 8
 
 
 @dataclass
 class DecodeConfig:
-    tree: str | list | None = None  # tree name / JSON file / list of paths; None: the heads' config.tree or mc_sim_7b_63
+    tree: str | list | None = None  # tree name / JSON file / list of paths / "dynamic:N..."; None: the heads'
+    #                                 config.tree, else mc_sim_7b_63 (hydra.model.trees.resolve_tree)
     temperature: float = 0.0  # 0 = greedy
     sampling: str = "exact"  # with temperature > 0: "exact" (lossless) or "typical" (Medusa/Hydra, lossy)
     posterior_threshold: float = 0.09
@@ -72,11 +85,8 @@ def hydra_generate(model: HydraModel, input_ids: torch.Tensor | list[int],
                    config: DecodeConfig | None = None) -> Iterator[StepOutput]:
     """Speculative decoding with the model's draft heads (see module docstring)."""
     config = config or DecodeConfig()
-    tree = _tree_buffers(model, config.tree)
-    if tree.max_depth > model.config.hydra_num_heads:
-        raise ValueError(f"tree depth {tree.max_depth} exceeds the number of heads "
-                         f"({model.config.hydra_num_heads}); choose a shallower tree")
-    # Inputs are checked here, so bad input fails at the call rather than at the first step.
+    # Tree and inputs are checked here, so bad input fails at the call rather than at the first step.
+    tree = resolve_tree(config.tree, model.config, next(model.parameters()).device)
     return _decode(model, _check_inputs(model, input_ids, config), config, tree)
 
 
@@ -113,18 +123,6 @@ def stream_text(tokenizer, steps: Iterable[StepOutput]) -> Iterator[tuple[str, S
         emitted = text
 
 
-_TREE_CACHE: dict[tuple, TreeBuffers] = {}
-
-
-def _tree_buffers(model: HydraModel, tree: str | list | None) -> TreeBuffers:
-    choices = get_tree(tree or model.config.tree or DEFAULT_TREE)
-    device = next(model.parameters()).device
-    key = (str(choices), str(device))
-    if key not in _TREE_CACHE:
-        _TREE_CACHE[key] = build_tree_buffers(choices).to(device)
-    return _TREE_CACHE[key]
-
-
 def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
     """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
     ids = config.stop_token_ids
@@ -156,107 +154,166 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
 
 
 def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
-            tree: TreeBuffers | None) -> Iterator[StepOutput]:
+            tree: TreeBuffers | DynamicTree | None) -> Iterator[StepOutput]:
+    """Prefill, then one step per base-model forward: emit what the last forward decided, propose a tree,
+    verify it in one forward, accept a path, compact the cache."""
     if config.max_new_tokens <= 0:
         return
-    base, heads = model.base_model, model.heads
-    decoder, lm_head, embed = model.decoder, model.lm_head, model.embed_tokens
-    device = ids.device
-    context = base.config.max_position_embeddings
-    tree_size = tree.size if tree is not None else 1
-    capacity = min(context, ids.numel() + config.max_new_tokens + tree_size)
-    cache = TreeKVCache(base.config.num_hidden_layers, capacity)
-    prefix_cache = heads.prefix.new_cache() if (tree is not None and heads.prefix is not None) else None
-    stop_ids = stop_token_ids(model, config)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    greedy = config.temperature == 0
-    use_bool_mask = base.config._attn_implementation == "sdpa"
-    want_all = model.config.hidden_state_offset > 0
-
-    def choose(logits: torch.Tensor) -> int:  # the base model's own next token
-        if greedy or config.sampling == "typical":
-            return int(logits.argmax())
-        return sample_from(torch.softmax(logits.float() / config.temperature, -1).cpu(), generator)
-
     with torch.inference_mode():
-        # Prefill.
-        positions = torch.arange(ids.numel(), device=device)[None]
-        out = decoder(input_ids=ids[None], position_ids=positions, past_key_values=cache, use_cache=True,
-                      output_hidden_states=want_all)
-        hidden = _hidden(model, out)  # what the heads read; the base model's logits read the final state
-        root = choose(lm_head(out.last_hidden_state[0, -1]))
-        ctx = None
-        if tree is not None:
-            ctx = heads.context(hidden, positions, prefix_cache)[0, -1]
-        n, new_tokens, steps = ids.numel(), 0, 0
-        pending = [root]
+        run = _Run(model, config, tree, ids.numel())
+        pending = [_prefill(run, ids)]
+        new_tokens = steps = 0
         while True:
             steps += 1
-            # Emit what the last forward decided, cut at a stop token / the token budget.
-            out, reason = [], None
-            for tok in pending:
-                if tok in stop_ids:
-                    reason = "eos"
-                    break
-                out.append(tok)
-                if new_tokens + len(out) >= config.max_new_tokens:
-                    reason = "max_new_tokens"
-                    break
-            new_tokens += len(out)
+            tokens, reason = _emit(pending, run.stop_ids, config.max_new_tokens - new_tokens)
+            new_tokens += len(tokens)
             if reason is None and config.max_steps is not None and steps >= config.max_steps:
                 reason = "max_steps"
-            if reason is None and n + 1 > capacity:
+            if reason is None and run.n + 1 > run.capacity:
                 reason = "length"
-            yield StepOutput(out, len(pending), reason)
+            yield StepOutput(tokens, len(pending), reason)
             if reason is not None:
                 return
-            root = pending[-1]
-            # Propose (a one-node tree when out of heads or out of room) and verify in one forward.
-            use_tree = tree is not None and n + tree.size <= capacity
-            if use_tree:
-                tokens = _propose(model, tree, ctx, root)
-                mask = tree.attn_mask
-                pos = n + tree.depth
-            else:
-                tokens = torch.tensor([root], device=device)
-                mask = None
-                pos = torch.tensor([n], device=device)
-            out = decoder(
-                input_ids=tokens[None], position_ids=pos[None], past_key_values=cache, use_cache=True,
-                output_hidden_states=want_all,
-                attention_mask=(_verify_mask(mask, n, base.dtype, use_bool_mask, base.config, tree.depth)
-                                if mask is not None else None))
-            out_hidden = _hidden(model, out)[0]
-            logits = lm_head(out.last_hidden_state[0])
-            if not use_tree:
-                accepted = torch.zeros(1, dtype=torch.long, device=device)
-                nxt = choose(logits[0])
-            elif greedy:
-                accepted, nxt = greedy_accept(logits, tokens, tree)
-            elif config.sampling == "typical":
-                accepted, nxt = typical_accept(logits, tokens, tree, config.temperature,
-                                               config.posterior_threshold, config.posterior_alpha)
-            else:
-                accepted, nxt = exact_accept(logits, tokens, tree, config.temperature, generator)
-            cache.keep(n, n + accepted)
-            accepted_tokens = tokens[accepted].tolist()
-            if tree is not None:
-                acc_pos = torch.arange(n, n + len(accepted_tokens), device=device)[None]
-                ctx = heads.context(out_hidden[accepted][None], acc_pos, prefix_cache)[0, -1]
-            n += len(accepted_tokens)
-            pending = accepted_tokens[1:] + [nxt]  # the root was emitted by the previous step
+            draft = _draft(run, root=pending[-1])
+            logits, hidden = _verify(run, draft)
+            accepted, bonus = run.accept(logits, draft.tokens, draft.tree)
+            pending = _compact(run, draft, accepted, hidden) + [bonus]
+
+
+@dataclass
+class Draft:
+    """The tokens one verification forward checks (root first), the tree they form, and for adaptive dynamic
+    trees the step's estimated cost in plain forwards."""
+    tokens: torch.Tensor
+    tree: StepTree
+    cost: float | None = None
+
+
+class _Run:
+    """What one decoding run carries from step to step."""
+
+    def __init__(self, model: HydraModel, config: DecodeConfig, tree: TreeBuffers | DynamicTree | None,
+                 prompt_len: int):
+        base = model.base_model
+        self.model, self.tree = model, tree
+        self.device = next(model.parameters()).device
+        self.capacity = min(base.config.max_position_embeddings,
+                            prompt_len + config.max_new_tokens + (tree.size if tree is not None else 1))
+        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity)
+        has_prefix = tree is not None and model.heads.prefix is not None
+        self.prefix_cache = model.heads.prefix.new_cache() if has_prefix else None
+        self.stop_ids = stop_token_ids(model, config)
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        self.accept = _acceptance_rule(config, generator)
+        self.bool_mask = base.config._attn_implementation == "sdpa"
+        self.all_hidden = model.config.hidden_state_offset > 0
+        self.n = 0  # tokens in the cache
+        # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it).
+        self.unread: list[torch.Tensor] = []
+        self.unread_from = 0
+        self.skip = self.backoff = 0  # adaptive dynamic trees: plain steps left, the last back-off length,
+        self.rate = 1.5  # and the average tokens per unit of step time (optimistic at first: try the heads)
+        self.plain = StepTree(torch.ones(1, 1, dtype=torch.bool, device=self.device),
+                              torch.zeros(1, dtype=torch.long, device=self.device),
+                              torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                              torch.full((1,), -1, dtype=torch.long, device=self.device))
+
+
+def _acceptance_rule(config: DecodeConfig, generator: torch.Generator | None):
+    """(logits, tokens, tree) -> (accepted nodes, bonus token); a one-node tree is a plain decoding step."""
+    if config.temperature == 0:
+        return greedy_accept
+    if config.sampling == "typical":
+        return partial(typical_accept, temperature=config.temperature,
+                       posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
+    return partial(exact_accept, temperature=config.temperature, generator=generator)
+
+
+def _emit(pending: list[int], stop_ids: set[int], budget: int) -> tuple[list[int], str | None]:
+    """The decided tokens to hand out: cut before a stop token, or at the token budget (>= 1)."""
+    for k, token in enumerate(pending):
+        if token in stop_ids:
+            return pending[:k], "eos"
+        if k + 1 >= budget:
+            return pending[: k + 1], "max_new_tokens"
+    return pending, None
+
+
+def _forward(run: _Run, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+    """One base-model forward over new tokens: (output-layer input, what the heads read), both (T, d)."""
+    out = run.model.decoder(input_ids=tokens[None], position_ids=positions[None], past_key_values=run.cache,
+                            use_cache=True, output_hidden_states=run.all_hidden, attention_mask=mask)
+    return out.last_hidden_state[0], _hidden(run.model, out)[0]
+
+
+def _prefill(run: _Run, ids: torch.Tensor) -> int:
+    """The prompt into the cache; returns the first token."""
+    positions = torch.arange(ids.numel(), device=run.device)
+    last, hidden = _forward(run, ids, positions, None)
+    _, first = run.accept(run.model.lm_head(last[-1])[None], ids[-1:], run.plain)
+    run.n = ids.numel()
+    if run.tree is not None:
+        run.unread = [hidden]
+    return first
+
+
+def _draft(run: _Run, root: int) -> Draft:
+    """This step's tree: the heads' proposal, or just the root (no heads, no room, or backing off)."""
+    root_t = torch.tensor([root], device=run.device)
+    if run.tree is None or run.n + run.tree.size > run.capacity:
+        return Draft(root_t, run.plain)
+    if run.skip > 0:
+        run.skip -= 1
+        return Draft(root_t, run.plain)
+    ctx = _context(run)
+    if isinstance(run.tree, TreeBuffers):
+        return Draft(_propose(run.model, run.tree, ctx, root), run.tree)
+    tokens, tree, cost = _propose_dynamic(run.model, run.tree, ctx, root)
+    return Draft(tokens, tree, cost if run.tree.adaptive else None)
+
+
+def _context(run: _Run) -> torch.Tensor:
+    """c_t at the last cached position: the heads' context over the hidden states not read yet (the Hydra++
+    prefix layer appends them to its own cache)."""
+    hidden = torch.cat(run.unread)
+    positions = torch.arange(run.unread_from, run.unread_from + hidden.shape[0], device=run.device)
+    run.unread, run.unread_from = [], run.unread_from + hidden.shape[0]
+    return run.model.heads.context(hidden[None], positions[None], run.prefix_cache)[0, -1]
+
+
+def _verify(run: _Run, draft: Draft) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the tree: base logits (T, V) and the heads' hidden states (T, d) at every node."""
+    tree = draft.tree
+    base = run.model.base_model
+    mask = (tree_attention_mask(tree.attn_mask, run.n, base.dtype, run.bool_mask, base.config, tree.depth)
+            if tree.size > 1 else None)
+    last, hidden = _forward(run, draft.tokens, run.n + tree.depth, mask)
+    return run.model.lm_head(last), hidden
+
+
+def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tensor) -> list[int]:
+    """Move the accepted nodes' cache rows to the next slots; returns the accepted tokens after the root."""
+    run.cache.keep(run.n, run.n + accepted)
+    run.n += accepted.numel()
+    if run.tree is not None:
+        run.unread.append(hidden[accepted])
+    if draft.cost is not None:
+        _pace(run, accepted.numel() / draft.cost)
+    return draft.tokens[accepted[1:]].tolist()
+
+
+def _pace(run: _Run, rate: float) -> None:
+    """Rest the heads while speculating decides fewer tokens per unit of time than plain steps would, judged
+    on realised accepted lengths (the cost is the measured estimate), so text the heads do not know decodes
+    at nearly plain speed; each failed try doubles the rest."""
+    run.rate += RATE_WEIGHT * (rate - run.rate)
+    run.backoff = 0 if run.rate >= 1 else min(2 * run.backoff, MAX_BACKOFF) or 1
+    run.skip = run.backoff
 
 
 def _hidden(model: HydraModel, out) -> torch.Tensor:
     k = model.config.hidden_state_offset
     return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
-
-
-def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool, config=None,
-                 depth: torch.Tensor | None = None):
-    """(1, 1, T, past + T): every tree node sees the whole prefix, itself and its ancestors (within the
-    sliding window of the base model's config, if any; see hydra.model.families)."""
-    return tree_attention_mask(tree_mask, past, dtype, as_bool, config, depth)
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:
@@ -281,3 +338,45 @@ def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int)
             top = heads.draft_topk(d, heads.head_hidden(d, ctx[None]), lm_head, tree.topk[d])
             levels.append(top[0, tree.rank[d]])
     return torch.cat(levels)
+
+
+def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
+                     root: int) -> tuple[torch.Tensor, StepTree, float]:
+    """Grow this step's tree from the heads' confidence (see `DynamicTree`); one head call per depth over the
+    kept nodes. Candidates are numbered in proposal order (0 = root). Returns the selected tokens, their tree
+    and the step's estimated cost in plain forwards (proposal + verification of the selected tokens)."""
+    heads, embed, lm_head = model.heads, model.embed_tokens, model.lm_head
+    device, k = ctx.device, tree.topk
+    root_t = torch.tensor([root], device=device)
+    tokens, scores = [root_t], [torch.zeros(1, device=device)]
+    parents, depths = [torch.full((1,), -1, device=device)], [torch.zeros(1, dtype=torch.long, device=device)]
+    frontier, frontier_logp = torch.zeros(1, dtype=torch.long, device=device), scores[0]
+    rows = torch.cat([ctx, embed(root_t)[0]])[None]  # grounded heads: [c_t, e(root), e(path)...] per kept node
+    d_model, count, calls = ctx.shape[-1], 1, 0
+    for d in range(tree.depth):
+        if heads.grounded:
+            hid = heads.head_hidden(d, rows[:, :d_model], rows[:, d_model:])
+        else:  # Medusa: head d's guesses do not depend on the path, so one row serves every kept node
+            hid = heads.head_hidden(d, ctx[None])
+        logp, ids = heads.draft_topk_logprobs(d, hid, lm_head, k)
+        calls += 1
+        logp, ids = logp.expand(frontier.numel(), k).flatten(), ids.expand(frontier.numel(), k).flatten()
+        cum = frontier_logp.repeat_interleave(k) + logp
+        tokens.append(ids)
+        scores.append(cum)
+        parents.append(frontier.repeat_interleave(k))
+        depths.append(torch.full((cum.numel(),), d + 1, device=device))
+        if d + 1 == tree.depth:
+            break
+        best = torch.sort(cum, descending=True, stable=True).indices[:k]
+        frontier, frontier_logp = count + best, cum[best]
+        count += cum.numel()
+        if not worth_expanding(frontier_logp, tree):
+            break
+        if heads.grounded:
+            rows = torch.cat([rows[best // k], embed(ids[best])], dim=-1)
+    scores_t = torch.cat(scores)
+    overhead = tree.costs.context + calls * tree.costs.head_call
+    n, _ = choose_size(scores_t, overhead, tree)
+    keep, step_tree = select_step_tree(scores_t, torch.cat(parents), torch.cat(depths), n)
+    return torch.cat(tokens)[keep], step_tree, overhead + float(tree.verify_cost[n + 1])

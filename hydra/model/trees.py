@@ -1,15 +1,23 @@
-"""Candidate trees ("choices") and the static buffers built from them once per tree.
+"""Candidate trees: static trees ("choices") with the buffers built from them once, dynamic tree specs, the
+per-step tree a dynamic proposal selects, and `resolve_tree`, the one place that decides which tree a
+decoding run uses.
 
-A tree is a list of paths of child ranks: [a] is the a-th ranked guess after the root, [a, b] the b-th
+A static tree is a list of paths of child ranks: [a] is the a-th ranked guess after the root, [a, b] the b-th
 ranked guess after [a], and so on. The root (the token the base model already decided) is implicit. For
 Medusa heads rank k at depth d is head d's k-th token whatever the path; for Hydra heads it is the k-th token
 of head d conditioned on that node's own path, so every expanded node gets its own top-k.
+
+A dynamic tree (`"dynamic:N"`, `"dynamic:N:D:K"`) is grown anew at every step from the heads' own
+probabilities (EAGLE-2): expand depth by depth keeping the K best nodes by cumulative draft log-probability,
+then verify the N best nodes of everything proposed (`select_step_tree`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -34,11 +42,41 @@ TREE_32 = [[0], [1], [2], [3], [4], [0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 
            [1, 1, 0], [2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0],
            [0, 0, 0, 2]]
 
+# The tree when neither the caller nor the heads' config.json names one.
+DEFAULT_TREE = "mc_sim_7b_63"
+
 TREES: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": MC_SIM_7B_63, "chain_4": CHAIN_4, "tree_8": TREE_8, "tree_16": TREE_16, "tree_32": TREE_32,
 }
 # Trees measured for a specific model and machine (scripts/build_tree.py) live as JSON files next to this one.
 _TREE_DIR = Path(__file__).parent / "tree_files"
+
+
+def tree_spec(tree: str | list | None, heads_config) -> str | list:
+    """Which tree a decoding run uses, as written: `tree`, else the heads' config.tree, else DEFAULT_TREE."""
+    return tree or heads_config.tree or DEFAULT_TREE
+
+
+_BUILT: dict[tuple[str, str], TreeBuffers] = {}
+
+
+def resolve_tree(tree: str | list | None, heads_config,
+                 device: torch.device | str = "cpu") -> TreeBuffers | DynamicTree:
+    """The tree a decoding run uses (see `tree_spec`), built (static trees once per process and device) and
+    checked against the number of heads, so bad input fails before any work."""
+    spec, num_heads = tree_spec(tree, heads_config), heads_config.hydra_num_heads
+    if isinstance(spec, str) and spec.split(":")[0] == "dynamic":
+        built = parse_dynamic_tree(spec, num_heads)
+    else:
+        choices = get_tree(spec)
+        key = (str(choices), str(device))
+        if key not in _BUILT:
+            _BUILT[key] = build_tree_buffers(choices).to(device)
+        built = _BUILT[key]
+    if built.max_depth > num_heads:
+        raise ValueError(f"tree depth {built.max_depth} exceeds the number of heads ({num_heads}); "
+                         "choose a shallower tree")
+    return built
 
 
 def get_tree(tree: str | list[list[int]]) -> list[list[int]]:
@@ -72,34 +110,54 @@ def _read_tree_file(path: Path) -> list[list[int]]:
 
 
 @dataclass
-class TreeBuffers:
-    """Everything decoding needs about one tree, in tree order (root first, then paths sorted by
-    (depth, ranks)); T = number of nodes including the root, D = depth.
+class StepTree:
+    """What verification and acceptance read about the tree of one step, in tree order (root first, every
+    parent before its children); T = number of nodes including the root, D = depth.
 
     attn_mask:        (T, T) bool, node i sees node j iff j is i or one of its ancestors.
     depth:            (T,) long, position offset of each node (root 0).
     retrieve:         (L, D+1) long, node indices of each root-to-leaf path, padded with T (a sentinel slot).
+    parent:           (T,) long, each node's parent (-1 for the root).
+    """
+
+    attn_mask: torch.Tensor
+    depth: torch.Tensor
+    retrieve: torch.Tensor
+    parent: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.attn_mask.shape[0]
+
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """Child node indices per node, in tree order (exact sampling walks them)."""
+        kids: list[list[int]] = [[] for _ in range(self.size)]
+        for i, p in enumerate(self.parent.tolist()[1:], start=1):
+            kids[p].append(i)
+        return kids
+
+
+@dataclass
+class TreeBuffers(StepTree):
+    """A static tree: its `StepTree` plus the plan the proposal follows to fill it (built once per tree).
+
     parent_row[d]:    (N_{d+1},) for each node at depth d+1, the row of its parent among the expanded nodes
                       at depth d (the rows head d is evaluated on).
     rank[d]:          (N_{d+1},) its rank among its parent's children.
     expand[d]:        (E_{d+1},) indices, within depth d+1, of the nodes that have children (next rows).
     topk[d]:          how many ranks head d must provide (max rank + 1 at depth d+1).
-    children:         python lists of child node indices per node, in rank order (for exact sampling).
     """
 
-    choices: list[list[int]]
-    attn_mask: torch.Tensor
-    depth: torch.Tensor
-    retrieve: torch.Tensor
-    parent_row: list[torch.Tensor]
-    rank: list[torch.Tensor]
-    expand: list[torch.Tensor]
-    topk: list[int]
-    children: list[list[int]]
+    choices: list[list[int]] = field(default_factory=list)
+    parent_row: list[torch.Tensor] = field(default_factory=list)
+    rank: list[torch.Tensor] = field(default_factory=list)
+    expand: list[torch.Tensor] = field(default_factory=list)
+    topk: list[int] = field(default_factory=list)
 
     @property
-    def size(self) -> int:
-        return self.attn_mask.shape[0]
+    def spec(self) -> list[list[int]]:
+        return self.choices
 
     @property
     def max_depth(self) -> int:
@@ -107,8 +165,9 @@ class TreeBuffers:
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         move = lambda xs: [x.to(device) for x in xs]  # noqa: E731
-        return TreeBuffers(self.choices, self.attn_mask.to(device), self.depth.to(device), self.retrieve.to(device),
-                           move(self.parent_row), move(self.rank), move(self.expand), self.topk, self.children)
+        return TreeBuffers(self.attn_mask.to(device), self.depth.to(device), self.retrieve.to(device),
+                           self.parent.to(device), self.choices, move(self.parent_row), move(self.rank),
+                           move(self.expand), self.topk)
 
 
 def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
@@ -125,20 +184,10 @@ def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
             raise ValueError(f"invalid tree: {list(p)} is listed but its older sibling "
                              f"{list(p[:-1] + (p[-1] - 1,))} is not")
     nodes = [()] + paths
-    size, max_depth = len(nodes), max(len(p) for p in paths)
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    for i, p in enumerate(nodes):
-        for k in range(len(p) + 1):
-            mask[i, index[p[:k]]] = True
-    depth = torch.tensor([len(p) for p in nodes])
-    children: list[list[int]] = [[] for _ in nodes]
-    for i, p in enumerate(nodes[1:], start=1):
-        children[index[p[:-1]]].append(i)  # nodes are sorted, so children come in rank order
-    leaves = [p for p in nodes if not children[index[p]]]
-    retrieve = torch.full((len(leaves), max_depth + 1), size, dtype=torch.long)
-    for row, leaf in enumerate(leaves):
-        for k in range(len(leaf) + 1):
-            retrieve[row, k] = index[leaf[:k]]
+    max_depth = max(len(p) for p in paths)
+    step = build_step_tree(torch.tensor([-1] + [index[p[:-1]] for p in nodes[1:]]),
+                           torch.tensor([len(p) for p in nodes]))
+    children = step.children  # nodes are sorted, so children come in rank order
     parent_row, rank, expand, topk = [], [], [], []
     for d in range(max_depth):
         level = [p for p in nodes if len(p) == d]
@@ -148,4 +197,133 @@ def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
         rank.append(torch.tensor([p[-1] for p in nxt]))
         expand.append(torch.tensor([k for k, p in enumerate(nxt) if children[index[p]]], dtype=torch.long))
         topk.append(max(p[-1] for p in nxt) + 1)
-    return TreeBuffers([list(p) for p in paths], mask, depth, retrieve, parent_row, rank, expand, topk, children)
+    return TreeBuffers(step.attn_mask, step.depth, step.retrieve, step.parent, [list(p) for p in paths], parent_row,
+                       rank, expand, topk)
+
+
+def build_step_tree(parent: torch.Tensor, depth: torch.Tensor) -> StepTree:
+    """Mask and root-to-leaf paths of a tree given as parent indices (root first, parents before children)
+    and depths, with tensor ops only: one pass per depth level, never one per node."""
+    t, max_depth = parent.numel(), int(depth.max())
+    device = parent.device
+    # Walk every node up to the root at once; column depth(a) of row i holds ancestor a of node i. The walk
+    # past the root lands on the sentinel T, whose writes go to a spare last column.
+    up = torch.cat([torch.where(parent >= 0, parent, t), parent.new_full((1,), t)])
+    col = torch.cat([depth, depth.new_full((1,), max_depth + 1)])
+    ancestors = torch.full((t, max_depth + 2), t, dtype=torch.long, device=device)
+    node = torch.arange(t, device=device)
+    for _ in range(max_depth + 1):
+        ancestors.scatter_(1, col[node][:, None], node[:, None])
+        node = up[node]
+    ancestors = ancestors[:, : max_depth + 1]
+    mask = torch.zeros(t, t + 1, dtype=torch.bool, device=device).scatter_(1, ancestors, True)[:, :t]
+    has_child = torch.zeros(t + 1, dtype=torch.bool, device=device).index_fill_(0, up[1:t], True)[:t]
+    return StepTree(mask, depth, ancestors[~has_child], parent)
+
+
+def select_step_tree(scores: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
+                     nodes: int) -> tuple[torch.Tensor, StepTree]:
+    """The root and the `nodes` best candidates by cumulative draft log-probability, as a `StepTree`.
+
+    Candidates come in proposal order (0 = the root, every parent before its children). A child's cumulative
+    log-probability is its parent's plus a log-probability <= 0, so it never exceeds its parent's; with ties
+    going to the lower index (a stable sort), the parent, proposed first, always ranks before the child and
+    the selection holds every selected node's ancestors. Returns the selected candidates' indices in tree
+    order and their tree."""
+    best = torch.sort(scores[1:], descending=True, stable=True).indices[:nodes] + 1
+    keep = torch.cat([best.new_zeros(1), best]).sort().values
+    local = torch.full_like(parent, -1)
+    local[keep] = torch.arange(keep.numel(), device=keep.device)
+    kept_parent = torch.where(keep > 0, local[parent[keep].clamp(min=0)], -1)
+    return keep, build_step_tree(kept_parent, depth[keep])
+
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What the pieces of a speculative step cost, in one-token verification forwards (decoder + output
+    layer): verification of T tokens (points (T, cost), interpolated linearly, extrapolated from the last
+    two), one head call (head + draft projection + top-k), and the head context update. Measured with
+    `scripts/profile_step.py --costs` for the default model (bf16, one thread, CPU); README "Dynamic trees"."""
+
+    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (4, 1.04), (8, 1.2), (16, 1.49), (24, 1.85))
+    head_call: float = 0.045
+    context: float = 0.043
+
+    def verify_costs(self, max_tokens: int) -> torch.Tensor:
+        """(max_tokens + 1,) cost of verifying T tokens at index T (index 0 unused)."""
+        pts = sorted(self.verify)
+        out = [pts[0][1]]
+        for t in range(1, max_tokens + 1):
+            (t0, c0), (t1, c1) = next(((a, b) for a, b in pairwise(pts) if t <= b[0]), pts[-2:])
+            out.append(c0 + (c1 - c0) * (t - t0) / (t1 - t0))
+        return torch.tensor(out)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree grown anew at every step from the heads' own confidence (EAGLE-2, Li et al. 2024).
+
+    Expansion: depth by depth, the `topk` best nodes so far by cumulative draft log-probability each get their
+    `topk` best children (one head call per depth over those nodes). Selection: the best `nodes` of all
+    proposed nodes by the same score, which always includes their ancestors (see `select_step_tree`).
+    Adaptive (the default): fewer nodes when the heads are unsure, chosen by `choose_size` from `costs`, and
+    expansion stops early when the next depth cannot pay for its head call (`worth_expanding`).
+    """
+
+    nodes: int  # N: draft tokens verified at most (the root is verified too: N + 1 tokens)
+    depth: int
+    topk: int
+    adaptive: bool = True
+    costs: StepCosts = field(default_factory=StepCosts)
+
+    @property
+    def size(self) -> int:  # tokens verified at most, root included
+        return self.nodes + 1
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    @cached_property
+    def verify_cost(self) -> torch.Tensor:
+        return self.costs.verify_costs(self.size)
+
+
+DYNAMIC_NODES, DYNAMIC_TOPK = 8, 4  # defaults of "dynamic" (N) and of K
+
+
+def parse_dynamic_tree(spec: str, num_heads: int) -> DynamicTree:
+    """`dynamic[:N[:DEPTH[:K]]][:fixed]`: N verified draft tokens at most (8), expansion depth (the number of
+    heads), K nodes kept per depth (4); `fixed` verifies exactly N every step (no adaptive size)."""
+    parts = spec.split(":")[1:]
+    fixed = bool(parts) and parts[-1] == "fixed"
+    numbers = parts[:-1] if fixed else parts
+    try:
+        values = [int(x) for x in numbers]
+    except ValueError:
+        values = []
+    if len(values) != len(numbers) or len(values) > 3 or any(v < 1 for v in values):
+        raise ValueError(f"bad dynamic tree {spec!r}: expected dynamic[:N[:DEPTH[:K]]][:fixed] with positive "
+                         "integers, e.g. dynamic:8 or dynamic:16:4:4")
+    nodes, depth, topk = values + [DYNAMIC_NODES, num_heads, DYNAMIC_TOPK][len(values):]
+    return DynamicTree(nodes, depth, topk, adaptive=not fixed)
+
+
+def worth_expanding(frontier_logp: torch.Tensor, tree: DynamicTree) -> bool:
+    """Whether one more depth can pay for its head call: the nodes it adds are children of the frontier, and
+    children's path probabilities sum to at most their parent's, so the frontier's total probability bounds
+    the tokens the next depth can add (with draft probabilities read as acceptance rates)."""
+    return not tree.adaptive or float(frontier_logp.exp().sum()) > tree.costs.head_call
+
+
+def choose_size(scores: torch.Tensor, overhead: float, tree: DynamicTree) -> tuple[int, float]:
+    """How many of the best candidates to verify: the n in [0, N] with the most expected tokens per unit of
+    step time, (1 + sum of the n best path probabilities) / (overhead + verify cost of n + 1 tokens), where
+    `overhead` is what the proposal already cost (head calls, context). Returns n and that rate; a rate
+    below 1 (a plain forward's) means speculating did not pay this step. Not adaptive: always N."""
+    best = torch.sort(scores[1:], descending=True).values[: tree.nodes]
+    expected = torch.cat([best.new_zeros(1), best.exp().cumsum(0)]) + 1
+    rate = expected / (overhead + tree.verify_cost[1: best.numel() + 2].to(expected))
+    n = int(rate.argmax()) if tree.adaptive else best.numel()
+    return n, float(rate[n])

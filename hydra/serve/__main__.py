@@ -10,6 +10,7 @@ Then open http://127.0.0.1:8000/ for the chat, or point any OpenAI client at htt
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import webbrowser
@@ -24,16 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
+        type=os.path.expanduser,
         default=None,
         help="heads folder or Hub repo id (default: the shipped heads, hydra/heads/default)",
     )
-    p.add_argument("--base-model", default=None, help="base model id or folder, overriding the heads' config")
+    p.add_argument("--base-model", type=os.path.expanduser, default=None,
+                   help="base model id or folder, overriding the heads' config")
     p.add_argument(
         "--served-model-name",
         default=None,
         help="the model id clients send (default: the heads folder's name, 'hydra' for the shipped heads)",
     )
-    p.add_argument("--tree", default=None, help="candidate tree (default: the heads' own)")
+    p.add_argument("--tree", type=os.path.expanduser, default=None,
+                   help="candidate tree: a name, a JSON file or dynamic[:N[:DEPTH[:K]]] (default: the heads' own)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1")

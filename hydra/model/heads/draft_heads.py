@@ -77,6 +77,19 @@ class DraftHeads(nn.Module):
         weight, bias = self._draft_projection(i, base_lm_head)
         return self.draft_vocab[F.linear(hidden, weight, bias).topk(k, dim=-1).indices]
 
+    def draft_topk_logprobs(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module,
+                            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head i's k best token ids and their log-probabilities (fp32; normalised over the draft vocabulary
+        when there is one), for trees grown from the heads' own confidence."""
+        if self.draft_vocab is None:
+            logits = self.head_logits(i, hidden, base_lm_head).float()
+        else:
+            weight, bias = self._draft_projection(i, base_lm_head)
+            logits = F.linear(hidden, weight, bias).float()
+        top = logits.topk(k, dim=-1)
+        ids = top.indices if self.draft_vocab is None else self.draft_vocab[top.indices]
+        return top.values - logits.logsumexp(-1, keepdim=True), ids
+
     def _draft_projection(self, i: int, base_lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = base_lm_head if self.lm_heads is None else self.lm_heads[i]
         key = 0 if self.lm_heads is None else i
