@@ -251,8 +251,7 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
 
 
 def _hidden(model: HydraModel, out) -> torch.Tensor:
-    k = model.config.hidden_state_offset
-    return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
+    return model.heads_input(out)
 
 
 def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool) -> torch.Tensor:
