@@ -65,6 +65,9 @@ class HiddenCache:
     def filled(self) -> int:
         return int(self._flags.sum())
 
+    def missing(self, rows: list[int]) -> list[int]:
+        return [r for r in rows if not self._flags[r]]
+
     def get(self, row: int) -> torch.Tensor | None:
         """(length, arrays, d) in the cached dtype, or None if the row was never written."""
         if not self._flags[row]:
@@ -110,7 +113,7 @@ def cached_features(model, cache: HiddenCache, row_ids: list[int], batch: dict[s
 def fill(model, cache: HiddenCache, row_ids: list[int], make_batch: Callable[[list[int]], dict],
          batch_size: int, info: Callable[[str], None], every_s: float = 60.0) -> None:
     """Compute and store every row of `row_ids` not cached yet, printing progress and the time left."""
-    todo = [r for r in row_ids if not cache._flags[r]]
+    todo = cache.missing(row_ids)
     total = sum(cache.lengths[r] for r in todo)
     if not todo:
         return
