@@ -25,8 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra.train import hidden_cache, train  # noqa: E402
-from hydra.train.runtime import autocast_ctx  # noqa: E402
+from hydra.train import hidden_cache, train
+from hydra.train.runtime import autocast_ctx
 
 RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
     "medusa": ["--hydra_head_arch", "mlp", "--hydra_num_layers", "1", "--lm_loss_weight", "1.0",
@@ -117,7 +117,8 @@ def main() -> int:
 
 
 def profile(runs, spec: str, vocab, cache) -> int:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     name, option = spec.split(":")
     run = runs[name]

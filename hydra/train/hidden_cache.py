@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class HiddenCache:
         self._data_path, self._flag_path = data_path, flag_path
         self._data = self._flags = None
 
-    def open(self) -> "HiddenCache":
+    def open(self) -> HiddenCache:
         total = max(int(self.offsets[-1]), 1)
         self._data = np.memmap(self._data_path, dtype=_NP[self.dtype], mode="r+",
                                shape=(total, self.arrays, self.d))
