@@ -86,6 +86,64 @@ def test_chunked_equals_reference(tiny_base, randomize, arch, share_lm_head):
         assert stats.shape == (H, len(STAT_FIELDS))
 
 
+def draft_reference(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w, vocab):
+    """Loss over a draft vocabulary on full tensors: teacher renormalised over `vocab`, out-of-vocabulary data
+    targets dropped from the data loss but kept in the per-head count."""
+    total = 0.0
+    t_probs = F.softmax(model.base_logits(teacher_hidden).float()[..., vocab], dim=-1)
+    col = {int(t): j for j, t in enumerate(vocab)}
+    for i in range(head_hidden.shape[0]):
+        s = i + 2
+        z = model.head_logits(i, head_hidden[i]).float()[:, :-s, vocab]
+        y = labels[:, s:]
+        q = t_probs[:, s - 1:-1]
+        m = (y != -100) & (position_ids[:, s:] == position_ids[:, :-s] + s)
+        logp = F.log_softmax(z, dim=-1)[m]
+        ys = y[m].tolist()
+        lm = sum(-logp[k, col[t]] for k, t in enumerate(ys) if t in col) / len(ys)
+        teacher = -(q[m] * logp).sum(-1).mean()
+        total = total + lm_w * lm + t_w * teacher
+    return total
+
+
+@pytest.mark.parametrize("share_lm_head", [True, False])
+@pytest.mark.parametrize("arch", ["hydra-mlp", "prefix-mlp"])
+def test_draft_vocab_loss_equals_reference(tiny_base, randomize, arch, share_lm_head):
+    model = _model(tiny_base, arch, share_lm_head, randomize)
+    V = tiny_base.config.vocab_size
+    vocab = torch.randperm(V, generator=torch.Generator().manual_seed(5))[: V // 3]
+    ids, labels, pos = _packed_batch(V, [[5, 9, 3], [11, 4]])
+    assert not torch.isin(labels[labels >= 0], vocab).all()  # some targets are out of the draft vocabulary
+    lm_w, t_w = 0.7, 1.3
+    params = [p for p in model.heads.parameters() if p.requires_grad]
+    out = model(ids, position_ids=pos)
+    ref = draft_reference(model, out.head_hidden, out.base_hidden, labels, pos, lm_w, t_w, vocab)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    out = model(ids, position_ids=pos)
+    loss, stats = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w, chunk_size=7,
+                             vocab=vocab, topk=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # Accuracy: predictions are draft-vocabulary ids; out-of-vocabulary targets are misses in the same count.
+    with torch.no_grad():
+        out = model(ids, position_ids=pos)
+        _, full = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w, topk=True)
+    col = {name: k for k, name in enumerate(STAT_FIELDS)}
+    torch.testing.assert_close(stats[:, col["count"]], full[:, col["count"]])
+    for i in range(H):
+        s = i + 2
+        m = target_mask(labels, pos, H)[i]
+        z = model.head_logits(i, out.head_hidden[i])[m][:, vocab]
+        want = (vocab[z.argmax(-1)] == labels[:, s:][m[:, :-s]]).sum()
+        assert stats[i, col["top1"]] == want
+    assert (stats[:, col["teacher_top1"]] == -1).all()  # the full teacher argmax only with teacher_metrics
+
+
 def test_loss_scaling_and_normalizer(tiny_base, randomize):
     """backward of c * loss gives c * grads; an explicit normaliser divides each head's sum by it."""
     model = _model(tiny_base, "hydra-mlp", randomize=randomize)

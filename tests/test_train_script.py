@@ -186,16 +186,123 @@ def test_deepspeed_zero2_matches_plain(tiny_setup, tmp_path):
 
 def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path):
     """--cache_hidden_states over ~3 epochs (with evaluations reading cached val rows) gives the same heads as
-    recomputing the base model every time, and fills the cache for every row it saw."""
+    recomputing the base model every time; a later run on the same data reuses the same cache folder, and
+    --fill_hidden_cache only completes it."""
     model_dir, data = tiny_setup
     flags = dict(max_steps=8, per_device_train_batch_size=4, eval_steps=4, hydra_head_arch="prefix-mlp",
                  teacher_loss_weight=1.0, bf16=True)
-    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    plain, cached, features = tmp_path / "plain", tmp_path / "cached", tmp_path / "features"
     assert train.main(_args(model_dir, data, plain, **flags)) == 0
-    assert train.main(_args(model_dir, data, cached, cache_hidden_states=True, **flags)) == 0
+    cache_flags = dict(cache_hidden_states=True, hidden_cache_dir=features, **flags)
+    assert train.main(_args(model_dir, data, cached, **cache_flags)) == 0
     _assert_same_weights(plain, cached, atol=1e-5)
     evals = lambda out: [e["eval_loss"] for e in _events(out) if "eval_loss" in e]  # noqa: E731
     assert evals(plain) == pytest.approx(evals(cached), rel=1e-5)
-    (folder,) = (cached / "hidden_cache").iterdir()
+    (folder,) = features.iterdir()
     flags_file = (folder / "filled.bin").read_bytes()
     assert sum(flags_file) >= 12  # 8 steps x 4 rows cover every train row of the ~15, plus the val row(s)
+    if sum(flags_file) < len(flags_file):  # some row unseen: the fill stage completes it
+        assert train.main(_args(model_dir, data, tmp_path / "fill", fill_hidden_cache="only", **cache_flags)) == 0
+    assert features.joinpath(folder.name) == next(features.iterdir())  # still one folder: reused, not rebuilt
+    assert all((folder / "filled.bin").read_bytes())
+    again = tmp_path / "again"  # every row read from the cache: still the same heads
+    assert train.main(_args(model_dir, data, again, fill_hidden_cache="first", **cache_flags)) == 0
+    _assert_same_weights(plain, again, atol=1e-5)
+
+
+def test_draft_vocab_run_saves_its_vocabulary(tiny_setup, tmp_path):
+    """--draft_vocab trains over those tokens only, logs comparable accuracies and ships the vocabulary."""
+    from safetensors.torch import save_file
+
+    model_dir, data = tiny_setup
+    vocab = torch.tensor(sorted(set(load_tokenizer(None)(" ".join(WORDS))["input_ids"]))[:20])
+    save_file({"token_ids": vocab}, str(tmp_path / "dv.safetensors"))
+    out = tmp_path / "run"
+    assert train.main(_args(model_dir, data, out, max_steps=3, eval_steps=3, teacher_loss_weight=1.0,
+                            lm_loss_weight=1.0, draft_vocab=tmp_path / "dv.safetensors")) == 0
+    assert torch.equal(load_file(str(out / "draft_vocab.safetensors"))["token_ids"], vocab)
+    ev = [e for e in _events(out) if "eval_loss" in e][-1]
+    for i in range(3):
+        assert 0.0 <= ev[f"eval_head{i}_top1"] <= ev[f"eval_head{i}_top5"] <= 1.0
+        assert 0.0 <= ev[f"eval_head{i}_teacher_top1"] <= 1.0
+    model = HydraModel.from_pretrained(out, base_model=str(model_dir))
+    assert torch.equal(model.heads.draft_vocab, vocab)
+
+
+def test_single_conversation_file_is_one_clear_error(tiny_setup, tmp_path, capsys):
+    model_dir, data = tiny_setup
+    one = tmp_path / "one.jsonl"
+    one.write_text(data.read_text().splitlines()[0] + "\n")
+    assert train.main(_args(model_dir, one, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[hydra]")]  # (others: loading progress)
+    assert len(lines) == 1 and lines[0].startswith("[hydra] error:") and "1 conversation" in lines[0], err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_paths_expand_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model_args, data_args, args = train.parse_args(
+        ["--data_path", "~/d.jsonl", "--output_dir", "~/out", "--model_name_or_path", "~/m",
+         "--draft_vocab", "~/v.safetensors", "--hidden_cache_dir", "~/f", "--init_heads", "~/h"])
+    assert data_args.data_path == str(tmp_path / "d.jsonl") and args.output_dir == str(tmp_path / "out")
+    assert model_args.model_name_or_path == str(tmp_path / "m")
+    assert args.draft_vocab == str(tmp_path / "v.safetensors") and args.hidden_cache_dir == str(tmp_path / "f")
+    assert args.init_heads == str(tmp_path / "h")
+
+
+def test_pipeline_stage_markers(tmp_path):
+    """run_stages: a stage runs until it succeeds once, then is skipped; a failed stage stops the run without a
+    marker, and the next run starts at it (not before it)."""
+    from hydra.train.pipeline import Stage, run_stages
+
+    calls = tmp_path / "calls.txt"
+
+    def stage(name: str, fail_flag: Path | None = None) -> Stage:
+        code = (f"import pathlib, sys; pathlib.Path({str(calls)!r}).open('a').write({name!r} + '\\n'); "
+                f"sys.exit(3 if {fail_flag is not None} and pathlib.Path({str(fail_flag)!r}).exists() else 0)")
+        return Stage(name, [sys.executable, "-c", code], work=1.0)
+
+    flag = tmp_path / "fail"
+    flag.touch()
+    todo = [stage("a"), stage("b", flag), stage("c")]
+    lines: list[str] = []
+    assert run_stages(todo, tmp_path / "w", "cpu", log=lines.append) == 3
+    assert calls.read_text().split() == ["a", "b"]
+    assert any("stage b failed" in line for line in lines)
+    flag.unlink()
+    assert run_stages(todo, tmp_path / "w", "cpu", log=lines.append) == 0
+    assert calls.read_text().split() == ["a", "b", "b", "c"]
+    assert run_stages(todo, tmp_path / "w", "cpu", log=lines.append) == 0
+    assert calls.read_text().split() == ["a", "b", "b", "c"]
+    assert json.loads((tmp_path / "w" / "state.json").read_text())["rates"].keys() == {"a", "b", "c"}
+
+
+@pytest.mark.slow
+def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_path):
+    """scripts/train_default_heads.sh on a tiny configuration (split -> features -> train): the train stage is
+    killed after step 2, so it gets no marker; the rerun skips split and features and resumes training from
+    checkpoint-2 instead of starting over; a third run does nothing."""
+    from safetensors.torch import save_file
+
+    model_dir, data = tiny_setup
+    save_file({"token_ids": torch.arange(0, 2000)}, str(tmp_path / "dv.safetensors"))
+    argv = [str(REPO / "scripts" / "train_default_heads.sh"), "--workdir", str(tmp_path / "w"),
+            "--data", str(data), "--base-model", str(model_dir), "--draft-vocab", str(tmp_path / "dv.safetensors"),
+            "--epochs", "3", "--rows", "4", "--max-length", "256", "--save-steps", "1", "--skip", "tree", "mtbench"]
+    env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                           env={**env, train.EXIT_AFTER_ENV: "2"})
+    assert first.returncode != 0 and "stage train failed" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    done = tmp_path / "w" / ".done"
+    assert sorted(p.name for p in done.iterdir()) == ["features", "split"]
+    heads = tmp_path / "w" / "heads"
+    assert [s for s, _ in list_checkpoints(heads)][-1] == 2
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "split: done, skipped" in second.stdout and "features: done, skipped" in second.stdout
+    assert "resuming from" in second.stdout and "checkpoint-2" in second.stdout
+    assert (heads / "model.safetensors").is_file() and (done / "train").is_file()
+    third = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0 and third.stdout.count("done, skipped") == 3, third.stdout

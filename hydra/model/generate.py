@@ -243,7 +243,7 @@ def _forward(run: _Run, tokens: torch.Tensor, positions: torch.Tensor, mask: tor
     """One base-model forward over new tokens: (output-layer input, what the heads read), both (T, d)."""
     out = run.model.decoder(input_ids=tokens[None], position_ids=positions[None], past_key_values=run.cache,
                             use_cache=True, output_hidden_states=run.all_hidden, attention_mask=mask)
-    return out.last_hidden_state[0], _hidden(run.model, out)[0]
+    return out.last_hidden_state[0], run.model.heads_input(out)[0]
 
 
 def _prefill(run: _Run, ids: torch.Tensor) -> int:
@@ -309,11 +309,6 @@ def _pace(run: _Run, rate: float) -> None:
     run.rate += RATE_WEIGHT * (rate - run.rate)
     run.backoff = 0 if run.rate >= 1 else min(2 * run.backoff, MAX_BACKOFF) or 1
     run.skip = run.backoff
-
-
-def _hidden(model: HydraModel, out) -> torch.Tensor:
-    k = model.config.hidden_state_offset
-    return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hydra.model.base_model import load_base_model, to_dtype
@@ -29,8 +30,15 @@ DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
 
 @dataclass
 class HydraTrainOutput:
-    base_hidden: torch.Tensor  # (B, S, d) the base model's hidden state (what its output layer reads)
+    base_hidden: torch.Tensor  # (B, S, d) the base model's final hidden state (what its output layer reads)
     head_hidden: torch.Tensor  # (H, B, S, d) every head's hidden state at every position
+
+
+def heads_input(decoder_output, hidden_state_offset: int) -> torch.Tensor:
+    """The one rule for which base hidden state the heads read, from a decoder output: the final (post-norm)
+    hidden state for offset 0, else hidden_states[-(k+1)] (the decoder must run with output_hidden_states)."""
+    k = hidden_state_offset
+    return decoder_output.last_hidden_state if k == 0 else decoder_output.hidden_states[-(k + 1)]
 
 
 class HydraModel(nn.Module):
@@ -65,6 +73,7 @@ class HydraModel(nn.Module):
                 for lm in self.heads.lm_heads:
                     lm.weight.copy_(self.lm_head.weight)
                     nn.init.zeros_(lm.bias)
+        self._vocab_rows: dict[int, tuple] = {}  # frozen output-layer rows of a draft vocabulary (_project)
         self.eval()  # inference by default (no dropout); training code calls .train()
 
     # The base model's layers, used by the heads but not owned by them (never saved with the heads).
@@ -85,30 +94,62 @@ class HydraModel(nn.Module):
         self.base_model.eval()  # the base model is frozen: never dropout in it
         return self
 
+    def heads_input(self, decoder_output) -> torch.Tensor:
+        return heads_input(decoder_output, self.config.hidden_state_offset)
+
     def base_hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The hidden states the heads read: post-final-norm (offset 0) or hidden_states[-(k+1)]."""
-        k = self.config.hidden_state_offset
-        out = self.decoder(input_ids=input_ids, output_hidden_states=k > 0, **kwargs)
-        return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
+        """The hidden states the heads read (see `heads_input`)."""
+        out = self.decoder(input_ids=input_ids, output_hidden_states=self.config.hidden_state_offset > 0,
+                           **kwargs)
+        return self.heads_input(out)
+
+    @torch.no_grad()
+    def base_features(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the heads read, the final hidden state), both (B, S, d), from one frozen base forward. The
+        teacher's logits are base_logits(final hidden state), also when the heads read an earlier layer."""
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False, output_hidden_states=self.config.hidden_state_offset > 0)
+        return self.heads_input(out), out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, noise_alpha: float = 0.0) -> HydraTrainOutput:
-        """Training forward: base hidden states (no grad) and all heads' hidden states at all positions.
+                attention_mask: torch.Tensor | None = None, noise_alpha: float = 0.0,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> HydraTrainOutput:
+        """Training forward: the base model's final hidden states (no grad) and all heads' hidden states at all
+        positions. `features`: `base_features`' output if already known (e.g. read from a feature cache).
 
         Logits come from `head_logits(i, hidden)` / `base_logits(hidden)` so a loss can project to the
         vocabulary in chunks instead of materialising (H, B, S, V) at once.
         """
-        with torch.no_grad():
-            base_hidden = self.base_hidden_states(input_ids, position_ids=position_ids,
-                                                  attention_mask=attention_mask, use_cache=False)
-        head_hidden = self.heads(base_hidden, input_ids, self.embed_tokens, position_ids, noise_alpha)
-        return HydraTrainOutput(base_hidden, head_hidden)
+        if features is None:
+            features = self.base_features(input_ids, position_ids, attention_mask)
+        heads_in, final = features
+        head_hidden = self.heads(heads_in, input_ids, self.embed_tokens, position_ids, noise_alpha)
+        return HydraTrainOutput(final, head_hidden)
 
-    def head_logits(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.heads.head_logits(i, hidden, self.lm_head)
+    def head_logits(self, i: int, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Head i's logits over the whole vocabulary, or over the token ids `vocab` only (a draft vocabulary:
+        only those rows of the output layer are read)."""
+        if vocab is None:
+            return self.heads.head_logits(i, hidden, self.lm_head)
+        layer = self.lm_head if self.heads.lm_heads is None else self.heads.lm_heads[i]
+        return self._project(self.heads.lm_dropout(hidden), layer, vocab)
 
-    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(hidden) if vocab is None else self._project(hidden, self.lm_head, vocab)
+
+    def _project(self, hidden: torch.Tensor, layer: nn.Module, vocab: torch.Tensor) -> torch.Tensor:
+        """Logits over the rows `vocab` of `layer`. The rows of a frozen layer are gathered once and kept
+        (a training step projects many chunks with them); a trainable layer's are gathered per call."""
+        bias = getattr(layer, "bias", None)
+        if layer.weight.requires_grad:
+            return F.linear(hidden, layer.weight[vocab], None if bias is None else bias[vocab])
+        stamp = (layer.weight.data_ptr(), layer.weight._version, vocab.data_ptr(), len(vocab))
+        cached = self._vocab_rows.get(id(layer))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, layer.weight[vocab], None if bias is None else bias[vocab])
+            self._vocab_rows[id(layer)] = cached
+        return F.linear(hidden, cached[1], cached[2])
 
     # --- persistence -----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> None:

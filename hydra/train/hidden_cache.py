@@ -1,24 +1,29 @@
-"""On-disk cache of the frozen base model's hidden states for multi-epoch runs (`--cache_hidden_states`).
+"""Feature cache: the frozen base model's hidden states on disk, computed once per data file and model and
+reused by every epoch and every later run (`--cache_hidden_states True`).
 
-The base model is frozen, so its hidden states for a packed row never change: the first time a row is seen
-they are written to `<output_dir>/hidden_cache/<key>/hidden.bin` (one flat memory-mapped array, rows at fixed
-offsets), later epochs and evaluations read them instead of running the base model. Measured on a 2-core CPU
-with SmolLM2-135M in bf16 (4 hydra-mlp heads, 512-token rows) a step ran at ~350 tok/s recomputing the base
-model and ~550-630 tok/s reading its hidden states (1.6x with the teacher loss, 1.75x with the data loss).
-Cost: tokens x hidden_size x 2 bytes in bf16 (1.1 KiB per token for SmolLM2-135M, doubled when
-hidden_state_offset > 0 since the teacher still needs the final hidden state). Not worth it on a GPU, where
-the base forward is cheap next to reading the cache.
+The base model is frozen, so the hidden states of a packed row never change. They are all the training step
+needs from the base: the heads read them, and the teacher's logits are the base output layer applied to the
+final hidden state (so no teacher log-probs are stored). Rows live in one flat memory-mapped array,
+`<hidden_cache_dir>/<key>/hidden.bin`, at fixed offsets; `filled.bin` flags the rows written. By default rows
+are written the first time a step needs them (`--fill_hidden_cache lazy`), so training starts at once and
+epochs 2+ skip the base forward; `first` fills every missing row before training, `only` fills and exits
+(the feature-cache stage of scripts/train_default_heads.sh). A killed fill resumes with the rows not yet
+flagged. Disk: tokens x hidden_size x 2 bytes in bf16 (1,152 bytes per token for SmolLM2-135M), doubled when
+hidden_state_offset > 0 since the teacher still needs the final hidden state.
 
-Every process memory-maps the same files; each row is written by the one process that first computes it and
-flagged in `filled.bin` after its data, so a kill never leaves a row flagged but unwritten (the data go to the
-page cache before the flag). Rows at the same offsets mean the cache is only valid for the same rows, model,
-dtype and offset: the folder name is a hash of all of them.
+The key is a hash of the rows' token ids, the model, dtype and offset, so every run on the same data file,
+model_max_length and base model finds the same folder (default `~/.cache/hydra/hidden_cache`, see
+`hydra.model.base_model.cache_dir`). Every process memory-maps the same files; each row is written by the
+one process that first computes it and flagged after its data, so a kill never leaves a row flagged but
+unwritten (the data reach the page cache before the flag).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +54,7 @@ class HiddenCache:
         self._data_path, self._flag_path = data_path, flag_path
         self._data = self._flags = None
 
-    def open(self) -> "HiddenCache":
+    def open(self) -> HiddenCache:
         total = max(int(self.offsets[-1]), 1)
         self._data = np.memmap(self._data_path, dtype=_NP[self.dtype], mode="r+",
                                shape=(total, self.arrays, self.d))
@@ -59,6 +64,9 @@ class HiddenCache:
 
     def filled(self) -> int:
         return int(self._flags.sum())
+
+    def missing(self, rows: list[int]) -> list[int]:
+        return [r for r in rows if not self._flags[r]]
 
     def get(self, row: int) -> torch.Tensor | None:
         """(length, arrays, d) in the cached dtype, or None if the row was never written."""
@@ -76,3 +84,48 @@ class HiddenCache:
             t = t.view(torch.int16)
         self._data[a:b] = t.numpy().view(_NP[self.dtype])
         self._flags[row] = 1
+
+
+def cache_key_parts(model_name: str, rows: list[dict], hidden_state_offset: int) -> dict:
+    digest = hashlib.sha256(torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32)
+                            .numpy().tobytes()).hexdigest()
+    return {"model": model_name, "rows": digest, "offset": hidden_state_offset}
+
+
+def cached_features(model, cache: HiddenCache, row_ids: list[int], batch: dict[str, torch.Tensor]):
+    """model.base_features through the cache: the base model runs only if one of the rows is missing."""
+    cached = [cache.get(r) for r in row_ids]
+    S = batch["input_ids"].shape[1]
+    if any(c is None for c in cached):
+        feats, final = model.base_features(batch["input_ids"], batch["position_ids"])
+        both = torch.stack([feats, final], dim=2)[:, :, :cache.arrays]  # (B, S, arrays, d)
+        for j, r in enumerate(row_ids):
+            if cached[j] is None:
+                cache.put(r, both[j, :cache.lengths[r]])
+        return feats, final
+    out = torch.zeros(len(row_ids), S, cache.arrays, cache.d, dtype=cached[0].dtype)
+    for j, c in enumerate(cached):
+        out[j, :c.shape[0]] = c  # padding positions: zeros (never scored, never attended to by real tokens)
+    out = out.to(batch["input_ids"].device, non_blocking=True)
+    return out[:, :, 0], out[:, :, -1]
+
+
+def fill(model, cache: HiddenCache, row_ids: list[int], make_batch: Callable[[list[int]], dict],
+         batch_size: int, info: Callable[[str], None], every_s: float = 60.0) -> None:
+    """Compute and store every row of `row_ids` not cached yet, printing progress and the time left."""
+    todo = cache.missing(row_ids)
+    total = sum(cache.lengths[r] for r in todo)
+    if not todo:
+        return
+    info(f"filling the hidden-state cache: {len(todo)} rows, {total} tokens")
+    done, t0, last = 0, time.time(), time.time()
+    for j in range(0, len(todo), batch_size):
+        ids = todo[j:j + batch_size]
+        cached_features(model, cache, ids, make_batch(ids))
+        done += sum(cache.lengths[r] for r in ids)
+        now = time.time()
+        if now - last >= every_s or j + batch_size >= len(todo):
+            rate = done / max(now - t0, 1e-9)
+            info(f"hidden-state cache: {done}/{total} tokens, {rate:.0f} tok/s, "
+                 f"~{(total - done) / max(rate, 1e-9) / 60:.1f} min left")
+            last = now

@@ -13,6 +13,16 @@ scored positions only, in fp32 from the (possibly bf16) logits. The gradient wit
 states (and the heads' own output layers, if any) is computed chunk by chunk inside a custom autograd
 Function, so the caller does one ordinary backward (works with plain loops, DDP and DeepSpeed alike) and peak
 memory is a few (chunk x vocab) tensors.
+
+Draft vocabulary (`vocab`, the token ids the heads propose from at inference): the heads' and the teacher's
+logits are computed over those rows of the output layer only (8,192 of 49,152 for the default model, so the
+dominant projection costs 6x less). The teacher distribution q is the base model's softmax renormalised over
+the draft vocabulary (the base logits restricted to it), so the teacher loss is a soft CE between two
+distributions on the same support. A data-loss target outside the draft vocabulary cannot be drafted at
+inference: it adds nothing to the loss (the per-head normaliser still counts it) and counts as a miss in
+top-1/top-5, so accuracies stay comparable with a full-vocabulary run (predictions are mapped back to token
+ids). teacher_top1/top5 compare with the teacher's argmax over the full vocabulary; that needs the full
+teacher projection, which is done only when `teacher_metrics` is asked (evaluation), else they read -1.
 """
 
 from __future__ import annotations
@@ -86,7 +96,7 @@ class _Runner:
     """Walks the chunks once: loss value, statistics, and (optionally) the gradients."""
 
     def __init__(self, model, labels, position_ids, teacher_hidden, lm_weight, teacher_weight, normalizer,
-                 chunk_size, topk, teacher_metrics, params):
+                 chunk_size, topk, teacher_metrics, params, vocab=None):
         self.model = model
         self.labels = labels
         self.position_ids = position_ids
@@ -98,6 +108,9 @@ class _Runner:
         self.topk = topk
         self.use_teacher = self.teacher_weight != 0.0 or teacher_metrics
         self.params = params  # per head: list of trainable parameters of that head's own output layer
+        self.vocab = vocab  # draft vocabulary (token ids) or None for the whole vocabulary
+        # Teacher argmax over the full vocabulary: free without a draft vocabulary, one extra projection with.
+        self.teacher_argmax = self.use_teacher and (vocab is None or teacher_metrics)
 
     def __call__(self, head_hidden: torch.Tensor, need_grad: bool):
         model, labels = self.model, self.labels
@@ -121,9 +134,14 @@ class _Runner:
         if not self.topk:
             stats[:, _COL["top5"]] = -1
             stats[:, _COL["teacher_top5"]] = -1
-        if not self.use_teacher:
+        if not self.teacher_argmax:
             stats[:, _COL["teacher_top1"]] = -1
             stats[:, _COL["teacher_top5"]] = -1
+        vocab = self.vocab
+        if vocab is not None:
+            vocab = vocab.to(device)
+            to_draft = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=device)
+            to_draft[vocab] = torch.arange(len(vocab), device=device)
         grad_hidden = torch.zeros_like(hidden) if need_grad else None
         grad_params = [[torch.zeros_like(p) for p in ps] for ps in self.params] if need_grad else None
         loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -147,8 +165,14 @@ class _Runner:
                 lookup = torch.full((width,), -1, dtype=torch.long, device=device)
                 lookup[need] = torch.arange(len(need), device=device)
                 with torch.no_grad():
-                    t_logits = model.base_logits(teacher_flat[need + w0])
-                    t_arg = t_logits.max(dim=-1).indices  # (max is much faster than argmax for bf16 on CPU)
+                    t_in = teacher_flat[need + w0]
+                    if vocab is None or self.teacher_argmax:
+                        t_logits = model.base_logits(t_in)
+                        t_arg = t_logits.max(dim=-1).indices  # (max is much faster than argmax for bf16 on CPU)
+                        if vocab is not None:
+                            t_logits = t_logits[:, vocab]
+                    else:
+                        t_logits = model.base_logits(t_in, vocab)
                     t_logp = F.log_softmax(t_logits, dim=-1, dtype=torch.float32)
                     del t_logits
                     t_prob = t_logp.exp_()  # in place: the log-probs are not needed any more
@@ -163,10 +187,18 @@ class _Runner:
                 if need_grad:
                     h.requires_grad_(True)
                 with torch.set_grad_enabled(need_grad):
-                    z = model.head_logits(i, h)
+                    z = model.head_logits(i, h, vocab)
                 with torch.no_grad():
                     logp = F.log_softmax(z.detach(), dim=-1, dtype=torch.float32)
-                    lm_tok = -logp.gather(1, y[:, None]).squeeze(1)
+                    if vocab is None:
+                        y_col, in_vocab = y, None
+                    else:  # column of y in the draft vocabulary; out-of-vocabulary targets add no data loss
+                        y_col = to_draft[y]
+                        in_vocab = y_col >= 0
+                        y_col = y_col.clamp_min(0)
+                    lm_tok = -logp.gather(1, y_col[:, None]).squeeze(1)
+                    if in_vocab is not None:
+                        lm_tok = lm_tok * in_vocab
                     lm_sum = lm_tok.sum()
                     stats[i, _COL["lm_loss"]] += lm_sum
                     contrib = self.lm_weight * lm_sum.double()
@@ -179,26 +211,33 @@ class _Runner:
                     loss += contrib / norm[i]
                     if self.topk:
                         top = z.detach().topk(5, dim=-1).indices
+                        if vocab is not None:
+                            top = vocab[top]
                         pred = top[:, 0]
                         stats[i, _COL["top5"]] += (top == y[:, None]).any(-1).sum()
                     else:
                         pred = z.detach().max(dim=-1).indices
+                        if vocab is not None:
+                            pred = vocab[pred]
                     stats[i, _COL["top1"]] += (pred == y).sum()
-                    if self.use_teacher:
+                    if self.teacher_argmax:
                         t_y = t_arg[rows]
                         stats[i, _COL["teacher_top1"]] += (pred == t_y).sum()
                         if self.topk:
                             stats[i, _COL["teacher_top5"]] += (top == t_y[:, None]).any(-1).sum()
                     if need_grad:
-                        # d loss / d z = ((w_lm + w_t) softmax(z) - w_lm onehot(y) - w_t q) / normaliser
+                        # d loss / d z = ((w_lm m + w_t) softmax(z) - w_lm m onehot(y) - w_t q) / normaliser,
+                        # m = 1 if y is in the scored vocabulary, else 0
+                        w_t = self.teacher_weight if self.use_teacher else 0.0
+                        w_lm = self.lm_weight / norm[i]
+                        lm_w = (torch.full((len(n),), w_lm, device=device) if in_vocab is None
+                                else in_vocab.float() * w_lm)
                         dz = logp.exp_()
-                        if self.use_teacher and self.teacher_weight != 0.0:
-                            dz.mul_((self.lm_weight + self.teacher_weight) / norm[i])
-                            dz.sub_(q, alpha=self.teacher_weight / norm[i])
-                        else:
-                            dz.mul_(self.lm_weight / norm[i])
+                        dz.mul_((lm_w + w_t / norm[i])[:, None])
+                        if w_t != 0.0:
+                            dz.sub_(q, alpha=w_t / norm[i])
                         if self.lm_weight != 0.0:
-                            dz[torch.arange(len(n), device=device), y] -= self.lm_weight / norm[i]
+                            dz[torch.arange(len(n), device=device), y_col] -= lm_w
                     del logp
                 if need_grad:
                     grads = torch.autograd.grad(z, [h] + self.params[i], grad_outputs=dz.to(z.dtype))
@@ -234,7 +273,8 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
                position_ids: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
                lm_weight: float = 1.0, teacher_weight: float = 0.0,
                normalizer: torch.Tensor | None = None, chunk_size: int = 256, topk: bool = False,
-               teacher_metrics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               teacher_metrics: bool = False, vocab: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked Hydra loss. Returns (loss, stats).
 
     Args:
@@ -250,6 +290,8 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
         chunk_size: flattened (batch x seq) positions per chunk.
         topk: also count top-5 hits (evaluation; top-1 is always counted).
         teacher_metrics: compute the teacher's distribution even if teacher_weight == 0 (for teacher_top*).
+        vocab: a draft vocabulary (1-D token ids) to score over instead of the whole vocabulary (see the
+            module docstring for the teacher and out-of-vocabulary targets).
 
     loss is differentiable with respect to head_hidden and the heads' own output layers (if not shared); stats
     is (H, len(STAT_FIELDS)) float64 sums (columns of metrics that were not computed hold -1 per row); see
@@ -261,7 +303,7 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
         own = heads.lm_heads[i] if heads.lm_heads is not None else None
         params.append([p for p in own.parameters() if p.requires_grad] if own is not None else [])
     runner = _Runner(model, labels, position_ids, teacher_hidden, lm_weight, teacher_weight, normalizer,
-                     chunk_size, topk, teacher_metrics, params)
+                     chunk_size, topk, teacher_metrics, params, vocab)
     flat = [p for ps in params for p in ps]
     if torch.is_grad_enabled() and (head_hidden.requires_grad or any(p.requires_grad for p in flat)):
         return _ChunkedLoss.apply(runner, head_hidden, *flat)

@@ -1,0 +1,166 @@
+"""Rebuild the default Hydra++ heads end to end; every stage skips what is done and resumes what was killed.
+
+    scripts/train_default_heads.sh                                  # CPU, over as many sessions as it takes
+    scripts/train_default_heads.sh --device cuda                    # one GPU
+    scripts/train_default_heads.sh --data data/self_distill_smollm2.jsonl.gz   # skip the distillation
+    scripts/train_default_heads.sh --dry-run                        # print the stages and commands only
+
+Stages, in <workdir> (default runs/default-heads):
+  distill   python -m hydra.data.self_distill -> self_distill.jsonl (resumes by conversation id)
+  split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl
+  features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
+  train     hydra.train.train, Hydra++ with the teacher loss over the draft vocabulary -> heads/ (resumes from
+            its newest checkpoint)
+  tree      scripts/build_tree.py: the draft vocabulary of the new data and the tree chosen for the new heads
+  mtbench   scripts/eval_mt_bench.sh heads/: MT-Bench speed over plain decoding and fp32 losslessness
+A stage is done when its marker `.done/<stage>` exists, written only after its command succeeded; a killed
+stage has no marker, so the next run starts it again and the command itself resumes. The time-left estimate
+uses the throughput of the stages measured on this workdir so far (state.json), else rough defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Rough throughput defaults for the first estimate only (work units per second); measured rates replace them.
+DEFAULT_RATES = {
+    "cpu": {"distill": 0.3, "split": 1e3, "features": 300.0, "train": 400.0, "tree": 0.15, "mtbench": 0.06},
+    "cuda": {"distill": 40.0, "split": 1e3, "features": 2e5, "train": 5e4, "tree": 2.0, "mtbench": 0.5},
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: list[str]
+    work: float  # in the stage's unit (prompts, conversations, tokens, ...), for the time estimate
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
+    """The Hydra++ recipe of the shipped heads (README "Trained heads shipped in this repository"), fast path."""
+    flags = ["--data_path", str(split), "--bf16", "True", "--hydra_num_heads", "4", "--hydra_num_layers", "4",
+             "--hydra_head_arch", "prefix-mlp", "--share_lm_head", "True", "--lm_loss_weight", "0.0",
+             "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2", "--model_max_length", str(a.max_length),
+             "--per_device_train_batch_size", str(a.rows), "--global_batch_size", "16",
+             "--num_train_epochs", str(a.epochs), "--learning_rate", str(a.lr), "--warmup_steps", "40",
+             "--lr_scheduler_type", "cosine", "--final_lr_multiplier", "0.1", "--eval_steps", "0.1",
+             "--save_steps", str(a.save_steps), "--logging_steps", "5", "--cache_hidden_states", "True",
+             "--hidden_cache_dir", str(a.workdir / "features"), "--draft_vocab", str(a.draft_vocab)]
+    if a.device == "cpu":
+        flags += ["--use_cpu", "True"]
+    if a.base_model:
+        flags += ["--model_name_or_path", a.base_model]
+    return flags
+
+
+def stages(a: argparse.Namespace) -> list[Stage]:
+    py, w = [sys.executable], a.workdir
+    data = Path(a.data) if a.data else w / "self_distill.jsonl"
+    split = w / "split"
+    n_prompts = a.num_prompts or 25_323
+    tokens = n_prompts * 560  # ~560 tokens per conversation in data/self_distill_smollm2.jsonl.gz
+    batch = "256" if a.device == "cuda" else "32"
+    base = ["--base-model", a.base_model] if a.base_model else []
+    out = [
+        Stage("distill", py + ["-m", "hydra.data.self_distill", "--prompts", a.prompts, "--output", str(data),
+                               "--max-new-tokens", "320", "--max-prompt-tokens", "768", "--temperature", "0",
+                               "--batch-size", batch, "--dtype", "bfloat16", "--device", a.device] + base
+              + (["--num-prompts", str(a.num_prompts)] if a.num_prompts else []), n_prompts),
+        Stage("split", py + ["-m", "hydra.data.partition_train_test", "--input", str(data),
+                             "--output-dir", str(split)], n_prompts),
+        Stage("features", py + ["-m", "hydra.train.train"] + train_flags(a, split)
+              + ["--output_dir", str(w / "heads"), "--fill_hidden_cache", "only"], tokens),
+        Stage("train", py + ["-m", "hydra.train.train"] + train_flags(a, split)
+              + ["--output_dir", str(w / "heads")] + (["--init_heads", a.init_heads] if a.init_heads else []),
+              tokens * a.epochs),
+        Stage("tree", py + [str(REPO / "scripts" / "build_tree.py"), "--heads", str(w / "heads"),
+                            "--data", str(split / "val.jsonl"), "--vocab-data", str(split / "train.jsonl"),
+                            "--draft-vocab-size", "8192", "--name", a.tree_name,
+                            "--counts", str(w / "tree_counts.json")], 100),
+        Stage("mtbench", ["bash", str(REPO / "scripts" / "eval_mt_bench.sh"), str(w / "heads")], 160,
+              env={"TAG": a.tree_name, "TREE": a.tree_name}),
+    ]
+    if a.data:
+        out = out[1:]  # the data are given: no distillation
+    return [s for s in out if s.name not in a.skip]
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = False,
+               log=print) -> int:
+    """Run the stages not marked done, in order; stop at the first failure (its marker is not written)."""
+    marks = workdir / ".done"
+    state_path = workdir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    rates = {**DEFAULT_RATES.get(device, DEFAULT_RATES["cpu"]), **state.get("rates", {})}
+    for k, stage in enumerate(todo):
+        if (marks / stage.name).is_file():
+            log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: done, skipped")
+            continue
+        left = sum(s.work / rates.get(s.name, 1.0) for s in todo[k:] if not (marks / s.name).is_file())
+        log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: ~{_fmt(stage.work / rates.get(stage.name, 1.0))} "
+            f"(all stages left: ~{_fmt(left)})\n  {shlex.join(stage.cmd)}")
+        if dry_run:
+            continue
+        t0 = time.time()
+        rc = subprocess.call(stage.cmd, cwd=REPO, env={**os.environ, **stage.env})
+        if rc != 0:
+            log(f"[hydra] error: stage {stage.name} failed (exit {rc}); run the same command again to resume it")
+            return rc
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / stage.name).write_text(f"{time.time() - t0:.0f} s\n")
+        rates[stage.name] = stage.work / max(time.time() - t0, 1e-3)
+        state["rates"] = {**state.get("rates", {}), stage.name: rates[stage.name]}
+        state_path.write_text(json.dumps(state, indent=2))
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=REPO / "runs" / "default-heads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--data", default=None, help="a self-distilled ShareGPT file to use (skips the distillation)")
+    p.add_argument("--prompts", default=str(REPO / "data" / "train_prompts.jsonl.gz"))
+    p.add_argument("--num-prompts", type=int, default=None, help="distill only the first N prompts")
+    p.add_argument("--base-model", default=None, help="base model id or folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--init-heads", default=None, help="continue from these heads instead of a fresh init")
+    p.add_argument("--draft-vocab", type=Path,
+                   default=REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors")
+    p.add_argument("--epochs", type=float, default=10.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--save-steps", default="20")
+    p.add_argument("--tree-name", default="smollm2_hydrapp_rebuilt")
+    p.add_argument("--skip", nargs="*", default=[], help="stages to leave out (e.g. mtbench)")
+    p.add_argument("--dry-run", action="store_true")
+    a = p.parse_args(argv)
+    a.workdir = a.workdir.expanduser()
+    a.data = os.path.expanduser(a.data) if a.data else None
+    a.prompts = os.path.expanduser(a.prompts)
+    a.draft_vocab = a.draft_vocab.expanduser()
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    return run_stages(stages(a), a.workdir, a.device, a.dry_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
