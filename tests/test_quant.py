@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType, quants
 
 from hydra.model import HydraConfig, HydraModel
 from hydra.model.generate import DecodeConfig, generate
-from hydra.model.quant import (GROUP, Int4Linear, Int8Linear, Q8Int4Linear, int4_from_weight, q4_1_blocks,
-                               q8_0_blocks, quantize_model)
+from hydra.model.quant import (FP32_ATTENTION, GROUP, Int4Linear, Int8Linear, Q8Int4Linear, int4_from_weight,
+                               q4_1_blocks, q8_0_blocks, quantize_model, use_fp32_attention)
 
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 TREES = ["chain_4", "tree_16", [[0], [1], [0, 0], [0, 1], [1, 0]]]
@@ -72,15 +72,18 @@ def test_requantised_layers_stay_within_half_a_step():
     assert ((int8.dequantize() - w).abs() <= int8.scale[:, None] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factory, randomize, quant):
+@pytest.mark.parametrize("quant,attention", [("int4", "sdpa"), ("int8", "sdpa"), ("int4", FP32_ATTENTION)])
+def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factory, randomize, quant, attention):
     """Verification runs the quantized base itself, so greedy speculative decoding == plain greedy decoding
-    of the quantized base (fp32 activations here, as the fp32 losslessness tests; bf16 is measured, README)."""
+    of the quantized base (fp32 activations here, as the fp32 losslessness tests; bf16 is measured, README).
+    With the fp32 attention that quantized bases use, tree masks reach it in additive form."""
     base = randomize(tiny_base_factory(vocab_size=64, seed=3), seed=3, scale=0.3)
     with torch.inference_mode():
         float_logits = base(torch.tensor([PROMPTS[2]])).logits
     float_out = base.lm_head.weight
     quantize_model(base, quant)
+    if attention == FP32_ATTENTION:
+        use_fp32_attention(base)
     linear = Int4Linear if quant == "int4" else Int8Linear
     layer = base.model.layers[0]
     assert all(isinstance(m, linear) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj))
@@ -129,3 +132,4 @@ def test_default_model_int4_is_the_gguf_blocks():
                 ref = torch.from_numpy(quants.dequantize(t.data, t.tensor_type))
                 torch.testing.assert_close(ref, converted, rtol=0, atol=1e-6 * scale)
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config._attn_implementation == FP32_ATTENTION

@@ -121,7 +121,7 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
 
 
 def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
-    from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model
+    from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model, use_fp32_attention
 
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
@@ -131,6 +131,8 @@ def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
         load_gguf_int4(model, default_gguf_blocks())
     else:
         quantize_model(model, quant)
+    if model.config._attn_implementation == "sdpa":
+        use_fp32_attention(model)
 
 
 def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
