@@ -120,13 +120,22 @@ def int8_from_weight(weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tenso
     return Int8Linear((w / scale[:, None]).round().clamp(-127, 127), scale, dtype, bias, keep_weight)
 
 
+def q8_from_weight(weight: torch.Tensor, dtype: torch.dtype) -> Q8Int4Linear:
+    """8-bit symmetric groups of 32 (the GGUF's Q8_0 rule): d = max|w| / 127, q = round(w / d)."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    d = (w.abs().amax(-1) / 127).clamp_min(1e-12)
+    q = (w / d[..., None]).round().clamp(-127, 127).reshape(n, k)
+    return Q8Int4Linear(q, d, dtype, weight=weight)
+
+
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     """Swap every `nn.Linear` of the decoder, and the output layer, for its int4 / int8 form, in place.
 
-    For int4 a layer whose shape the kernel cannot take (`_fits`) stays in float. The output layer becomes int8
-    with one scale per row in both modes (as the default model's output layer does, see `load_gguf_int4`) and
-    keeps its float weight for the draft heads (tied to the input embedding in most small Llamas, so that
-    costs nothing extra)."""
+    For int4 a layer whose shape the kernel cannot take (`_fits`) stays in float. The output layer becomes
+    8-bit groups of 32 in both modes (`Q8Int4Linear`, as the default model's Q8_0 output layer; one int8 scale
+    per row where the int4 kernel cannot take its shape) and keeps its float weight for the draft heads (tied
+    to the input embedding in most small Llamas, so that costs nothing extra)."""
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
     dtype = model.get_input_embeddings().weight.dtype
@@ -135,8 +144,11 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
             if type(child) is nn.Linear and _fits(child.weight, quant):
                 parent.set_submodule(name, _quantized(child.weight, quant, dtype, child.bias))
     out = model.get_output_embeddings()
-    if type(out) is nn.Linear and _fits(out.weight, quant):
-        model.set_output_embeddings(int8_from_weight(out.weight, dtype, out.bias, keep_weight=out.weight))
+    if type(out) is nn.Linear and _fits(out.weight, "int8"):
+        if out.bias is None and _fits(out.weight, "int4"):
+            model.set_output_embeddings(q8_from_weight(out.weight, dtype))
+        else:
+            model.set_output_embeddings(int8_from_weight(out.weight, dtype, out.bias, keep_weight=out.weight))
     return model
 
 
@@ -186,12 +198,12 @@ def read_gguf_blocks(gguf_file: str | Path) -> dict[str, tuple[str, torch.Tensor
             for t in GGUFReader(str(gguf_file)).tensors if t.tensor_type.name in ("Q4_1", "Q8_0")}
 
 
-def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], output: str = "int8") -> nn.Module:
+def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], output: str = "q8_0") -> nn.Module:
     """Put a Llama GGUF's Q4_1 linear layers, as stored, into `model` (the same model loaded in float), in place.
 
-    blocks: `read_gguf_blocks(file)`. output: what the Q8_0 output layer becomes: "int8" re-quantises it to
-    one scale per row (one int8 kernel call, 8 bits per weight), "q8_0" keeps its blocks exactly
-    (`Q8Int4Linear`, 9 bits per weight through the int4 kernel). The README measures what the choice changes.
+    blocks: `read_gguf_blocks(file)`. output: what the Q8_0 output layer becomes: "q8_0" keeps its blocks
+    exactly (`Q8Int4Linear`, 9 bits per weight through the int4 kernel), "int8" re-quantises them to one scale
+    per row (`torch._weight_int8pack_mm`). On this CPU "q8_0" is both closer to the file and faster (README).
     """
     from gguf import MODEL_ARCH, get_tensor_name_map
 
