@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -121,7 +122,8 @@ def _upload_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m hydra.hf_utils",
                                 description="Upload a heads folder to the Hugging Face Hub "
                                             "(or: python -m hydra.hf_utils export-medusa -h).")
-    p.add_argument("--folder", required=True, help="heads folder (config.json + model.safetensors)")
+    p.add_argument("--folder", type=os.path.expanduser,
+                   required=True, help="heads folder (config.json + model.safetensors)")
     p.add_argument("--repo", required=True, help="target repo id, e.g. USER/hydra-heads")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
@@ -154,10 +156,11 @@ def _export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m hydra.hf_utils export-medusa",
                                 description="Export ungrounded (mlp) heads for Medusa / TGI / TensorRT-LLM "
                                             "(--format medusa) or vLLM (--format vllm).")
-    p.add_argument("--folder", required=True, help="Hydra heads folder with hydra_head_arch 'mlp'")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--folder", type=os.path.expanduser,
+                   required=True, help="Hydra heads folder with hydra_head_arch 'mlp'")
+    p.add_argument("--out", type=os.path.expanduser, required=True, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="medusa")
-    p.add_argument("--base-model", default=None,
+    p.add_argument("--base-model", type=os.path.expanduser, default=None,
                    help="base model to read the shared output layer from (default: the one in the heads' config)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the exported tensors (default: as stored)")

@@ -36,6 +36,7 @@ JUDGE_DATA_DIR = LLM_JUDGE_DIR / "data"  # FastChat's layout: mt_bench/question.
 DEFAULT_QUESTION_FILE = JUDGE_DATA_DIR / "mt_bench" / "question.jsonl"
 DEFAULT_ANSWER_DIR = LLM_JUDGE_DIR / "data" / "mt_bench" / "model_answer"
 DEFAULT_MAX_NEW_TOKEN = 256
+ERROR_ANSWER = "$ERROR$"  # FastChat's marker for a turn that could not be generated
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -43,14 +44,15 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         description=f"Generate MT-Bench answers with {'Hydra speculative' if method == 'hydra' else 'plain autoregressive'} "
                     "decoding, recording wall time, new tokens and decoding steps per turn.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-path", default=None,
+    p.add_argument("--model-path", type=os.path.expanduser, default=None,
                    help="heads folder or Hub repo id (default: the shipped heads, hydra/heads/default)")
-    p.add_argument("--base-model", default=None, help="override the base model named in the heads' config")
+    p.add_argument("--base-model", type=os.path.expanduser,
+                   default=None, help="override the base model named in the heads' config")
     p.add_argument("--model-id", default=None,
                    help=f"name written into the answers (default: {method}-<heads folder name>)")
-    p.add_argument("--answer-file", default=None,
+    p.add_argument("--answer-file", type=os.path.expanduser, default=None,
                    help="output jsonl (default: llm_judge/data/mt_bench/model_answer/<model-id>.jsonl)")
-    p.add_argument("--question-file", default=None,
+    p.add_argument("--question-file", type=os.path.expanduser, default=None,
                    help="questions jsonl (default: llm_judge/data/mt_bench/question.jsonl)")
     p.add_argument("--question-begin", type=int, default=None, help="index of the first question (debugging)")
     p.add_argument("--question-end", type=int, default=None, help="index after the last question (debugging)")
@@ -66,7 +68,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     if method == "hydra":
-        p.add_argument("--tree", default=None, help="candidate tree name or JSON file (default: the heads' own)")
+        p.add_argument("--tree", type=os.path.expanduser,
+                       default=None, help="candidate tree name or JSON file (default: the heads' own)")
         p.add_argument("--sampling", choices=("typical", "exact"), default=None,
                        help="acceptance rule when temperature > 0 (default: the engine's)")
         p.add_argument("--posterior-threshold", type=float, default=None)
@@ -75,43 +78,44 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
 
 def load_questions(path: str | Path, begin: int | None = None, end: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"question file {path} not found")
-    with path.open(encoding="utf-8") as f:
-        questions = [json.loads(line) for line in f if line.strip()]
-    for q in questions:
-        if "question_id" not in q or not isinstance(q.get("turns"), list):
-            raise SystemExit(f"{path}: every line needs 'question_id' and a 'turns' list")
+    """MT-Bench question records; a bad line is an error naming the file and line."""
+    from hydra.data.jsonl import iter_jsonl
+
+    path = Path(path).expanduser()
+    questions = []
+    try:
+        for line_no, q in iter_jsonl(path):
+            if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("turns"), list):
+                raise ValueError(f"{path}:{line_no}: a question needs 'question_id' and a 'turns' list")
+            questions.append(q)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"[hydra] error: {e}") from None
     return questions[begin:end]
 
 
+def is_error_record(record: dict) -> bool:
+    """An answer record with a turn that could not be generated (FastChat's "$ERROR$" marker)."""
+    choice = (record.get("choices") or [{}])[0]
+    return ERROR_ANSWER in choice.get("turns", []) or "error" in choice.get("finish_reasons", [])
+
+
 def answered_ids(path: Path) -> set:
-    """question_ids already in an answer file (a torn last line from an interrupted run is ignored)."""
-    done = set()
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["question_id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-    return done
+    """question_ids answered in an answer file. Error records do not count (a rerun answers them again); a
+    torn last line from an interrupted run is dropped."""
+    from hydra.data.jsonl import read_resumable
+
+    return {r["question_id"] for r in read_resumable(path) if "question_id" in r and not is_error_record(r)}
 
 
 def reorg_answer_file(path: Path) -> None:
     """Sort by question_id and keep the last record of each question (as FastChat does); unreadable lines
     (a record torn by an interrupted run) are dropped."""
-    records = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                records[rec["question_id"]] = line if line.endswith("\n") else line + "\n"
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
+    from hydra.data.jsonl import read_resumable
+
+    records = {r["question_id"]: r for r in read_resumable(path) if "question_id" in r}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(records[k] for k in sorted(records, key=lambda q: (str(type(q)), q))), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(records[k], ensure_ascii=False) + "\n"
+                           for k in sorted(records, key=lambda q: (str(type(q)), q))), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -144,7 +148,7 @@ def answer_question(model, question: dict, generate, config) -> dict:
             answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         except ValueError as e:  # the conversation does not fit the context
             print(f"question {question['question_id']} turn {turn + 1}: {e}", file=sys.stderr)
-            answer, wall, reason = "$ERROR$", 0.0, "error"
+            answer, wall, reason = ERROR_ANSWER, 0.0, "error"
         messages.append({"role": "assistant", "content": answer})
         out["turns"].append(answer)
         out["new_tokens"].append(len(tokens))
@@ -165,7 +169,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from hydra.inference.loading import default_heads_folder, load_model
+    from hydra.inference.loading import check_decoding, default_heads_folder, load_model
     from hydra.model.generate import DEFAULT_TREE, DecodeConfig, ar_generate, hydra_generate
 
     if args.num_threads:
@@ -187,7 +191,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
         model, has_heads = load_model(args.model_path, args.base_model, args.dtype, args.device,
                                       heads_required=method == "hydra", quant=args.quant)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"[hydra] error: {e}") from None
     torch.manual_seed(args.seed)
     kwargs = {}
     if method == "hydra":
@@ -196,6 +200,10 @@ def main(method: str, argv: list[str] | None = None) -> int:
         kwargs = {k: v for k, v in optional.items() if v is not None}
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
+    try:  # a bad tree, temperature or sampling rule fails here, before any record is written
+        check_decoding(model, config, speculative=method == "hydra")
+    except ValueError as e:
+        raise SystemExit(f"[hydra] error: {e}") from None
     generate = hydra_generate if method == "hydra" else ar_generate
     device = next(model.parameters()).device
     decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,

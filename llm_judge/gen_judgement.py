@@ -29,7 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Run as a script, this file's folder is on sys.path.
-from answer_common import DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, JUDGE_DATA_DIR, LLM_JUDGE_DIR, REPO_ROOT, load_questions
+from answer_common import (DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, ERROR_ANSWER, JUDGE_DATA_DIR, LLM_JUDGE_DIR,
+                           REPO_ROOT, is_error_record, load_questions)
+
+from hydra.data.jsonl import read_jsonl, read_resumable
 
 DEFAULT_JUDGE_FILE = JUDGE_DATA_DIR / "judge_prompts.jsonl"
 DEFAULT_REF_FILE = JUDGE_DATA_DIR / "mt_bench" / "reference_answer" / "gpt-4.jsonl"
@@ -38,11 +41,6 @@ NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # as in FastC
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 ENDPOINT_ENVS = ("OPENAI_BASE_URL", "OPENAI_API_BASE")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_answers(answer_dir: Path, models: list[str] | None) -> dict[str, dict]:
@@ -54,8 +52,17 @@ def load_answers(answer_dir: Path, models: list[str] | None) -> dict[str, dict]:
     for path in files:
         if not path.is_file():
             raise SystemExit(f"answer file {path} not found")
-        answers[path.stem] = {rec["question_id"]: rec for rec in read_jsonl(path)}
+        records = read_jsonl(path)
+        answers[path.stem] = {rec["question_id"]: rec for rec in records if not is_error_record(rec)}
+        if len(answers[path.stem]) < len(records):
+            print(f"gen_judgement: {path}: {len(records) - len(answers[path.stem])} error records ({ERROR_ANSWER}) "
+                  "not judged; rerun gen_model_answer_*.py to answer them", file=sys.stderr)
     return answers
+
+
+def judgment_file(judge_model: str) -> Path:
+    """Where the judgments of one judge model live (the name made safe for a file name)."""
+    return DEFAULT_JUDGMENT_DIR / (re.sub(r"[^A-Za-z0-9._-]+", "_", judge_model) + "_single.jsonl")
 
 
 def parse_rating(judgment: str) -> int | float:
@@ -130,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-model", default="gpt-4")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--model-list", nargs="+", default=None, help="model ids to judge (default: all answer files)")
-    p.add_argument("--answer-dir", default=str(DEFAULT_ANSWER_DIR))
-    p.add_argument("--question-file", default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
-    p.add_argument("--ref-answer-file", default=None,
+    p.add_argument("--answer-dir", type=os.path.expanduser, default=str(DEFAULT_ANSWER_DIR))
+    p.add_argument("--question-file", type=os.path.expanduser,
+                   default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
+    p.add_argument("--ref-answer-file", type=os.path.expanduser, default=None,
                    help="default: llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl")
-    p.add_argument("--judge-file", default=None, help="default: llm_judge/data/judge_prompts.jsonl")
-    p.add_argument("--output-file", default=None,
+    p.add_argument("--judge-file", type=os.path.expanduser,
+                   default=None, help="default: llm_judge/data/judge_prompts.jsonl")
+    p.add_argument("--output-file", type=os.path.expanduser, default=None,
                    help="default: llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl")
     p.add_argument("--first-n", type=int, default=None, help="only the first N questions (debugging)")
     p.add_argument("--parallel", type=int, default=1, help="concurrent judge requests")
@@ -161,13 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     templates = {t["name"]: t for t in read_jsonl(Path(args.judge_file or DEFAULT_JUDGE_FILE))}
     refs = {r["question_id"]: r for r in read_jsonl(Path(args.ref_answer_file or DEFAULT_REF_FILE))}
     answers = load_answers(Path(args.answer_dir), args.model_list)
-    safe_judge = re.sub(r"[^A-Za-z0-9._-]+", "_", args.judge_model)
-    out_path = Path(args.output_file) if args.output_file else DEFAULT_JUDGMENT_DIR / f"{safe_judge}_single.jsonl"
-    done = set()
-    if out_path.is_file():
-        for rec in read_jsonl(out_path):
-            if rec.get("judge", [None])[0] == args.judge_model:
-                done.add((rec["model"], rec["question_id"], rec["turn"]))
+    out_path = Path(args.output_file) if args.output_file else judgment_file(args.judge_model)
+    done = {(rec["model"], rec["question_id"], rec["turn"]) for rec in read_resumable(out_path)
+            if rec.get("judge", [None])[0] == args.judge_model}
 
     matches, missing = [], 0
     for model, by_qid in answers.items():

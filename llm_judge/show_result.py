@@ -12,13 +12,15 @@ with the question file).
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from answer_common import DEFAULT_QUESTION_FILE, load_questions
-from gen_judgement import DEFAULT_JUDGMENT_DIR, read_jsonl
+from gen_judgement import judgment_file
+
+from hydra.data.jsonl import read_jsonl
 
 
 def _mean(xs: list[float]) -> str:
@@ -64,14 +66,13 @@ def per_category(judgments: list[dict], categories: dict, models: list[str] | No
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Show MT-Bench single-answer scores.")
     p.add_argument("--judge-model", default="gpt-4")
-    p.add_argument("--input-file", default=None,
+    p.add_argument("--input-file", type=os.path.expanduser, default=None,
                    help="judgment jsonl (default: llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl)")
     p.add_argument("--model-list", nargs="+", default=None)
-    p.add_argument("--question-file", default=None, help="for --per-category")
+    p.add_argument("--question-file", type=os.path.expanduser, default=None, help="for --per-category")
     p.add_argument("--per-category", action="store_true")
     args = p.parse_args(argv)
-    safe_judge = re.sub(r"[^A-Za-z0-9._-]+", "_", args.judge_model)
-    path = Path(args.input_file) if args.input_file else DEFAULT_JUDGMENT_DIR / f"{safe_judge}_single.jsonl"
+    path = Path(args.input_file) if args.input_file else judgment_file(args.judge_model)
     if not path.is_file():
         print(f"show_result: {path} not found; run gen_judgement.py first", file=sys.stderr)
         return 1

@@ -21,28 +21,39 @@ a tree forward and a one-token forward round differently).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from answer_common import DEFAULT_QUESTION_FILE, load_questions
-from gen_judgement import read_jsonl
+from answer_common import DEFAULT_QUESTION_FILE, ERROR_ANSWER, is_error_record, load_questions
+
+from hydra.data.jsonl import read_jsonl
 
 OVERALL = "overall"
 
 
 def load_answer_file(path: str | Path) -> dict:
+    """{question_id: record}. Records with a turn that could not be generated ($ERROR$) are flagged on stderr
+    and left out: they carry no timing, and a rerun of the answer script answers them again."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"answer file {path} not found")
-    records = {}
+    records, errors = {}, []
     for rec in read_jsonl(path):
         choice = rec["choices"][0]
         for key in ("new_tokens", "wall_time", "steps"):
             if key not in choice:
                 raise SystemExit(f"{path}: question {rec['question_id']} has no '{key}' (not written by "
                                  "gen_model_answer_*.py of this repository?)")
-        records[rec["question_id"]] = rec
+        if is_error_record(rec):
+            errors.append(rec["question_id"])
+        else:
+            records[rec["question_id"]] = rec
+    if errors:
+        print(f"show_speed: warning: {path}: {len(errors)} error records ({ERROR_ANSWER}) left out, questions "
+              f"{errors[:10]}{' ...' if len(errors) > 10 else ''}; rerun gen_model_answer_*.py to answer them",
+              file=sys.stderr)
     return records
 
 
@@ -147,10 +158,14 @@ def plot(speedups: dict[str, dict[str, float]], path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tokens/s, tau and speedup per MT-Bench category.")
-    p.add_argument("--baseline", required=True, help="answer file of gen_model_answer_baseline.py")
-    p.add_argument("--hydra", nargs="+", required=True, help="answer file(s) of gen_model_answer_hydra.py")
-    p.add_argument("--question-file", default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
-    p.add_argument("--plot", default=None, help="write a bar chart PNG here, e.g. assets/speedup.png")
+    p.add_argument("--baseline", type=os.path.expanduser,
+                   required=True, help="answer file of gen_model_answer_baseline.py")
+    p.add_argument("--hydra", type=os.path.expanduser,
+                   nargs="+", required=True, help="answer file(s) of gen_model_answer_hydra.py")
+    p.add_argument("--question-file", type=os.path.expanduser,
+                   default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
+    p.add_argument("--plot", type=os.path.expanduser,
+                   default=None, help="write a bar chart PNG here, e.g. assets/speedup.png")
     p.add_argument("--title", default="Hydra speedup on MT-Bench")
     p.add_argument("--check-equal", action="store_true",
                    help="count questions whose turns are identical to the baseline's (greedy losslessness)")

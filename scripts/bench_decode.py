@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,21 +124,22 @@ def llama_cpp_decoder(gguf: Path, max_new_tokens: int, stop_ids: set[int], conte
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-model", default=None)
-    ap.add_argument("--heads", nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
-    ap.add_argument("--trees", nargs="*", default=["mc_sim_7b_63"])
+    ap.add_argument("--base-model", type=os.path.expanduser, default=None)
+    ap.add_argument("--heads", type=os.path.expanduser,
+                    nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
+    ap.add_argument("--trees", type=os.path.expanduser, nargs="*", default=["mc_sim_7b_63"])
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--question-file", type=Path, default=QUESTIONS)
+    ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--check-equal", action="store_true", help="count prompts where speculative == AR output")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers' generate: plain greedy and prompt lookup (--prompt-lookup tokens)")
     ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for --hf (0: skip)")
-    ap.add_argument("--llama-cpp", type=Path, default=None, metavar="GGUF",
+    ap.add_argument("--llama-cpp", type=lambda p: Path(os.path.expanduser(p)), default=None, metavar="GGUF",
                     help="also time llama.cpp's plain greedy decoding of this GGUF file (pip install '.[llamacpp]')")
     args = ap.parse_args()
     if args.threads:
@@ -146,7 +148,8 @@ def main() -> None:
         raise SystemExit(f"[hydra] error: --llama-cpp {args.llama_cpp}: no such file")
     torch.manual_seed(0)
     extra = (" equal |" if args.check_equal else "") + (" vs HF generate |" if args.hf else "")
-    print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from {args.question_file.name}, "
+    print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from "
+          f"{Path(args.question_file).name}, "
           f"{args.max_new_tokens} new tokens, greedy")
     # Every configuration of every base model (dtype x quant) is built first and all are interleaved in one
     # loop, so ratios across dtypes, quantizations and llama.cpp come from the same minutes.
@@ -156,7 +159,7 @@ def main() -> None:
         for quant in args.quant:
             label = dtype + ("" if quant == "none" else f"+{quant}")
             base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
-            prompts = prompts or load_prompts(tokenizer, args.question_file, args.num_prompts)
+            prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
                 models = {h: HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer) for h in args.heads}
             else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -146,8 +147,9 @@ def write_tree_json(choices: list[list[int]], meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", required=True)
-    ap.add_argument("--data", required=True, help="held-out ShareGPT jsonl (self-distilled replies)")
+    ap.add_argument("--heads", type=os.path.expanduser, required=True)
+    ap.add_argument("--data", type=os.path.expanduser,
+                    required=True, help="held-out ShareGPT jsonl (self-distilled replies)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--num-chats", type=int, default=100)
     ap.add_argument("--max-length", type=int, default=1024)
@@ -158,9 +160,10 @@ def main() -> None:
     ap.add_argument("--draft-vocab-size", type=int, default=0,
                     help="also write draft_vocab.safetensors into --heads: the K most frequent assistant tokens of "
                          "--vocab-data (0: keep the heads as they are)")
-    ap.add_argument("--vocab-data", default=None, help="ShareGPT jsonl for token counts (default: --data)")
+    ap.add_argument("--vocab-data", type=os.path.expanduser,
+                    default=None, help="ShareGPT jsonl for token counts (default: --data)")
     ap.add_argument("--prompt-tokens", type=int, default=400, help="context length used for timing")
-    ap.add_argument("--counts", default=None,
+    ap.add_argument("--counts", type=os.path.expanduser, default=None,
                     help="JSON file of the measured path counts: read if it exists, else written after measuring "
                          "(the measurement is the slow part; timing on another thread count can then reuse it)")
     args = ap.parse_args()

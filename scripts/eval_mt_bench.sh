@@ -5,7 +5,7 @@
 #   scripts/eval_mt_bench.sh runs/medusa runs/hydra runs/hydrapp      # heads folders (default: the shipped heads)
 #
 # Environment: DTYPE (bfloat16), MAX_NEW (128), THREADS (torch threads; 1 is the robust choice on a shared
-# machine, where 2 OpenMP threads on 2 busy cores can run 30x slower), LOSSLESS_MAX_NEW (64), TAG (name prefix),
+# machine, where OpenMP threads spinning on busy cores run many times slower), LOSSLESS_MAX_NEW (64), TAG (name prefix),
 # TREE (one tree for every head set, e.g. smollm2_hydrapp; default: each heads folder's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,7 @@ out.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -52,9 +53,11 @@ def main() -> None:
     from bench_decode import QUESTIONS, load_prompts  # the benchmark's prompts (scripts/ is on sys.path)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", default=None, help="heads folder / Hub id (default: the shipped heads)")
-    ap.add_argument("--base-model", default=None)
-    ap.add_argument("--tree", default=None, help="default: the tree named in the heads' config")
+    ap.add_argument("--heads", type=os.path.expanduser,
+                    default=None, help="heads folder / Hub id (default: the shipped heads)")
+    ap.add_argument("--base-model", type=os.path.expanduser, default=None)
+    ap.add_argument("--tree", type=os.path.expanduser,
+                    default=None, help="default: the tree named in the heads' config")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)

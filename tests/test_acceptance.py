@@ -7,7 +7,6 @@ of the code under test.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -15,6 +14,8 @@ import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
 from hydra.model.trees import MC_SIM_7B_63, build_tree_buffers
+
+from helpers import assert_matches, chi2_pvalue, chi2_quantile
 
 # Tree order: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0].
 TREE = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0]])
@@ -227,60 +228,12 @@ def test_typical_matches_brute_force_on_mc_sim():
 
 
 # --- exact sampling -----------------------------------------------------------------------------------------
-def chi2_pvalue(stat: float, df: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
-def chi2_quantile(q: float, df: int) -> float:
-    """The q-quantile of chi-square(df), by bisection on the regularized incomplete gamma function."""
-    lo, hi = 0.0, 10.0 * df + 100.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if 1 - chi2_pvalue(mid, df) > q else (mid, hi)
-    return (lo + hi) / 2
-
-
-def chi2_stat(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = counts.sum() * probs
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
-def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
-    """Chi-square goodness of fit at the 0.001 level, plus the power check the test needs: moving 5% of the
-    probability mass between any two cells (the alternative a lossy sampler would produce) is rejected on the
-    very same sample.
-
-    Power, for the record: with N samples the statistic under such an alternative is roughly noncentral
-    chi-square with lambda = N * 0.05^2 * (1/p_i + 1/p_j) >= N * 0.0025 * 2 / max(p) (a shift between the two
-    largest cells is the hardest to see). For N = 20000 and max p <= 0.5, lambda >= 200, mean df + lambda
-    >= 204 against a 0.999 critical value below 60 for df <= 30: power is 1 to many decimals. The loop below
-    checks it empirically instead of trusting the approximation.
-    """
-    counts, probs = counts.double(), probs.double()
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "a token with zero probability was emitted"
-    counts, probs = counts[keep], probs[keep]
-    assert float((counts.sum() * probs).min()) >= 5, "cells too small for a chi-square test"
-    df = len(probs) - 1
-    crit = chi2_quantile(0.999, df)
-    assert abs(chi2_pvalue(crit, df) - 0.001) < 1e-9
-    stat = chi2_stat(counts, probs)
-    assert stat < crit, f"chi2 {stat:.1f} >= {crit:.1f} (df {df}): distribution differs from the base model's"
-    for i, j in itertools.permutations(range(len(probs)), 2):
-        if probs[i] >= 0.05:
-            shifted = probs.clone()
-            shifted[i] -= 0.05
-            shifted[j] += 0.05
-            if shifted[i] > 0:
-                assert chi2_stat(counts, shifted) > crit, f"too few samples to detect a 5% shift {i}->{j}"
-
-
 def test_chi2_helpers():
     # Known quantiles: chi2_{0.999}(1) = 10.828, (10) = 29.588, (24) = 51.179.
     assert chi2_quantile(0.999, 1) == pytest.approx(10.828, abs=1e-3)
     assert chi2_quantile(0.999, 10) == pytest.approx(29.588, abs=1e-3)
     assert chi2_quantile(0.999, 24) == pytest.approx(51.179, abs=1e-3)
+    assert abs(chi2_pvalue(chi2_quantile(0.999, 24), 24) - 0.001) < 1e-9
     # A sampler that is off by 5% fails the test.
     p = torch.tensor([0.4, 0.3, 0.2, 0.1])
     gen = torch.Generator().manual_seed(0)

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import save_tiny_model
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -22,33 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 STATS = re.compile(r"\[stats\] (\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s, tau ([\d.]+) tokens/step \((\d+) steps\)")
 
 
-def make_tiny_model_folder(root: Path, arch: str = "hydra-mlp", num_heads: int = 4, context: int = 256) -> Path:
-    """root/base (tiny LlamaForCausalLM + SmolLM2 tokenizer) and root/heads (random heads naming root/base)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hydra.model import HydraConfig, HydraModel, load_tokenizer
-
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    base = LlamaForCausalLM(cfg).eval()
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    model = HydraModel(base, HydraConfig(hydra_num_heads=num_heads, hydra_head_arch=arch,
-                                         base_model_name_or_path=str(root / "base")), tok)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "heads")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_chat"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_chat"), heads=dict(num_heads=4))
 
 
 def spawn(*args: str, timeout: int = 180):

@@ -20,6 +20,8 @@ from hydra.data.sharegpt import (
 )
 from hydra.model.base_model import load_tokenizer
 
+from helpers import write_jsonl
+
 CONVERSATION = {"id": "c1", "conversations": [
     {"from": "system", "value": "You are terse."},
     {"from": "human", "value": "What is 2 + 2?"},
@@ -88,14 +90,6 @@ def test_vicuna_template(tokenizer, plain_tokenizer, explicit):
     assert text.startswith("You are terse. USER: What is 2 + 2? ASSISTANT:")
     runs = [tok.decode(run) for run in labelled_runs(example)]
     assert [r.strip() for r in runs] == [reply + tok.eos_token for reply in REPLIES]
-
-
-def write_jsonl(path, records, raw_lines=()):
-    with open(path, "wb") as f:
-        for r in records:
-            f.write((json.dumps(r) + "\n").encode())
-        for line in raw_lines:
-            f.write(line + b"\n")
 
 
 def test_malformed_records_are_skipped_per_reason(tmp_path, capsys):
@@ -205,3 +199,20 @@ def test_tokenize_records_and_partition(tmp_path, tokenizer):
 
     examples = tokenize_records(train, tokenizer, max_length=64)
     assert len(examples) == 38 and all(len(e["input_ids"]) <= 64 for e in examples)
+
+
+def test_a_single_conversation_cannot_be_split(tmp_path, tokenizer, capsys):
+    """hydra.train.train --data_path FILE splits the file 95/5; with one conversation the validation share
+    (rounded up) would take it: say so instead of "no training conversation left"."""
+    from hydra.train.data import build_rows
+
+    one = {"id": "0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    path = write_jsonl(tmp_path / "one.jsonl", [one])
+    with pytest.raises(ValueError, match="1 conversation cannot be split into training and validation sets"):
+        build_rows(path, tokenizer, max_length=64)
+    assert partition_main(["--input", str(path), "--output-dir", str(tmp_path / "split")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[hydra] error: 1 conversation cannot be split")
+    assert "give at least 2" in err[0]
+    assert not (tmp_path / "split" / "train.jsonl").exists()
+    assert len(split_records([one, one], 0.05, 42)[0]) == 1  # two are enough

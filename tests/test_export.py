@@ -15,20 +15,13 @@ from torch.nn import functional as F
 from hydra.hf_utils import main as hf_main
 from hydra.hf_utils import validate_folder
 
-
-def tiny_llama(vocab: int = 100, hidden: int = 32, seed: int = 0, tie: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=128, tie_word_embeddings=tie)).eval()
+from helpers import make_tiny_base, randomize_
 
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(folder)
+    make_tiny_base(max_position_embeddings=128).save_pretrained(folder)
     return folder
 
 
@@ -39,10 +32,9 @@ def make_heads(base_folder: Path, out: Path, zero_bias: bool = True, **cfg):
 
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
     model = HydraModel(base, HydraConfig(base_model_name_or_path=str(base_folder), **cfg))
-    gen = torch.Generator().manual_seed(5)
+    randomize_(model.heads, seed=5, scale=0.2)
     with torch.no_grad():
         for name, p in model.heads.named_parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
             if zero_bias and name.startswith("lm_heads.") and name.endswith("bias"):
                 p.zero_()
     model.save_pretrained(out)
@@ -102,7 +94,7 @@ def test_vllm_export_matches_our_heads(base_folder, tmp_path, share):
 
 def test_shared_output_layer_of_a_tied_base_model(tmp_path):
     """Tied embeddings (like SmolLM2): the checkpoint has no lm_head.weight; the embedding is the output layer."""
-    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
+    make_tiny_base(max_position_embeddings=128, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
     model = make_heads(tmp_path / "base", tmp_path / "heads", hydra_num_heads=2, hydra_head_arch="mlp")
     assert hf_main(["export-medusa", "--folder", str(tmp_path / "heads"), "--out", str(tmp_path / "o")]) == 0
     tensors = load_file(str(tmp_path / "o" / "medusa_lm_head.safetensors"))

@@ -7,39 +7,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hydra.model import HEAD_ARCHS, HydraConfig, HydraModel
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate, hydra_generate, stream_text
 
+from helpers import assert_matches, make_heads, make_tiny_base, randomize_
+
 VOCAB = 64
-EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the digest's worked example (depth 2)
+EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees.py (depth 2)
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 
 
 # --- tiny models ------------------------------------------------------------------------------------------
-def _config(vocab: int, max_pos: int, attn: str) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                       attn_implementation=attn)
-
-
-def _randomize(module: torch.nn.Module, seed: int, scale: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else scale * noise)
-
-
 def make_base(vocab: int = VOCAB, max_pos: int = 128, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     """A random 2-layer GQA Llama with O(1) logits (well-separated argmaxes, no fp ties)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(_config(vocab, max_pos, attn)).float().eval()
-    _randomize(model, seed, 0.3)
-    return model.requires_grad_(False)
+    return make_tiny_base(vocab, seed=seed, scale=0.3, max_position_embeddings=max_pos,
+                          attn_implementation=attn)
 
 
 def make_cycle_base(vocab: int = VOCAB, max_pos: int = 128, beta: float = 4.0, scale: float = 0.2,
@@ -48,8 +34,8 @@ def make_cycle_base(vocab: int = VOCAB, max_pos: int = 128, beta: float = 4.0, s
     and MLP layers: unit-norm token embeddings e_x and output rows e_{v-1}, so the residual stream's own
     token wins unless the layers (scale) push it elsewhere. With scale 0.2 about a third of its greedy steps
     leave the cycle, so oracle heads that predict the cycle get long but not always full acceptances."""
-    model = make_base(vocab, max_pos, attn, seed)
-    _randomize(model, seed, scale)
+    model = make_tiny_base(vocab, seed=seed, scale=scale, max_position_embeddings=max_pos,
+                           attn_implementation=attn)
     gen = torch.Generator().manual_seed(seed + 100)
     e = torch.randn(vocab, 32, generator=gen)
     e = e / e.norm(dim=-1, keepdim=True) * 32 ** 0.5
@@ -60,11 +46,7 @@ def make_cycle_base(vocab: int = VOCAB, max_pos: int = 128, beta: float = 4.0, s
 
 
 def random_heads(base, arch: str, num_heads: int = 4, seed: int = 1, tokenizer=None, **cfg) -> HydraModel:
-    torch.manual_seed(seed)
-    model = HydraModel(base, HydraConfig(hydra_num_heads=num_heads, hydra_num_layers=2, hydra_head_arch=arch,
-                                         share_lm_head=True, **cfg), tokenizer)
-    _randomize(model.heads, seed, 0.3)  # fresh heads have zero weights that would hide bugs
-    return model.eval()
+    return make_heads(base, arch, num_heads, num_layers=2, seed=seed, tokenizer=tokenizer, **cfg)
 
 
 def oracle_heads(base, arch: str, num_heads: int = 4) -> HydraModel:
@@ -301,7 +283,7 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
     recomputed from scratch on the accepted sequence."""
     model = oracle_heads(cycle_base, arch)
     if model.heads.prefix is not None:
-        _randomize(model.heads.prefix, 9, 0.3)  # a prefix layer whose output (c_t) is far from h_t
+        randomize_(model.heads.prefix, 9, 0.3)  # a prefix layer whose output (c_t) is far from h_t
     with torch.no_grad():  # let c_t influence the guesses a little (the oracle heads ignore it otherwise)
         for mlp in model.heads.mlps:
             mlp.blocks[0].linear.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
@@ -323,49 +305,6 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
 
 
 # --- exact sampling end to end ------------------------------------------------------------------------------
-def _chi2_sf(stat: float, df: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
-def _chi2_quantile(q: float, df: int) -> float:
-    lo, hi = 0.0, 10.0 * df + 100.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if 1 - _chi2_sf(mid, df) > q else (mid, hi)
-    return (lo + hi) / 2
-
-
-def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = counts.sum() * probs
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
-def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
-    """Chi-square goodness of fit at the 0.001 level (scipy is not a dependency: the quantile comes from the
-    regularized incomplete gamma function), and proof that the sample is large enough: moving 5% of the
-    probability mass between any two cells is rejected on the same counts. (Power estimate: the statistic
-    under that alternative is about noncentral chi-square with lambda = N * 0.05^2 * (1/p_i + 1/p_j), smallest
-    for the two largest cells. In the test below N = 5000, 48 cells, largest p = 0.22: lambda >= 113, so the
-    statistic has mean >= 161 and sd ~ sqrt(2 (df + 2 lambda)) ~ 24 against a 0.999 critical value of 84:
-    power ~ 0.9995.)"""
-    counts, probs = counts.double(), probs.double()
-    df = len(probs) - 1
-    crit = _chi2_quantile(0.999, df)
-    stat = _chi2(counts, probs)
-    assert stat < crit, f"chi2 {stat:.1f} >= {crit:.1f} (df {df}): not the base model's distribution"
-    checked = 0
-    for i in range(len(probs)):
-        for j in range(len(probs)):
-            if i != j and probs[i] >= 0.05:
-                shifted = probs.clone()
-                shifted[i] -= 0.05
-                shifted[j] += 0.05
-                assert _chi2(counts, shifted) > crit, f"too few samples to see a 5% shift {i}->{j}"
-                checked += 1
-    assert checked > 0
-
-
 def test_exact_sampling_matches_base_distribution():
     """hydra_generate(temperature=1, sampling="exact") on a tiny model: the pair of the first two emitted
     tokens follows p(x1 | prompt) p(x2 | prompt, x1) computed directly from the base model's softmax."""

@@ -14,13 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+
+from helpers import LocalServer, make_tiny_base, randomize_, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class FakeHub:
+class FakeHub(LocalServer):
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo_id -> {"files": {path: bytes}, "sha": str, "private": bool}
         self.calls: list[tuple[str, str]] = []
@@ -131,36 +132,14 @@ class FakeHub:
                                       ctype="application/octet-stream")
                 self._error(404, "EntryNotFound", f"no route {path}")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def tiny_llama(vocab: int = 100, hidden: int = 32, seed: int = 0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
-    return LlamaForCausalLM(cfg).eval()
+        super().__init__(Handler)
 
 
 def save_heads(base, root: Path, base_path: str, **cfg) -> Path:
     from hydra.model import HydraConfig, HydraModel
 
     model = HydraModel(base, HydraConfig(base_model_name_or_path=base_path, **cfg))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    randomize_(model.heads, seed=3, scale=0.2)
     model.save_pretrained(root)
     return root
 
@@ -190,7 +169,7 @@ def test_upload_then_load_by_repo_id(hub_env, tmp_path):
     from hydra.hf_utils import main
     from hydra.model import HydraModel
 
-    base = tiny_llama()
+    base = make_tiny_base()
     heads = save_heads(base, tmp_path / "heads", "some/base-model", hydra_num_heads=3, hydra_head_arch="prefix-mlp")
     assert main(["--folder", str(heads), "--repo", "me/tiny-heads", "--endpoint", hub_env.url, "--private"]) == 0
     repo = hub_env.repos["me/tiny-heads"]
@@ -215,13 +194,8 @@ def test_upload_then_load_by_repo_id(hub_env, tmp_path):
 def test_cli_chats_with_heads_loaded_by_hub_id(hub, tmp_path):
     """End to end in a fresh process: upload with the CLI, then `hydra.inference.cli --model USER/NAME`, whose
     config names the base model folder; huggingface_hub is pointed at the fake Hub by HF_ENDPOINT."""
-    from hydra.model import load_tokenizer
-
-    tok = load_tokenizer(None)
-    base = tiny_llama(vocab=len(tok), eos_token_id=tok.eos_token_id)
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    heads = save_heads(base, tmp_path / "heads", str(tmp_path / "base"), hydra_num_heads=4)
+    save_tiny_model(tmp_path, heads=dict(num_heads=4, seed=3, scale=0.2))
+    heads = tmp_path / "heads"
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_fake",
                HF_HUB_OFFLINE="0", TOKENIZERS_PARALLELISM="false")
     up = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "--folder", str(heads), "--repo", "me/chat-heads"],
@@ -247,7 +221,7 @@ def test_cli_chats_with_heads_loaded_by_hub_id(hub, tmp_path):
 def test_upload_validates_the_folder_before_any_network_call(hub, tmp_path, breakage, message, capsys):
     from hydra.hf_utils import main
 
-    heads = save_heads(tiny_llama(), tmp_path / "heads", "some/base", hydra_num_heads=2)
+    heads = save_heads(make_tiny_base(), tmp_path / "heads", "some/base", hydra_num_heads=2)
     cfg = json.loads((heads / "config.json").read_text())
     if breakage == "no_folder":
         heads = tmp_path / "nothing"
@@ -271,7 +245,7 @@ def test_upload_validates_the_folder_before_any_network_call(hub, tmp_path, brea
 def test_upload_reports_hub_errors(tmp_path, capsys):
     from hydra.hf_utils import main
 
-    heads = save_heads(tiny_llama(), tmp_path / "heads", "some/base", hydra_num_heads=2)
+    heads = save_heads(make_tiny_base(), tmp_path / "heads", "some/base", hydra_num_heads=2)
     with FakeHub() as dead:
         url = dead.url
     assert main(["--folder", str(heads), "--repo", "me/x", "--endpoint", url]) == 1

@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from hydra.model.generate import _verify_mask
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import build_tree_buffers
+
+from helpers import make_tiny_base
 
 VOCAB = 96
 
 
 def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     """2-layer GQA Llama (4 query / 2 KV heads), fp32, weights large enough that logits are O(1)."""
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attn_implementation=attn)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model.requires_grad_(False)
+    return make_tiny_base(VOCAB, seed=seed, scale=0.3, max_position_embeddings=128, attn_implementation=attn)
 
 
 def _kv(n: int, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +86,26 @@ def test_overflow_raises_and_crop():
     with pytest.raises(RuntimeError, match="overflow: 6 tokens > capacity 5"):
         cache.update(*_kv(2), 0)
     assert cache.get_seq_length() == 4  # the failed update left the cache as it was
-    cache.layers[0].crop(2)
-    assert cache.get_seq_length() == 2
-    cache.layers[0].crop(-1)
-    assert cache.get_seq_length() == 1
     assert cache.layers[0].get_max_length() == 5
+
+
+def test_crop_means_what_it_means_in_transformers():
+    """Cache.crop(-k) removes k tokens, crop(0) removes none, crop(k > 0) is refused: checked side by side
+    with transformers' own DynamicCache."""
+    ours, theirs = TreeKVCache(num_layers=1, max_len=8), DynamicCache()
+    for cache in (ours, theirs):
+        cache.update(*_kv(5), 0)
+    for arg in (0, -2, 0, -1):
+        ours.crop(arg)
+        theirs.crop(arg)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        torch.testing.assert_close(ours.layers[0].keys, theirs.layers[0].keys)
+    assert ours.get_seq_length() == 2
+    for cache in (ours, theirs):
+        with pytest.raises(ValueError):
+            cache.crop(1)
+    ours.update(*_kv(1, start=10.0), 0)  # the next token lands right after the kept ones
+    assert ours.get_seq_length() == 3 and float(ours.layers[0].keys[0, 0, 2, 0]) == 10.0
 
 
 # --- inside a real forward ---------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ sys.path.insert(0, str(REPO / "llm_judge"))
 import gen_judgement
 import show_result
 import show_speed
+from helpers import LocalServer, write_jsonl
 
 JUDGE_DATA = REPO / "llm_judge" / "data"
 QUESTIONS = [json.loads(line) for line in (JUDGE_DATA / "mt_bench" / "question.jsonl").open()]
@@ -30,7 +30,7 @@ WRITING = next(q for q in QUESTIONS if q["category"] == "writing")
 MATH = next(q for q in QUESTIONS if q["category"] == "math")
 
 
-class FakeJudge:
+class FakeJudge(LocalServer):
     """OpenAI-compatible chat completions endpoint with canned replies; records every request."""
 
     def __init__(self, reply=lambda req: "The answer is fine. Rating: [[8]]", fail_first: int = 0):
@@ -61,17 +61,7 @@ class FakeJudge:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "/v1")
 
 
 def spread(n: int, steps: int) -> list[int]:
@@ -88,12 +78,6 @@ def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wa
         choice["accept_lengths"] = [spread(n, s) for n, s in zip(new_tokens, steps)]
     return {"question_id": q["question_id"], "answer_id": "a", "model_id": model, "tstamp": 0.0,
             "choices": [choice]}
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture

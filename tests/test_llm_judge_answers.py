@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "llm_judge"))
 
 import answer_common
+from helpers import save_tiny_model
 
 QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl").open()]
 
@@ -22,24 +22,7 @@ QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_ben
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """root/base: tiny Llama (d=32, 2 layers) with SmolLM2's tokenizer; root/heads: random Hydra heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hydra.model import HydraConfig, HydraModel, load_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_answers")
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id)).eval()
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    model = HydraModel(base, HydraConfig(hydra_num_heads=4, base_model_name_or_path=str(root / "base")), tok)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "heads")
+    root = save_tiny_model(tmp_path_factory.mktemp("tiny_answers"), context=512, heads=dict(num_heads=4))
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:2]))
     return root
 
@@ -111,3 +94,55 @@ def test_scripts_help_runs_from_any_directory(tmp_path):
                      "--num-threads"):
             assert flag in r.stdout
         assert ("--tree" in r.stdout) == ("hydra" in script)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--tree", "no_such_tree"], "unknown tree 'no_such_tree'"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "nan"], "temperature must be >= 0"),
+])
+def test_configuration_errors_fail_before_any_record(tiny, tmp_path, flags, needle):
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(SystemExit, match=rf"^\[hydra\] error: .*{needle}"):
+        run("hydra", tiny, out, *flags)
+    assert not out.exists()
+
+
+def test_error_records_are_answered_again_and_flagged(tiny, tmp_path, capsys):
+    import show_speed
+
+    out = tmp_path / "a.jsonl"
+    assert run("baseline", tiny, out) == 0
+    good = read(out)
+    broken = json.loads(json.dumps(good[1]))
+    broken["choices"][0]["turns"][1] = answer_common.ERROR_ANSWER
+    broken["choices"][0]["finish_reasons"][1] = "error"
+    out.write_text(json.dumps(good[0]) + "\n" + json.dumps(broken) + "\n")
+    assert answer_common.answered_ids(out) == {good[0]["question_id"]}
+    capsys.readouterr()
+    assert set(show_speed.load_answer_file(out)) == {good[0]["question_id"]}  # left out of the speed table
+    assert "1 error records ($ERROR$) left out" in capsys.readouterr().err
+    assert run("baseline", tiny, out) == 0  # a rerun answers the error record's question again
+    again = read(out)
+    assert [r["question_id"] for r in again] == [r["question_id"] for r in good]
+    assert not any(answer_common.is_error_record(r) for r in again)
+    assert again[0]["answer_id"] == good[0]["answer_id"]  # the good record is kept as it was
+
+
+def test_malformed_question_line_names_file_and_line(tiny, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text((tiny / "q.jsonl").read_text() + '{"question_id": 9, "turns": "not a list"}\n')
+    with pytest.raises(SystemExit, match=rf"^\[hydra\] error: {questions}:3: a question needs"):
+        answer_common.load_questions(questions)
+    questions.write_text('{"question_id": 1, "turns": ["a"]}\n{broken\n')
+    with pytest.raises(SystemExit, match=rf"{questions}:2: not a JSON line"):
+        answer_common.load_questions(questions)
+
+
+def test_tilde_in_answer_and_question_files(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "q.jsonl").write_text((tiny / "q.jsonl").read_text())
+    assert answer_common.main("baseline", ["--model-path", str(tiny / "heads"), "--question-file", "~/q.jsonl",
+                                           "--answer-file", "~/out/a.jsonl", "--max-new-token", "2", "--dtype",
+                                           "float32", "--device", "cpu", "--warmup", "0"]) == 0
+    assert len(read(tmp_path / "out" / "a.jsonl")) == 2

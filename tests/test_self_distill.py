@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydra.data.self_distill import length_sorted_batches, main, read_done_ids, read_prompts
 from hydra.data.sharegpt import load_sharegpt
-from hydra.model.base_model import load_tokenizer
+
+from helpers import save_tiny_model
 
 PROMPTS = [
     {"id": "p0", "source": "t", "turns": ["Say hello."]},
@@ -21,16 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), context=512) / "base")
 
 
 @pytest.fixture()
@@ -106,3 +96,35 @@ def test_real_model_answers(tmp_path, prompt_file):
                  "--max-new-tokens", "24", "--device", "cpu"]) == 0
     records, _ = load_sharegpt(output)
     assert records[0]["id"] == "p0" and records[0]["conversations"][1]["value"].strip()
+
+
+@pytest.mark.parametrize("row", [
+    {"id": "x", "conversations": "human: hi"},                    # not a list of turns
+    {"id": "x", "conversations": ["hi", "there"]},                # turns that are not {from, value}
+    {"id": "x", "conversations": [{"from": "gpt", "value": "only a reply"}]},  # no user turn
+    {"id": "x", "turns": "hi"},
+    ["not", "a", "record"],
+])
+def test_bad_prompt_rows_name_file_and_line(tmp_path, row, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: expected"):
+        read_prompts(path)
+    output = tmp_path / "out.jsonl"
+    assert main(["--prompts", str(path), "--output", str(output), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"[hydra] error: {path}:2: ")
+    assert not output.exists()
+
+
+def test_empty_prompt_file_is_an_error(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    assert main(["--prompts", str(path), "--output", str(tmp_path / "o.jsonl"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == f"[hydra] error: {path}: no prompts in the file"
+
+
+def test_tilde_in_paths(tmp_path, prompt_file, tiny_model, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run("~/" + prompt_file.name, "~/out/d.jsonl", tiny_model, 1) == 0
+    assert len(output_ids(tmp_path / "out" / "d.jsonl")) == 1

@@ -44,7 +44,7 @@ def _packed_batch(vocab, lengths_per_row, seed=0, label_frac=0.7):
 
 
 def reference_loss(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w):
-    """The original's formulation (digest §3.4) on full (B, S, V) logits, plus the packed-conversation mask"""
+    """The original's formulation on full (B, S, V) logits, plus the packed-conversation mask"""
     total = 0.0
     t_probs = F.softmax(model.base_logits(teacher_hidden).float(), dim=-1)
     for i in range(head_hidden.shape[0]):

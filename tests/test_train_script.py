@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hydra.model import HydraModel, load_tokenizer
+from hydra.model import HydraModel
 from hydra.train import train
 from hydra.train.checkpoint import list_checkpoints, read_state
 
@@ -32,14 +32,9 @@ WORDS = ("the cat sat on a mat and then it ran to the big red house near the riv
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """(model folder, data file): a 2-layer random Llama with SmolLM2's tokenizer; 40 conversations."""
-    from conftest import make_tiny_base
+    from helpers import save_tiny_model
 
-    root = tmp_path_factory.mktemp("train_script")
-    tok = load_tokenizer(None)
-    base = make_tiny_base(vocab_size=len(tok), hidden_size=32, max_position_embeddings=1024)
-    base.config.bos_token_id, base.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    base.save_pretrained(root / "tiny")
-    tok.save_pretrained(root / "tiny")
+    root = save_tiny_model(tmp_path_factory.mktemp("train_script"), context=1024)
     rng = random.Random(0)
     with open(root / "data.jsonl", "w") as f:
         for i in range(40):
@@ -49,7 +44,7 @@ def tiny_setup(tmp_path_factory):
                 conv.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(5, 30)))})
             f.write(json.dumps({"id": str(i), "conversations": conv}) + "\n")
         f.write("{not json\n")  # malformed lines are skipped and counted by the data pipeline
-    return root / "tiny", root / "data.jsonl"
+    return root / "base", root / "data.jsonl"
 
 
 def _args(model_dir, data, out, **flags) -> list[str]:

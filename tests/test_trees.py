@@ -10,7 +10,7 @@ import torch
 
 from hydra.model.trees import _TREE_DIR, MC_SIM_7B_63, TREES, build_tree_buffers, get_tree
 
-# The digest's worked example (§4.2): tree order root, [0], [1], [0,0], [0,1], [1,0].
+# A worked example, small enough to check by hand: tree order root, [0], [1], [0,0], [0,1], [1,0].
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]
 
 
@@ -60,7 +60,7 @@ def _check_consistent(tree) -> None:
     assert rows == []  # nothing at the last depth has children
 
 
-def test_worked_example_from_digest():
+def test_worked_example():
     tree = build_tree_buffers(EXAMPLE)
     assert tree.size == 6 and tree.max_depth == 2
     assert tree.choices == EXAMPLE
@@ -93,7 +93,7 @@ def test_mc_sim_7b_63_statistics():
     assert tree.retrieve.shape == (42, 5)
     assert tree.topk == [10, 10, 10, 2]
     assert [len(x) for x in tree.parent_row] == [10, 28, 23, 2]
-    # Rows each head runs on: 1 (root), 10, 10, 1, as in the digest.
+    # Rows each head runs on: 1 (root), 10, 10, 1.
     assert [len(x) for x in tree.expand] == [10, 10, 1, 0]
     assert len(tree.children[0]) == 10
     _check_consistent(tree)

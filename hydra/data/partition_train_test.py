@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +38,10 @@ def split_records(records: Sequence[Any], test_size: float = 0.05,
         n_test = int(test_size)
     else:
         raise ValueError(f"test_size must be a fraction in (0, 1) or a count in [0, {n}], got {test_size}")
+    if n_test >= n:  # e.g. a single conversation: the validation share (rounded up) takes it
+        raise ValueError(f"{n} conversation{'s' if n != 1 else ''} cannot be split into training and validation "
+                         f"sets ({n_test} would go to validation, none to training): give at least "
+                         f"{n_test + 1}, or a folder with train.jsonl and val.jsonl")
     permutation = np.random.default_rng(seed).permutation(n)
     val = [records[i] for i in permutation[:n_test]]
     train = [records[i] for i in permutation[n_test:]]
@@ -52,16 +58,22 @@ def write_jsonl(records: Sequence[Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="ShareGPT .json (list) or .jsonl file")
-    parser.add_argument("--output-dir", required=True, help="folder for train.jsonl and val.jsonl")
+    parser.add_argument("--input", type=os.path.expanduser,
+                        required=True, help="ShareGPT .json (list) or .jsonl file")
+    parser.add_argument("--output-dir", type=os.path.expanduser,
+                        required=True, help="folder for train.jsonl and val.jsonl")
     parser.add_argument("--test-size", type=float, default=0.05,
                         help="validation fraction in (0, 1), or a record count >= 1 (default 0.05)")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
 
-    records, _ = load_sharegpt(args.input)
-    test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
-    train, val = split_records(records, test_size, args.seed)
+    try:
+        records, _ = load_sharegpt(args.input)
+        test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
+        train, val = split_records(records, test_size, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"[hydra] error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out / "train.jsonl")

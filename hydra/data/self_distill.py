@@ -14,10 +14,10 @@ a line cut off by a kill is dropped and regenerated. Replies cut at --max-new-to
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from hydra.data.jsonl import iter_jsonl, read_resumable
 from hydra.data.sharegpt import needs_special_tokens, render_chat
-from hydra.model.base_model import load_base_model
+from hydra.model.base_model import eos_token_ids, load_base_model
 
 Prompt = dict[str, Any]
 
@@ -39,27 +40,17 @@ def read_prompts(path: str | os.PathLike, num_prompts: int | None = None,
     The same seed gives the same order, so a larger --num-prompts extends a smaller run instead of replacing
     it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
     prompts, seen = [], set()
-    with path.open("rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if gzipped else path.open("rb")) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{line_no}: not a JSON line ({e})") from None
-            prompt = _to_prompt(record)
-            if prompt is None:
-                raise ValueError(f"{path}:{line_no}: expected {{'id', 'turns': [str, ...]}} "
-                                 f"or a ShareGPT record")
-            if prompt["id"] not in seen:  # an id is the resume key: keep its first occurrence only
-                seen.add(prompt["id"])
-                prompts.append(prompt)
+    for line_no, record in iter_jsonl(path):
+        prompt = _to_prompt(record)
+        if prompt is None:
+            raise ValueError(f"{Path(path).expanduser()}:{line_no}: expected {{'id', 'turns': [str, ...]}} "
+                             "or a ShareGPT record whose 'conversations' is a list of {'from', 'value'} turns")
+        if prompt["id"] not in seen:  # an id is the resume key: keep its first occurrence only
+            seen.add(prompt["id"])
+            prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{Path(path).expanduser()}: no prompts in the file")
     if seed is not None:
         random.Random(seed).shuffle(prompts)
     return prompts[:num_prompts] if num_prompts is not None else prompts
@@ -71,7 +62,10 @@ def _to_prompt(record: Any) -> Prompt | None:
     if "turns" in record:
         turns = record["turns"]
     elif "conversations" in record:
-        turns = [t.get("value") for t in record["conversations"] if t.get("from") in ("human", "user")]
+        conversation = record["conversations"]
+        if not isinstance(conversation, list) or not all(isinstance(t, dict) for t in conversation):
+            return None
+        turns = [t.get("value") for t in conversation if t.get("from") in ("human", "user")]
     else:
         return None
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
@@ -83,36 +77,9 @@ def _to_prompt(record: Any) -> Prompt | None:
 
 
 def read_done_ids(path: str | os.PathLike) -> set[str]:
-    """Ids already in the output file. A last line cut off by a kill is removed from the file."""
-    path = Path(path)
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    done, good_end, pos = set(), 0, 0
-    while pos < len(data):
-        newline = data.find(b"\n", pos)
-        if newline < 0:  # no newline: the write was interrupted; regenerate that record
-            break
-        try:
-            done.add(str(json.loads(data[pos:newline].decode("utf-8"))["id"]))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            print(f"[hydra.data] {path}: ignoring unreadable line at byte {pos}", flush=True)
-        pos = good_end = newline + 1
-    if good_end < len(data):
-        print(f"[hydra.data] {path}: dropping a truncated last line ({len(data) - good_end} bytes)",
-              flush=True)
-        os.truncate(path, good_end)
-    return done
-
-
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the tokenizer and model define no eos token; cannot tell where a reply ends")
-    return ids
+    """Ids already in the output file (see hydra.data.jsonl.read_resumable: a line cut off by a kill is
+    dropped and regenerated)."""
+    return {str(r["id"]) for r in read_resumable(path) if "id" in r}
 
 
 @torch.inference_mode()
@@ -208,15 +175,16 @@ def length_sorted_batches(prompts: Sequence[Prompt], lengths: Sequence[int], bat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", required=True,
+    parser.add_argument("--prompts", type=os.path.expanduser, required=True,
                         help="JSON Lines of {id, turns: [user turns]} (or ShareGPT)")
-    parser.add_argument("--output", required=True, help="ShareGPT JSON Lines to write (appended on resume)")
+    parser.add_argument("--output", type=os.path.expanduser,
+                        required=True, help="ShareGPT JSON Lines to write (appended on resume)")
     parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
-    # On a GPU a decode step of this small model costs about the same at batch 32 or 256 (kernel-launch
-    # bound), so throughput grows almost linearly with the batch: use 256 or more there.
+    # On a GPU a decode step of this small model is kernel-launch bound, so larger batches are almost free
+    # there (README, Training data).
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                         help="skip a prompt (or stop a conversation) whose rendered context is longer")
@@ -225,11 +193,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="vicuna_v1.1 instead of the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=42, help="prompt order and sampling seed")
     parser.add_argument("--no-shuffle", action="store_true", help="take prompts in file order")
-    parser.add_argument("--base-model", default=None, help="HF id or folder (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--base-model", type=os.path.expanduser,
+                        default=None, help="HF id or folder (default SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    try:
+        return distill(args)
+    except (OSError, ValueError) as e:  # bad input: one line; the output holds only whole records
+        print(f"[hydra] error: {e}", file=sys.stderr, flush=True)
+        return 1
 
+
+def distill(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, args.num_prompts, None if args.no_shuffle else args.seed)
     output = Path(args.output)
     done = read_done_ids(output)
@@ -242,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stop_ids = stop_token_ids(model, tokenizer)
+    stop_ids = eos_token_ids(model, tokenizer)
+    if not stop_ids:
+        raise ValueError("the tokenizer and model define no eos token; cannot tell where a reply ends")
     sampling = args.temperature > 0
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=sampling,

@@ -177,7 +177,7 @@ def render_chat(messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokeniz
 
 def _render_vicuna(messages: list[dict[str, str]], eos_token: str | None, add_generation_prompt: bool) -> str:
     # get_conversation_template("vicuna") returns this template; importing it directly avoids loading all of
-    # FastChat's model adapters (~5 s).
+    # FastChat's model adapters, which is slow.
     from fastchat.conversation import get_conv_template
 
     conv = get_conv_template("vicuna_v1.1")

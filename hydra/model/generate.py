@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, sample_from, typical_accept
+from hydra.model.base_model import eos_token_ids
+from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import TreeBuffers, build_tree_buffers, get_tree
@@ -125,14 +127,8 @@ def _tree_buffers(model: HydraModel, tree: str | list | None) -> TreeBuffers:
 
 def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
     """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
-    if config.stop_token_ids is not None:
-        return set(config.stop_token_ids)
-    ids = set()
-    eos = getattr(model.base_model.generation_config, "eos_token_id", None)
-    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
-        ids.add(model.tokenizer.eos_token_id)
-    return ids
+    ids = config.stop_token_ids
+    return set(ids if ids is not None else eos_token_ids(model.base_model, model.tokenizer))
 
 
 def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.Tensor:
@@ -152,7 +148,7 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     context = model.base_model.config.max_position_embeddings
     if ids.numel() >= context:
         raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
-    if config.temperature < 0:
+    if not config.temperature >= 0:  # also catches nan
         raise ValueError(f"temperature must be >= 0, got {config.temperature}")
     if config.sampling not in ("exact", "typical"):
         raise ValueError(f"sampling must be 'exact' or 'typical', got {config.sampling!r}")
@@ -228,7 +224,8 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             out = decoder(
                 input_ids=tokens[None], position_ids=pos[None], past_key_values=cache, use_cache=True,
                 output_hidden_states=want_all,
-                attention_mask=_verify_mask(mask, n, base.dtype, use_bool_mask) if mask is not None else None)
+                attention_mask=(_verify_mask(mask, n, base.dtype, use_bool_mask, base.config, tree.depth)
+                                if mask is not None else None))
             out_hidden = _hidden(model, out)[0]
             logits = lm_head(out.last_hidden_state[0])
             if not use_tree:
@@ -255,14 +252,11 @@ def _hidden(model: HydraModel, out) -> torch.Tensor:
     return out.last_hidden_state if k == 0 else out.hidden_states[-(k + 1)]
 
 
-def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool) -> torch.Tensor:
-    """(1, 1, T, past + T): every tree node sees the whole prefix, itself and its ancestors."""
-    t = tree_mask.shape[0]
-    mask = torch.ones(t, past + t, dtype=torch.bool, device=tree_mask.device)
-    mask[:, past:] = tree_mask
-    if not as_bool:  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask[None, None]
+def _verify_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool, config=None,
+                 depth: torch.Tensor | None = None):
+    """(1, 1, T, past + T): every tree node sees the whole prefix, itself and its ancestors (within the
+    sliding window of the base model's config, if any; see hydra.model.families)."""
+    return tree_attention_mask(tree_mask, past, dtype, as_bool, config, depth)
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:

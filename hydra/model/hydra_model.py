@@ -6,6 +6,7 @@ Only the heads are ever saved: `config.json` (a `HydraConfig`) + `model.safetens
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hydra.model.base_model import load_base_model, to_dtype
 from hydra.model.config import HydraConfig
+from hydra.model.families import check_tree_attention
 from hydra.model.heads.draft_heads import DraftHeads
 
 WEIGHTS_NAME = "model.safetensors"
@@ -35,7 +37,8 @@ class HydraModel(nn.Module):
     """Frozen base model + draft heads.
 
     Args:
-        base_model: a causal LM (Llama family) exposing get_input_embeddings / get_output_embeddings.
+        base_model: a causal LM of a family in hydra.model.families (Llama, Mistral, Qwen2, Qwen3) exposing
+            get_input_embeddings / get_output_embeddings.
         config: the heads' configuration. Its hidden_size / vocab_size, if set, must match the base model.
         tokenizer: optional, kept for convenience (CLI, evaluation).
     """
@@ -44,6 +47,7 @@ class HydraModel(nn.Module):
                  tokenizer: PreTrainedTokenizerBase | None = None):
         super().__init__()
         base_cfg = base_model.config
+        check_tree_attention(base_cfg)
         for field in ("hidden_size", "vocab_size"):
             want, have = getattr(config, field), getattr(base_cfg, field)
             if want is not None and want != have:
@@ -169,8 +173,28 @@ def load_hydra_config(path: Path) -> HydraConfig:
     if not isinstance(raw, dict) or "hydra_num_heads" not in raw:
         raise ValueError(f"{path} is not a Hydra heads config (no 'hydra_num_heads' field)")
     raw.pop("model_type", None)
+    for key, hint in typing.get_type_hints(HydraConfig.__init__).items():
+        if key in raw and not _json_fits(raw[key], hint):
+            name = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ValueError(f"{path}: {key!r} must be {name}, not {raw[key]!r}")
     known = {"transformers_version", "architectures"}
-    return HydraConfig(**{k: v for k, v in raw.items() if k not in known})
+    try:
+        return HydraConfig(**{k: v for k, v in raw.items() if k not in known})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _json_fits(value, hint) -> bool:
+    """Whether a JSON value fits a simple annotation (int, float, str, bool, X | None); a bool is not a
+    number."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return any(isinstance(value, t) for t in allowed if isinstance(t, type))
 
 
 def _resolve_heads_folder(heads: str | Path) -> Path:

@@ -51,8 +51,14 @@ class PositionIndexedLayer(DynamicLayer):
             self.buf_v[:, :, start:start + len(rows)] = self.buf_v[:, :, rows]
         self.length = new_length
 
-    def crop(self, max_length: int) -> None:
-        self.length = max_length if max_length >= 0 else self.length + max_length
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' meaning: remove `-tokens_to_remove` tokens (0 removes none; > 0 is an error)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as with "
+                             "transformers' caches")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
 
 
 class TreeKVCache(Cache):

@@ -47,12 +47,28 @@ def get_tree(tree: str | list[list[int]]) -> list[list[int]]:
         return [list(p) for p in tree]
     if tree in TREES:
         return TREES[tree]
-    for path in (_TREE_DIR / f"{tree}.json", Path(tree)):
+    for path in (_TREE_DIR / f"{tree}.json", Path(tree).expanduser()):
         if path.is_file():
-            data = json.loads(path.read_text())
-            return data["choices"] if isinstance(data, dict) else data
+            return _read_tree_file(path)
     names = sorted(TREES) + sorted(p.stem for p in _TREE_DIR.glob("*.json"))
     raise ValueError(f"unknown tree {tree!r}; known trees: {names} (or pass a JSON file with a 'choices' list)")
+
+
+def _read_tree_file(path: Path) -> list[list[int]]:
+    """`{"choices": [[int, ...], ...]}` or a bare list of paths; anything else is a ValueError naming the
+    file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"tree file {path} is not valid JSON ({e})") from None
+    choices = data.get("choices") if isinstance(data, dict) else data
+    def is_rank(r) -> bool:
+        return isinstance(r, int) and not isinstance(r, bool) and r >= 0
+
+    if not isinstance(choices, list) or not all(isinstance(p, list) and p and all(map(is_rank, p)) for p in choices):
+        raise ValueError(f"tree file {path} must hold {{\"choices\": [[rank, ...], ...]}} or a bare list of "
+                         "paths, each a non-empty list of ranks >= 0")
+    return choices
 
 
 @dataclass

@@ -70,7 +70,7 @@ class DraftHeads(nn.Module):
     def draft_topk(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module, k: int) -> torch.Tensor:
         """Head i's k best token ids. With a draft vocabulary, only its rows of the output layer are read:
         at batch size 1 projecting onto the full vocabulary is memory-bound, and the heads do it once per
-        tree depth, so a 4-8x smaller candidate vocabulary removes most of the proposal cost. Verification
+        tree depth, so a smaller candidate vocabulary cuts the proposal cost (README, Trees). Verification
         still uses the full vocabulary, so outputs are unchanged; a token outside it just cannot be drafted."""
         if self.draft_vocab is None:
             return self.head_logits(i, hidden, base_lm_head).topk(k, dim=-1).indices

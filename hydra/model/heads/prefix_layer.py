@@ -1,5 +1,10 @@
 """Hydra++'s prefix layer: one extra decoder layer (the base architecture, its own weights) that reads the
-base model's hidden states and feeds every head. It keeps its own KV cache while decoding."""
+base model's hidden states and feeds every head. It keeps its own KV cache while decoding.
+
+The layer is the base family's own: a one-layer copy of the base model's decoder (transformers' AutoModel
+for its config), so its decoder-layer class, attention details (Qwen3's q/k norms, Qwen2's biases, Mistral's
+sliding window), rotary embedding, final norm and mask construction are exactly the base model's.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 
 class PrefixLayer(nn.Module):
@@ -18,10 +21,24 @@ class PrefixLayer(nn.Module):
         config = copy.deepcopy(base_config)
         config.num_hidden_layers = 1
         config.use_cache = True
+        # The prefix layer reads hidden states, never token ids: a one-row embedding saves allocating and
+        # initialising a vocabulary-sized one that would be dropped at once.
+        config.vocab_size, config.pad_token_id = 1, None
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[-1:]  # the kind of layer it follows: the base's top layer
+        family = getattr(config, "model_type", type(config).__name__)
+        decoder = AutoModel.from_config(config)
+        if not all(hasattr(decoder, a) for a in ("layers", "norm", "rotary_emb")):
+            raise ValueError(f"cannot build a Hydra++ prefix layer for base model family {family!r}: its "
+                             f"decoder ({type(decoder).__name__}) has no layers / norm / rotary_emb")
+        decoder.embed_tokens = None
         self.config = config
-        self.layer = LlamaDecoderLayer(config, layer_idx=0)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # Registered under the names the checkpoints use (prefix.layer.*, prefix.norm.*); the one-layer
+        # decoder that runs them is kept outside the module tree so it adds nothing to the state dict.
+        self.layer = decoder.layers[0]
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.__dict__["_decoder"] = decoder
         # Fresh init like the paper's code (HF normal init, std = initializer_range), norms at one.
         std = getattr(config, "initializer_range", 0.02)
         for module in self.layer.modules():
@@ -38,9 +55,6 @@ class PrefixLayer(nn.Module):
         """hidden: (B, S, d) base hidden states at `position_ids` (B, S). Causal self-attention over the
         cached prefix and these states; position-id resets (packed training rows) give a block-diagonal mask.
         """
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=cache, position_ids=position_ids)
-        pos_emb = self.rotary_emb(hidden, position_ids=position_ids)
-        out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=cache is not None, position_embeddings=pos_emb)
-        return self.norm(out)
+        out = self._decoder(inputs_embeds=hidden, position_ids=position_ids, past_key_values=cache,
+                            use_cache=cache is not None)
+        return out.last_hidden_state

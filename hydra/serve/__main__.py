@@ -1,0 +1,95 @@
+"""Serve a model with its Hydra heads over OpenAI's HTTP API, with a browser chat at /.
+
+Usage:
+    python -m hydra.serve                                   # the shipped heads on the default model
+    python -m hydra.serve --model HEADS_DIR_OR_HUB_ID [--base-model MODEL] [--port 8000] [--max-queue 16]
+    python -m hydra.serve --open                            # and open the web chat in a browser
+Then open http://127.0.0.1:8000/ for the chat, or point any OpenAI client at http://127.0.0.1:8000/v1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import webbrowser
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hydra.serve",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="heads folder or Hub repo id (default: the shipped heads, hydra/heads/default)",
+    )
+    p.add_argument("--base-model", default=None, help="base model id or folder, overriding the heads' config")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the heads folder's name, 'hydra' for the shipped heads)",
+    )
+    p.add_argument("--tree", default=None, help="candidate tree (default: the heads' own)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait behind the running one; more get 503 with Retry-After",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=512, help="reply length when a request sets no max_tokens"
+    )
+    p.add_argument("--open", action="store_true", help="open the web chat in a browser once serving")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_queue < 0 or args.max_tokens < 1:
+        print("[hydra] error: --max-queue must be >= 0 and --max-tokens >= 1", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from hydra.inference.loading import load_model
+        from hydra.model.generate import DecodeConfig, hydra_generate
+        from hydra.serve.app import create_app
+        from hydra.serve.engine import Engine
+    except ImportError as e:
+        print(
+            f"[hydra] error: the server needs its extra: pip install 'hydra-heads[serve]' ({e})",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device)
+        if has_heads:  # a tree that does not fit the heads fails here, not at every request
+            hydra_generate(model, [0], DecodeConfig(tree=args.tree))
+    except (OSError, ValueError) as e:
+        print(f"[hydra] error: {e}", file=sys.stderr)
+        return 1
+    if model.tokenizer is None:
+        print("[hydra] error: the base model has no tokenizer", file=sys.stderr)
+        return 1
+    if not has_heads:
+        print("[hydra] note: no heads found; every reply uses plain autoregressive decoding", file=sys.stderr)
+    name = args.served_model_name or (Path(args.model).name if args.model else "hydra")
+    app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree)
+    url = f"http://{args.host}:{args.port}"
+    print(f"[hydra] serving {name!r} at {url}/v1 (web chat: {url}/)", flush=True)
+    if args.open:  # the model is loaded; uvicorn binds the port well within this delay
+        threading.Timer(1.0, webbrowser.open, [url + "/"]).start()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

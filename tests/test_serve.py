@@ -1,0 +1,380 @@
+"""`python -m hydra.serve` driven by the official `openai` client on 127.0.0.1: replies equal the library's
+own decoding of the same prompt (chat and completions, streamed and not, stop strings, seeded sampling), the
+usage block carries tau, requests queue in order, a full queue answers 503 with Retry-After, a client that
+leaves frees its place, 8 concurrent clients x 5 requests all get complete, correct replies, and malformed
+requests get a 4xx with a message while the server keeps serving. A tiny random model with the default
+tokenizer keeps it fast; one slow test serves the real default model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from serve_helpers import CONTEXT, Server, save_tiny_served_model
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from hydra.inference.loading import load_model, render_prompt  # noqa: E402
+from hydra.model.generate import DecodeConfig, generate  # noqa: E402
+
+MODEL = "heads"  # the served name: the heads folder's name
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    heads = save_tiny_served_model(folder)
+    server = Server(
+        "--model", str(heads), "--dtype", "float32", "--max-queue", "8", log=folder / "server.log"
+    )
+    model, _ = load_model(str(heads), dtype="float32", device="cpu")
+    yield server, model
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(model, prompt_ids, speculative=True, **cfg) -> tuple[str, str, object]:
+    """The library's own reply: (text, OpenAI finish reason, GenerationResult)."""
+    out = generate(model, prompt_ids, DecodeConfig(**cfg), speculative=speculative)
+    reason = "stop" if out.finish_reason == "eos" else "length"
+    return model.tokenizer.decode(out.tokens, skip_special_tokens=True), reason, out
+
+
+def chat_ids(model, text):
+    return render_prompt(model.tokenizer, [{"role": "user", "content": text}])
+
+
+def ask(client, text, stream=False, **kw):
+    """One user message through the openai client: (reply text, [finish reasons], usage, number of pieces)."""
+    kw.setdefault("temperature", 0)
+    messages = [{"role": "user", "content": text}]
+    if not stream:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, **kw)
+        return reply.choices[0].message.content, [reply.choices[0].finish_reason], reply.usage, 1
+    parts, finishes, usage = [], [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, stream=True, **kw):
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+        usage = chunk.usage or usage
+    return "".join(parts), finishes, usage, len([p for p in parts if p])
+
+
+# --- replies equal direct decoding --------------------------------------------------------------------------
+@pytest.mark.parametrize("speculative", [True, False])
+def test_chat_matches_direct_greedy(served, client, speculative):
+    _, model = served
+    text, reason, out = expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)
+    got, finishes, usage, _ = ask(client, "Tell me a story.", max_tokens=24,
+                                  extra_body={"speculative": speculative})
+    assert got == text and text and finishes == [reason]
+    assert usage.completion_tokens == len(out.tokens)
+    assert usage.prompt_tokens == len(chat_ids(model, "Tell me a story."))
+    tau = usage.model_extra["accepted_tokens_per_step"]
+    assert tau == pytest.approx(out.tau if speculative else 1.0, abs=1e-4)
+
+
+def test_chat_stream_matches_direct_greedy(served, client):
+    _, model = served
+    text, reason, out = expected(model, chat_ids(model, "Hello there"), max_new_tokens=30)
+    got, finishes, usage, pieces = ask(client, "Hello there", stream=True, max_tokens=30,
+                                       stream_options={"include_usage": True})
+    assert got == text and pieces > 3  # it streamed, piece by piece
+    assert finishes == [reason]
+    assert usage.completion_tokens == len(out.tokens)
+    assert usage.model_extra["accepted_tokens_per_step"] == pytest.approx(out.tau, abs=1e-4)
+
+
+def test_completions_plain_and_streamed(served, client):
+    _, model = served
+    ids = model.tokenizer("Once upon a time")["input_ids"]
+    text, reason, _ = expected(model, ids, max_new_tokens=20)
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0)
+    assert reply.choices[0].text == text and reply.choices[0].finish_reason == reason
+    streamed = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    assert (
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0).choices[0].text
+        == text
+    )
+
+
+def test_stop_strings_cut_the_reply(served, client):
+    _, model = served
+    full, _, _ = expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)
+    stop = full[8:11]
+    want = full[: full.find(stop)]
+    for stream in (False, True):
+        got, finishes, _, _ = ask(client, "Tell me a story.", stream, max_tokens=24, stop=[stop, "\x00never"])
+        assert got == want and finishes == ["stop"], stream
+
+
+def test_seeded_sampling_is_reproducible_and_the_librarys(served, client):
+    _, model = served
+    text, _, _ = expected(model, chat_ids(model, "Pick a word"), max_new_tokens=16, temperature=1.0, seed=7)
+    first = ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=7)[0]
+    assert first == text == ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=7)[0]
+    assert ask(client, "Pick a word", max_tokens=16, temperature=1.0, seed=8)[0] != first
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = served[0].health()
+    assert health["status"] == "ok" and health["hydra_heads"] is True
+
+
+def test_web_chat_page_is_served(served):
+    page = httpx.get(served[0].url + "/")
+    assert page.status_code == 200 and "Hydra chat" in page.text and "/v1/chat/completions" in page.text
+
+
+# --- queueing -----------------------------------------------------------------------------------------------
+def _stream_first_chunk_time(url, text, max_tokens, times, i):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line and i not in times:
+                times[i] = time.monotonic()
+    times[f"end{i}"] = time.monotonic()
+
+
+def test_requests_are_served_in_arrival_order(served):
+    server, _ = served
+    times: dict = {}
+    threads = []
+    for i in range(4):
+        t = threading.Thread(target=_stream_first_chunk_time, args=(server.url, f"story {i}", 60, times, i))
+        t.start()
+        threads.append(t)
+        time.sleep(0.3)  # arrival order 0, 1, 2, 3
+    for t in threads:
+        t.join()
+    starts = [times[i] for i in range(4)]
+    ends = [times[f"end{i}"] for i in range(4)]
+    assert starts == sorted(starts) and ends == sorted(ends)
+    for i in range(1, 4):  # batch size 1: each reply starts after the one before it ended
+        assert starts[i] >= ends[i - 1] - 0.05
+
+
+def test_full_queue_503_and_disconnects_free_their_place(served, client):
+    """9 long streams fill the running slot and the 8-place queue; the 10th request gets 503 + Retry-After.
+    Closing the streams frees every place at once (long before their replies would have ended)."""
+    server, _ = served
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a very long story"}],
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+    }
+    http = httpx.Client(timeout=60)
+    streams = []
+    try:
+        for _ in range(9):
+            streams.append(http.stream("POST", server.url + "/v1/chat/completions", json=body))
+            streams[-1].__enter__()  # response headers received: the request holds its place
+        deadline = time.monotonic() + 30
+        while server.health()["waiting"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.health()["running"] == 1 and server.health()["waiting"] == 8
+        busy = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+        assert busy.status_code == 503
+        assert int(busy.headers["Retry-After"]) >= 1 and "busy" in busy.json()["error"]["message"]
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+        http.close()
+    closed = time.monotonic()
+    while server.health()["running"] + server.health()["waiting"] and time.monotonic() - closed < 10:
+        time.sleep(0.1)
+    health = server.health()
+    assert health["running"] == 0 and health["waiting"] == 0, health
+    assert health["cancelled"] >= 9
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_non_streaming_client_that_leaves_frees_its_place(served):
+    server, _ = served
+    before = server.health()["cancelled"]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a very long story"}],
+        "max_tokens": 900,
+        "temperature": 0,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["running"] == 0 and server.health()["cancelled"] == before + 1
+
+
+def test_load_8_clients_x_5_requests(served, client):
+    """Every reply complete and equal to direct greedy decoding of its own prompt; nothing lost."""
+    _, model = served
+    prompts = {(c, i): f"client {c} asks question {i}" for c in range(8) for i in range(5)}
+    want = {}
+    for k, p in prompts.items():
+        text, reason, _ = expected(model, chat_ids(model, p), max_new_tokens=12)
+        want[k] = (text, [reason])
+
+    def one_client(c):
+        return {(c, i): ask(client, prompts[c, i], stream=bool(i % 2), max_tokens=12)[:2] for i in range(5)}
+
+    with ThreadPoolExecutor(8) as pool:
+        results = {}
+        for got in pool.map(one_client, range(8)):
+            results.update(got)
+    assert results == want
+
+
+# --- malformed requests -------------------------------------------------------------------------------------
+def _post(url, content, path="/v1/chat/completions"):
+    return httpx.post(url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ('{"model": "heads", "messages": [', 400, "not valid JSON"),
+        ("[1, 2]", 400, "body"),
+        (json.dumps({**GOOD, "frobnicate": 1}), 400, "unknown field 'frobnicate'"),
+        (
+            json.dumps({**GOOD, "messages": [{"role": "user", "content": "hi", "extra": 1}]}),
+            400,
+            "unknown field",
+        ),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "messages"}), 400, "missing field 'messages'"),
+        (
+            json.dumps({**GOOD, "messages": [{"role": "user", "content": "word " * 2 * CONTEXT}]}),
+            400,
+            f"context holds {CONTEXT}",
+        ),
+        (json.dumps({**GOOD, "top_p": 0.5}), 400, "top_p=0.5 is not supported"),
+        (json.dumps({**GOOD, "n": 2}), 400, "n=2 is not supported"),
+        (json.dumps({**GOOD, "max_tokens": 0}), 400, "max_tokens"),
+        (json.dumps({**GOOD, "temperature": -1}), 400, "temperature"),
+        (json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}), 400, "at most 4"),
+        (json.dumps({**GOOD, "model": "gpt-4"}), 404, "'gpt-4' is not served here"),
+        (json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}), 413, "at most"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(served, body, status, message):
+    server, _ = served
+    r = _post(server.url, body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    ok = _post(server.url, json.dumps(GOOD))  # and the server keeps serving
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_malformed_completions_and_unknown_routes(served):
+    server, _ = served
+    r = _post(server.url, json.dumps({"model": MODEL, "prompt": ["a", "b"]}), "/v1/completions")
+    assert r.status_code == 400 and "one prompt" in r.json()["error"]["message"]
+    r = _post(server.url, json.dumps({"model": MODEL, "prompt": [10**9]}), "/v1/completions")
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
+    """In-process (FastAPI's TestClient): a step that raises gives a 500 / an SSE error event, frees the
+    queue place, and the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    engine = Engine(model, has_heads=True)
+    working = engine.steps
+
+    def failing(job):
+        yield from ()
+        raise RuntimeError("boom")
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0}
+    with TestClient(create_app(engine, MODEL)) as http:
+        engine.steps = failing
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and "decoding failed: RuntimeError: boom" in r.json()["error"]["message"]
+        r = http.post("/v1/chat/completions", json={**body, "stream": True})
+        assert '"error"' in r.text and "boom" in r.text
+        engine.steps = working
+        assert engine.health()["running"] == 0 and engine.health()["waiting"] == 0
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_bad_command_line_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    from serve_helpers import REPO
+
+    r = subprocess.run(
+        [sys.executable, "-m", "hydra.serve", "--model", str(tmp_path / "missing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+        timeout=120,
+    )
+    assert r.returncode == 1 and r.stderr.strip().startswith("[hydra] error:") and "missing" in r.stderr
+
+
+# --- the real default model ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_served(tmp_path):
+    """`python -m hydra.serve` with its defaults (the shipped heads on the default model), fp32 here so the
+    reply can be compared token for token with the library's greedy decoding."""
+    server = Server("--dtype", "float32", log=tmp_path / "server.log")
+    try:
+        model, has_heads = load_model(None, dtype="float32", device="cpu")
+        assert has_heads
+        question = "What is the capital of France?"
+        text, reason, out = expected(model, chat_ids(model, question), max_new_tokens=32)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list().data] == ["hydra"]
+        for speculative in (True, False):
+            reply = client.chat.completions.create(
+                model="hydra",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=32,
+                temperature=0,
+                extra_body={"speculative": speculative},
+            )
+            assert reply.choices[0].message.content == text and "Paris" in text
+            assert reply.choices[0].finish_reason == reason
+        assert reply.usage.model_extra["accepted_tokens_per_step"] == 1.0  # the plain-decoding reply
+        assert out.tau > 1.2  # the trained heads accept more than one token per step
+    finally:
+        server.stop()
