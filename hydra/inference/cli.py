@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {args.tree or cfg.tree or DEFAULT_TREE}"
             if speculative else "plain autoregressive decoding")
-    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{", " + args.quant if args.quant else ""}), {what}. "
+    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)
     chat = Chat(model, speculative, config, args.system, sys.stdout, args.stats)
     run(chat)
