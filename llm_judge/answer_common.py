@@ -11,7 +11,7 @@ plus per-turn speed data:
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
-     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, device, heads, base_model}}
+     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, device, heads, base_model}}
 
 tau = tokens decided per verification step with each turn's prefill step left out
 (sum(accept_lengths[1:]) / (steps - 1) per turn, summed); tokens/s = sum(new_tokens) / sum(wall_time)
@@ -62,6 +62,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -174,7 +176,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     heads = args.model_path or default_heads_folder()
-    model_id = args.model_id or f"{method}-{Path(str(heads)).name if heads else 'base'}"
+    model_id = args.model_id or f"{method}-{Path(str(heads)).name if heads else 'base'}" + (
+        f"-{args.quant}" if args.quant else "")
     answer_file = Path(args.answer_file) if args.answer_file else DEFAULT_ANSWER_DIR / f"{model_id}.jsonl"
     if answer_file.is_file():
         reorg_answer_file(answer_file)  # drops a torn last line left by an interrupted run before appending
@@ -187,7 +190,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
 
     try:
         model, has_heads = load_model(args.model_path, args.base_model, args.dtype, args.device,
-                                      heads_required=method == "hydra")
+                                      heads_required=method == "hydra", quant=args.quant)
     except (OSError, ValueError) as e:
         raise SystemExit(f"[hydra] error: {e}") from None
     torch.manual_seed(args.seed)
@@ -205,7 +208,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     generate = hydra_generate if method == "hydra" else ar_generate
     device = next(model.parameters()).device
     decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,
-                "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+                "dtype": args.dtype, "quant": args.quant, "device": str(device), "threads": torch.get_num_threads(),
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":

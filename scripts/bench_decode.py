@@ -4,13 +4,16 @@
     python scripts/bench_decode.py --heads hydra/heads/default runs/medusa --trees mc_sim_7b_63 tree_32
     python scripts/bench_decode.py --dtypes float32 --check-equal                       # losslessness count
     python scripts/bench_decode.py --heads hydra/heads/default --hf --dtypes bfloat16   # + transformers' generate
+    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --hf \
+        --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp, interleaved
 
 Prompts are the first turns of llm_judge/data/mt_bench/question.jsonl (chat template applied; --question-file
 takes any file in that format, e.g. data/sharegpt_eval/question.jsonl for choosing a tree without
 looking at MT-Bench). For every configuration it prints tokens/s, tau (mean tokens decided per base-model
 forward, bonus token included; AR = 1) and speedup over AR. With --hf it also times transformers' `generate`
-(plain greedy, and prompt-lookup decoding) and adds a column relative to it, the baseline that peers are
-usually quoted against.
+(plain greedy, and prompt-lookup decoding) and adds a column relative to it (the first base model's), the
+baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
+(hydra.model.quant); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -94,6 +97,31 @@ def hf_decoder(model: HydraModel, max_new_tokens: int, stop_ids: set[int], **gen
     return decode
 
 
+def llama_cpp_decoder(gguf: Path, max_new_tokens: int, stop_ids: set[int], context: int):
+    """llama.cpp (llama-cpp-python) on a GGUF file: greedy, the same token ids in, the same thread count; the
+    KV cache is cleared before each prompt so no prompt prefix is reused."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("[hydra] error: --llama-cpp needs llama-cpp-python: pip install '.[llamacpp]'") from None
+
+    threads = torch.get_num_threads()
+    llm = Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def decode(ids: list[int]) -> tuple[list[int], None]:
+        llm.reset()  # n_tokens = 0: generate() then skips its prefix-reuse check
+        llm._ctx.kv_cache_clear()
+        new: list[int] = []
+        for tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if tok in stop_ids:
+                break
+            new.append(tok)
+            if len(new) >= max_new_tokens:
+                break
+        return new, None
+    return decode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", type=os.path.expanduser, default=None)
@@ -101,6 +129,8 @@ def main() -> None:
                     nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
     ap.add_argument("--trees", type=os.path.expanduser, nargs="*", default=["mc_sim_7b_63"])
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
+    ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
+                    help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
@@ -108,52 +138,71 @@ def main() -> None:
     ap.add_argument("--check-equal", action="store_true", help="count prompts where speculative == AR output")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers' generate: plain greedy and prompt lookup (--prompt-lookup tokens)")
-    ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for --hf")
+    ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for --hf (0: skip)")
+    ap.add_argument("--llama-cpp", type=lambda p: Path(os.path.expanduser(p)), default=None, metavar="GGUF",
+                    help="also time llama.cpp's plain greedy decoding of this GGUF file (pip install '.[llamacpp]')")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.llama_cpp and not args.llama_cpp.is_file():
+        raise SystemExit(f"[hydra] error: --llama-cpp {args.llama_cpp}: no such file")
     torch.manual_seed(0)
     extra = (" equal |" if args.check_equal else "") + (" vs HF generate |" if args.hf else "")
     print(f"# {torch.get_num_threads()} threads, {args.num_prompts} prompts from "
           f"{Path(args.question_file).name}, "
           f"{args.max_new_tokens} new tokens, greedy")
-    print("| dtype | heads | tree | tok/s | tau | speedup |" + extra)
-    print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
+    # Every configuration of every base model (dtype x quant) is built first and all are interleaved in one
+    # loop, so ratios across dtypes, quantizations and llama.cpp come from the same minutes.
+    groups: list[tuple[str, Tally, list[Tally]]] = []  # (base label, its AR, its tallies)
+    hf_first = prompts = None
     for dtype in args.dtypes:
-        base, tokenizer = load_base_model(args.base_model, dtype=dtype)
-        prompts = load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
-        if args.heads:
-            models = {h: HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer) for h in args.heads}
-        else:
-            models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
-                      for arch in ("mlp", "hydra-mlp", "prefix-mlp")}
-        first = next(iter(models.values()))
-        config = DecodeConfig(max_new_tokens=args.max_new_tokens)
-        ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
-        tallies = [ar]
-        if args.hf:
-            stop_ids = stop_token_ids(first, config)
-            hf = Tally("HF generate", "-", hf_decoder(first, args.max_new_tokens, stop_ids))
-            pld = Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
-                first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup))
-            tallies += [hf, pld]
-        for name, model in models.items():
-            for tree in args.trees:
-                cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens)
-                tallies.append(Tally(name, tree, hydra_decoder(model, cfg, speculative=True)))
-        for t in tallies:  # warm-up: first calls allocate and pick kernels
-            t.decode(prompts[0][:16])
-        for i, ids in enumerate(prompts):
-            k = i % len(tallies)
-            for t in tallies[k:] + tallies[:k]:
-                t.add(ids)
+        for quant in args.quant:
+            label = dtype + ("" if quant == "none" else f"+{quant}")
+            base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
+            prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
+            if args.heads:
+                models = {h: HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer) for h in args.heads}
+            else:
+                models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
+                          for arch in ("mlp", "hydra-mlp", "prefix-mlp")}
+            first = next(iter(models.values()))
+            config = DecodeConfig(max_new_tokens=args.max_new_tokens)
+            ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
+            tallies = [ar]
+            if args.hf and hf_first is None:  # transformers' generate runs on the first base model only
+                stop_ids = stop_token_ids(first, config)
+                hf_first = Tally("HF generate", "-", hf_decoder(first, args.max_new_tokens, stop_ids))
+                tallies.append(hf_first)
+                if args.prompt_lookup:
+                    tallies.append(Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
+                        first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup)))
+            for name, model in models.items():
+                for tree in args.trees:
+                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens)
+                    tallies.append(Tally(name, tree, hydra_decoder(model, cfg, speculative=True)))
+            groups.append((label, ar, tallies))
+    if args.llama_cpp:
+        stop_ids = stop_token_ids(first, DecodeConfig())
+        context = max(len(p) for p in prompts) + args.max_new_tokens + 8
+        llama = Tally("llama.cpp", "-", llama_cpp_decoder(args.llama_cpp, args.max_new_tokens, stop_ids, context))
+        groups.append(("gguf", llama, [llama]))
+    everything = [t for _, _, tallies in groups for t in tallies]
+    for t in everything:  # warm-up: first calls allocate and pick kernels
+        t.decode(prompts[0][:16])
+    for i, ids in enumerate(prompts):
+        k = i % len(everything)
+        for t in everything[k:] + everything[:k]:
+            t.add(ids)
+    print("| base | heads | tree | tok/s | tau | speedup |" + extra)
+    print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
+    for label, ar, tallies in groups:
         for t in tallies:
             tau = "-" if t.tau is None else f"{t.tau:.2f}"
-            line = f"| {dtype} | {t.name} | {t.tree} | {t.speed:.1f} | {tau} | {t.speed / ar.speed:.2f}x |"
+            line = f"| {label} | {t.name} | {t.tree} | {t.speed:.1f} | {tau} | {t.speed / ar.speed:.2f}x |"
             if args.check_equal:
                 line += " - |" if t is ar else f" {sum(a == b for a, b in zip(t.outputs, ar.outputs))}/{len(prompts)} |"
             if args.hf:
-                line += f" {t.speed / hf.speed:.2f}x |"
+                line += f" {t.speed / hf_first.speed:.2f}x |"
             print(line, flush=True)
 
 

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+                   help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
+                        "GGUF file's own); see README, Quantized base model")
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stats", action="store_true",
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
     try:
-        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device)
+        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             if speculative else "plain autoregressive decoding")
-    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}), {what}. "
+    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)
     chat = Chat(model, speculative, config, args.system, sys.stdout, args.stats)
     run(chat)

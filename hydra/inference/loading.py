@@ -24,7 +24,8 @@ def default_device() -> str:
 
 
 def load_model(heads: str | Path | None = None, base_model: str | None = None, dtype: str = "bfloat16",
-               device: str | None = None, heads_required: bool = False) -> tuple[HydraModel, bool]:
+               device: str | None = None, heads_required: bool = False,
+               quant: str | None = None) -> tuple[HydraModel, bool]:
     """Load heads (folder or Hub id; None: the shipped heads) on their base model.
 
     Returns (model, has_heads). With no heads given and none shipped, returns the base model wrapped in a
@@ -39,11 +40,11 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
             raise FileNotFoundError(
                 f"no heads given and none shipped in {DEFAULT_HEADS_DIR.relative_to(DEFAULT_HEADS_DIR.parents[2])}: "
                 "pass a heads folder or Hub repo id")
-        base, tokenizer = load_base_model(base_model, dtype, device)
+        base, tokenizer = load_base_model(base_model, dtype, device, quant=quant)
         config = HydraConfig(hydra_num_heads=1, hydra_head_arch="mlp",
                              base_model_name_or_path=base_model or DEFAULT_BASE_MODEL)
         return HydraModel(base, config, tokenizer).eval(), False
-    model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device)
+    model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device, quant=quant)
     return model.eval(), True
 
 

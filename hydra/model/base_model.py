@@ -110,8 +110,8 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
-                    device: str | torch.device = "cpu",
-                    attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                    quant: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer.
 
     Args:
@@ -119,6 +119,9 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
         dtype: torch dtype or its name ("float32", "bfloat16", ...).
         device: where to put the model.
         attn_implementation: "sdpa" or "eager"; both accept the 4D tree attention masks used for verification.
+        quant: None, "int4" or "int8": weight-only linear layers on CPU (`hydra.model.quant`; fast with
+            dtype bfloat16). For the default model "int4" takes the GGUF file's own 4-bit blocks; any other
+            model is re-quantised from its float weights.
     """
     device = check_device(device)
     path = resolve_base_model(name_or_path)
@@ -133,7 +136,44 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
                          f"({e})") from None
     model.to(device).eval()
     model.requires_grad_(False)
+    if quant:
+        _quantize(model, quant, name_or_path in (None, "", DEFAULT_BASE_MODEL, "default"))
     return model, tokenizer
+
+
+def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
+    from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model, use_fp32_attention
+
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
+    if model.device.type != "cpu":
+        raise ValueError(f"quant={quant!r} uses torch's CPU kernels; load the model on the CPU")
+    if quant == "int4" and is_default:
+        load_gguf_int4(model, default_gguf_blocks())
+    else:
+        quantize_model(model, quant)
+    if model.config._attn_implementation == "sdpa":
+        use_fp32_attention(model)
+
+
+def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
+    """The default GGUF's quantized tensors as raw blocks, cached next to the converted model: reading them
+    with the `gguf` package parses the whole tokenizer vocabulary first (~15 s), the cached copy takes <1 s."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hydra.model.quant import read_gguf_blocks
+
+    path = default_model_path() / "gguf_blocks.safetensors"
+    if not path.is_file():
+        blocks = read_gguf_blocks(_gguf_path())
+        tmp = path.with_name(path.name + ".partial")
+        save_file({k: v for k, (_, v) in blocks.items()}, str(tmp), metadata={k: t for k, (t, _) in blocks.items()})
+        tmp.replace(path)
+        return blocks
+    with safe_open(str(path), "pt") as f:
+        kinds = f.metadata()
+        return {k: (kinds[k], f.get_tensor(k)) for k in f.keys()}
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:

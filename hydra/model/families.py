@@ -13,7 +13,8 @@ import torch
 from transformers import PretrainedConfig
 
 TREE_MASK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-TREE_MASK_ATTENTION = ("sdpa", "eager")  # flash-attention kernels take no arbitrary 4D mask
+# flash-attention kernels take no arbitrary 4D mask; sdpa_fp32 is SDPA in fp32 for quantized bases (hydra.model.quant)
+TREE_MASK_ATTENTION = ("sdpa", "eager", "sdpa_fp32")
 
 
 def check_tree_attention(config: PretrainedConfig) -> None:

@@ -166,7 +166,7 @@ class HydraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, heads: str | Path, base_model: str | PreTrainedModel | None = None,
                         dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                        tokenizer: PreTrainedTokenizerBase | None = None) -> HydraModel:
+                        tokenizer: PreTrainedTokenizerBase | None = None, quant: str | None = None) -> HydraModel:
         """Load heads from a folder or Hub repo id and put them on a base model.
 
         Args:
@@ -175,13 +175,15 @@ class HydraModel(nn.Module):
             base_model: a loaded model, or a model id / folder overriding the config's
                 base_model_name_or_path, or None to use the config's.
             dtype, device: for the base model (when loaded here) and the heads.
+            quant: None, "int4" or "int8" for the base model when loaded here (see `load_base_model`).
         """
         folder = _resolve_heads_folder(heads)
         config = load_hydra_config(folder / CONFIG_NAME)
         if isinstance(base_model, PreTrainedModel):
             base = base_model
         else:
-            base, loaded_tok = load_base_model(base_model or config.base_model_name_or_path, dtype, device)
+            base, loaded_tok = load_base_model(base_model or config.base_model_name_or_path, dtype, device,
+                                               quant=quant)
             tokenizer = tokenizer or loaded_tok
         weights = folder / WEIGHTS_NAME
         if weights.is_file():

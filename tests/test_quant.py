@@ -1,0 +1,139 @@
+"""Weight-only int4 / int8 base models (`hydra.model.quant`): the packed layers hold exactly the weights they
+were given (the GGUF's own Q4_1 / Q8_0 blocks, or a re-quantised float model), and speculative decoding on a
+quantized base reproduces plain greedy decoding of that same quantized base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from hydra.model import HydraConfig, HydraModel
+from hydra.model.generate import DecodeConfig, generate
+from hydra.model.quant import (FP32_ATTENTION, GROUP, Int4Linear, Int8Linear, Q8Int4Linear, int4_from_weight,
+                               q4_1_blocks, q8_0_blocks, quantize_model, use_fp32_attention)
+
+PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
+TREES = ["chain_4", "tree_16", [[0], [1], [0, 0], [0, 1], [1, 0]]]
+
+
+def _random_weight(n: int, k: int, seed: int = 0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    return (g.standard_normal((n, k)) * g.uniform(0.01, 1, (n, 1))).astype(np.float32)
+
+
+def test_int4_kernel_layout():
+    """Codes, scales and zeros go into torch's packed layout unchanged: W = (q - 8) * scale + zero."""
+    torch.manual_seed(0)
+    n, k = 48, 96
+    codes = torch.randint(0, 16, (n, k))
+    scale, zero = torch.rand(n, k // GROUP), torch.randn(n, k // GROUP)
+    layer = Int4Linear(codes, scale, zero, torch.float32)
+    want = (codes - 8) * scale.repeat_interleave(GROUP, 1) + zero.repeat_interleave(GROUP, 1)
+    torch.testing.assert_close(layer.dequantize(), want, rtol=1e-6, atol=1e-6)
+    x = torch.randn(2, 3, k)
+    torch.testing.assert_close(layer(x), x @ want.T, rtol=1e-5, atol=1e-5)
+
+
+def test_q4_1_blocks_match_gguf_dequantize():
+    """The packed layer built from Q4_1 blocks (zero = m + 8d) is gguf's own dequantisation of those blocks."""
+    n, k = 32, 128
+    raw = quants.quantize(_random_weight(n, k), GGMLQuantizationType.Q4_1)
+    ref = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_1))
+    codes, d, m = q4_1_blocks(raw, n, k)
+    layer = Int4Linear(codes, d, m + 8 * d, torch.float32)
+    torch.testing.assert_close(layer.dequantize(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    # bf16, the fast path: the codes are exact; only scale and zero are rounded to bf16 (8 significant bits).
+    fast = Int4Linear(codes, d, m + 8 * d, torch.bfloat16).dequantize()
+    bound = (8 * d.abs() + (m + 8 * d).abs()).repeat_interleave(GROUP, 1) * 2 ** -8
+    assert ((fast - ref).abs() <= bound + 1e-6).all()
+
+
+def test_q8_0_blocks_exact_through_the_int4_kernel():
+    n, k = 32, 64
+    raw = quants.quantize(_random_weight(n, k, seed=1), GGMLQuantizationType.Q8_0)
+    ref = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0))
+    q, d = q8_0_blocks(raw, n, k)
+    layer = Q8Int4Linear(q, d, torch.float32)
+    torch.testing.assert_close(layer.dequantize(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    x = torch.randn(5, k)
+    torch.testing.assert_close(layer(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+
+
+def test_requantised_layers_stay_within_half_a_step():
+    w = torch.from_numpy(_random_weight(64, 96, seed=2))
+    int4 = int4_from_weight(w, torch.float32)
+    steps = int4.scales_and_zeros[..., 0].T.repeat_interleave(GROUP, 1)
+    assert ((int4.dequantize() - w).abs() <= steps / 2 + 1e-6).all()
+    from hydra.model.quant import int8_from_weight, q8_from_weight
+
+    int8 = int8_from_weight(w, torch.float32)
+    assert ((int8.dequantize() - w).abs() <= int8.scale[:, None] / 2 + 1e-6).all()
+    q8 = q8_from_weight(w, torch.float32)
+    steps = q8.scales_and_zeros[:w.shape[1] // GROUP, :, 0].T.repeat_interleave(GROUP, 1) / 16  # d = (16d) / 16
+    assert ((q8.dequantize() - w).abs() <= steps / 2 + 1e-6).all() and q8.weight is w
+
+
+@pytest.mark.parametrize("quant,attention", [("int4", "sdpa"), ("int8", "sdpa"), ("int4", FP32_ATTENTION)])
+def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factory, randomize, quant, attention):
+    """Verification runs the quantized base itself, so greedy speculative decoding == plain greedy decoding
+    of the quantized base (fp32 activations here, as the fp32 losslessness tests; bf16 is measured, README).
+    With the fp32 attention that quantized bases use, tree masks reach it in additive form."""
+    base = randomize(tiny_base_factory(seed=3), seed=3, scale=0.3)
+    with torch.inference_mode():
+        float_logits = base(torch.tensor([PROMPTS[2]])).logits
+    float_out = base.lm_head.weight
+    quantize_model(base, quant)
+    assert isinstance(base.lm_head, Int8Linear)  # vocab 100 is no multiple of 16: per-row int8, not Q8 blocks
+    if attention == FP32_ATTENTION:
+        use_fp32_attention(base)
+    linear = Int4Linear if quant == "int4" else Int8Linear
+    layer = base.model.layers[0]
+    assert all(isinstance(m, linear) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj))
+    assert base.lm_head.weight is float_out  # what the heads read
+    with torch.inference_mode():
+        quant_logits = base(torch.tensor([PROMPTS[2]])).logits
+    assert not torch.equal(quant_logits, float_logits)  # the quantized weights are really in use
+    for arch in ("hydra-mlp", "prefix-mlp"):
+        torch.manual_seed(1)
+        model = HydraModel(base, HydraConfig(hydra_num_heads=4, hydra_num_layers=2, hydra_head_arch=arch))
+        randomize(model.heads, seed=1, scale=0.3)
+        for prompt in PROMPTS:
+            ar = generate(model, prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=[]), speculative=False)
+            for tree in TREES:
+                out = generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=30, stop_token_ids=[]))
+                assert out.tokens == ar.tokens, (quant, arch, tree, prompt)
+
+
+def test_bad_quant_is_one_clear_error(tiny_base):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        quantize_model(tiny_base, "int3")
+
+
+@pytest.mark.slow
+def test_default_model_int4_is_the_gguf_blocks():
+    """--quant int4 on the default model: its linear layers hold the GGUF file's Q4_1 blocks (checked against
+    gguf's dequantisation of the file) in transformers' row order (checked against the fp32 conversion)."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from hydra.model.base_model import _gguf_path, default_model_path, load_base_model
+
+    model, _ = load_base_model(None, dtype="bfloat16", quant="int4")
+    tensors = {t.name: t for t in GGUFReader(str(_gguf_path())).tensors}
+    with safe_open(str(default_model_path() / "model.safetensors"), "pt") as f:
+        for name, gname in [("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
+                            ("model.layers.29.mlp.down_proj", "blk.29.ffn_down.weight")]:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, Int4Linear)
+            got = layer.dequantize()
+            converted = f.get_tensor(name + ".weight")  # transformers' own GGUF dequantisation, fp32
+            scale = float(converted.abs().max())
+            assert (got - converted).abs().max() < 2 ** -7 * scale  # bf16 scale/zero rounding only
+            if "down_proj" in name:  # no row permutation: compare with gguf directly
+                t = tensors[gname]
+                ref = torch.from_numpy(quants.dequantize(t.data, t.tensor_type))
+                torch.testing.assert_close(ref, converted, rtol=0, atol=1e-6 * scale)
+    assert isinstance(model.lm_head, Q8Int4Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config._attn_implementation == FP32_ATTENTION
