@@ -14,6 +14,7 @@ self-distilled data. Results are in the README ("Training speed").
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def make_runs(args, workdir: Path) -> dict[str, train.Run]:
     runs = {}
     for name in args.recipes:
         argv = ["--data_path", args.data, "--output_dir", str(workdir / "out"), "--bf16", str(args.bf16),
-                "--hydra_num_heads", str(args.heads), "--model_max_length", str(args.max_length),
+                "--hydra_num_heads", str(args.num_heads), "--model_max_length", str(args.max_length),
                 "--per_device_train_batch_size", str(args.rows), "--gradient_accumulation_steps", "1",
                 "--max_steps", "1000000", "--warmup_steps", "0", "--loss_chunk_size", str(args.chunk),
                 "--cache_hidden_states", "True", "--hidden_cache_dir", str(workdir / "features"),
@@ -69,10 +70,12 @@ def timed_steps(run: train.Run, first_step: int, n: int) -> tuple[int, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(REPO / "data" / "self_distill_smollm2.jsonl.gz"))
-    p.add_argument("--draft-vocab", default=str(REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors"))
+    p.add_argument("--data", type=os.path.expanduser,
+                   default=str(REPO / "data" / "self_distill_smollm2.jsonl.gz"))
+    p.add_argument("--draft-vocab", type=os.path.expanduser,
+                   default=str(REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors"))
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--rows", type=int, default=2, help="packed rows per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="tokens per packed row")
     p.add_argument("--chunk", type=int, default=1024, help="--loss_chunk_size")
@@ -94,7 +97,7 @@ def main() -> int:
         with torch.no_grad(), autocast_ctx(any_run.use_amp, any_run.d.device):
             hidden_cache.fill(any_run.model, cache, used, any_run.batch, args.rows, lambda m: None)
         print(f"# {torch.get_num_threads()} thread(s), device {any_run.d.device}, bf16 {args.bf16}, "
-              f"{args.heads} heads, {args.rows} x {args.max_length}-token rows per step, loss chunk {args.chunk}, "
+              f"{args.num_heads} heads, {args.rows} x {args.max_length}-token rows per step, loss chunk {args.chunk}, "
               f"draft vocabulary {len(vocab)} tokens")
         for run in runs.values():  # warm-up: one step of every configuration
             for option in OPTIONS:

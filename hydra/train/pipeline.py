@@ -133,12 +133,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "default-heads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--data", default=None, help="a self-distilled ShareGPT file to use (skips the distillation)")
-    p.add_argument("--prompts", default=str(REPO / "data" / "train_prompts.jsonl.gz"))
+    p.add_argument("--data", type=os.path.expanduser,
+                   default=None, help="a self-distilled ShareGPT file to use (skips the distillation)")
+    p.add_argument("--prompts", type=os.path.expanduser,
+                   default=str(REPO / "data" / "train_prompts.jsonl.gz"))
     p.add_argument("--num-prompts", type=int, default=None, help="distill only the first N prompts")
-    p.add_argument("--base-model", default=None, help="base model id or folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--init-heads", default=None, help="continue from these heads instead of a fresh init")
-    p.add_argument("--draft-vocab", type=Path,
+    p.add_argument("--base-model", type=os.path.expanduser,
+                   default=None, help="base model id or folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--init-heads", type=os.path.expanduser,
+                   default=None, help="continue from these heads instead of a fresh init")
+    p.add_argument("--draft-vocab", type=lambda v: Path(os.path.expanduser(v)),
                    default=REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
