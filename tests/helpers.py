@@ -152,6 +152,35 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
     assert checked > 0, "no cell holds 5% of the mass: the power check tested nothing"
 
 
+def assert_first_two_tokens_follow_base(model, prompt: list[int], tree, n: int = 5000) -> None:
+    """Exact sampling end to end: over n seeds, the pair of the first two emitted tokens follows
+    p(x1 | prompt) p(x2 | prompt, x1) from the base model's own softmax (cells expected below 5 pooled into
+    one). Also checks that the run exercised both a rejection at the root and multi-token acceptance often,
+    so the test says something about the tree and not only about plain sampling."""
+    from hydra.model.generate import DecodeConfig, generate
+
+    base = model.base_model
+    v = base.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(base(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        p2 = torch.softmax(base(torch.tensor([prompt + [x] for x in range(v)])).logits[:, -1].double(), -1)
+    joint = (p1[:, None] * p2).flatten()
+    counts = torch.zeros(v * v, dtype=torch.float64)
+    verify_lengths = torch.zeros(model.config.hydra_num_heads + 2)
+    for seed in range(n):
+        out = generate(model, prompt, DecodeConfig(tree=tree, temperature=1.0, sampling="exact", seed=seed,
+                                                   max_new_tokens=2, stop_token_ids=[]))
+        assert len(out.tokens) == 2 and out.steps == 2
+        counts[out.tokens[0] * v + out.tokens[1]] += 1
+        verify_lengths[out.accept_lengths[1] - 1] += 1
+    assert verify_lengths[0] > 200 and verify_lengths[1:].sum() > 1000, verify_lengths
+    big = joint * n >= 5
+    pooled_counts = torch.cat([counts[big], counts[~big].sum()[None]])
+    pooled_probs = torch.cat([joint[big], joint[~big].sum()[None]])
+    assert big.sum() >= 15 and pooled_probs.max() < 0.3
+    assert_matches(pooled_counts, pooled_probs)
+
+
 def write_jsonl(path: Path, records, raw_lines: tuple[bytes, ...] = ()) -> Path:
     """One JSON line per record, then `raw_lines` as given (for malformed-line tests); creates the folder."""
     path = Path(path)
