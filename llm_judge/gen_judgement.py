@@ -30,7 +30,7 @@ from pathlib import Path
 
 # Run as a script, this file's folder is on sys.path.
 from answer_common import (DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, ERROR_ANSWER, JUDGE_DATA_DIR, LLM_JUDGE_DIR,
-                           REPO_ROOT, is_error_record, load_questions)
+                           is_error_record, load_questions)
 
 from hydra.data.jsonl import read_jsonl, read_resumable
 

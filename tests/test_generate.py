@@ -386,7 +386,8 @@ def test_exact_sampling_matches_base_distribution(tree):
     dynamic tree is chosen from the heads' probabilities, a deterministic function of the context, so the
     same zero-and-renormalise rule must stay exact with it."""
     base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
-    assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), [3, 9, 4], tree)
+    assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), [3, 9, 4], tree,
+                                        max_cell=0.3)
 
 
 # --- stopping -----------------------------------------------------------------------------------------------

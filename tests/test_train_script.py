@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hydra.model import HydraModel
+from hydra.model import HydraModel, load_tokenizer
 from hydra.train import train
 from hydra.train.checkpoint import list_checkpoints, read_state
 

