@@ -334,6 +334,31 @@ def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
+def test_messages_the_chat_template_rejects_are_a_400(served, monkeypatch):
+    """A template's raise_exception (e.g. Mistral's on a role order it does not take) throws jinja2's
+    TemplateError, not a ValueError: it must still be a 400 naming the messages, and the server keeps serving."""
+    from fastapi.testclient import TestClient
+    from jinja2 import TemplateError
+
+    import hydra.serve.app as app_module
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    engine = Engine(model, has_heads=True)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    render = app_module.render_prompt
+    with TestClient(app_module.create_app(engine, MODEL)) as http:
+        def rejecting(tokenizer, messages):
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+        monkeypatch.setattr(app_module, "render_prompt", rejecting)
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
+        monkeypatch.setattr(app_module, "render_prompt", render)
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
 def test_bad_command_line_is_one_error_line(tmp_path):
     import subprocess
     import sys

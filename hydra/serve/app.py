@@ -12,6 +12,7 @@ from importlib.resources import files
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydra.inference.loading import context_length, render_prompt
@@ -110,7 +111,7 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         try:
             ids = render_prompt(engine.tokenizer, [m.as_template_message() for m in req.messages])
-        except ValueError as e:  # e.g. no chat template, or a template that rejects this role order
+        except (ValueError, TemplateError) as e:  # no chat template; a template's raise_exception (role order)
             return error(400, f"cannot render these messages with the model's chat template: {e}", "messages")
         return await _serve(req, request, ids, chat=True)
 

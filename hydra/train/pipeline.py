@@ -11,7 +11,8 @@ Stages, in <workdir> (default runs/default-heads):
   features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
   train     hydra.train.train, Hydra++ with the teacher loss over the draft vocabulary -> heads/ (resumes from
             its newest checkpoint)
-  tree      scripts/build_tree.py: the draft vocabulary of the new data and the tree chosen for the new heads
+  tree      scripts/build_tree.py: the tree chosen for the new heads (they keep the draft vocabulary they
+            were trained over)
   mtbench   scripts/eval_mt_bench.sh heads/: MT-Bench speed over plain decoding and fp32 losslessness
 A stage is done when its marker `.done/<stage>` exists, written only after its command succeeded; a killed
 stage has no marker, so the next run starts it again and the command itself resumes. The time-left estimate
@@ -85,8 +86,7 @@ def stages(a: argparse.Namespace) -> list[Stage]:
               + ["--output_dir", str(w / "heads")] + (["--init_heads", a.init_heads] if a.init_heads else []),
               tokens * a.epochs),
         Stage("tree", py + [str(REPO / "scripts" / "build_tree.py"), "--heads", str(w / "heads"),
-                            "--data", str(split / "val.jsonl"), "--vocab-data", str(split / "train.jsonl"),
-                            "--draft-vocab-size", "8192", "--name", a.tree_name,
+                            "--data", str(split / "val.jsonl"), "--name", a.tree_name,
                             "--counts", str(w / "tree_counts.json")], 100),
         Stage("mtbench", ["bash", str(REPO / "scripts" / "eval_mt_bench.sh"), str(w / "heads")], 160,
               env={"TAG": a.tree_name, "TREE": a.tree_name}),
