@@ -306,3 +306,19 @@ def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_pat
     assert (heads / "model.safetensors").is_file() and (done / "train").is_file()
     third = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert third.returncode == 0 and third.stdout.count("done, skipped") == 3, third.stdout
+
+
+def test_feature_cache_key_follows_the_base_weights():
+    """The shared feature cache is keyed by the base weights too: the same model gives the same key, a model
+    changed at the same name (re-converted, fine-tuned) gets a new cache instead of stale hidden states."""
+    from helpers import make_tiny_base
+
+    from hydra.train.hidden_cache import cache_key_parts, weights_fingerprint
+
+    rows = [{"input_ids": [1, 2, 3]}]
+    a, b = make_tiny_base(seed=0), make_tiny_base(seed=0)
+    key = cache_key_parts("same/name", rows, 0, weights_fingerprint(a))
+    assert key == cache_key_parts("same/name", rows, 0, weights_fingerprint(b))
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    assert key != cache_key_parts("same/name", rows, 0, weights_fingerprint(b))

@@ -86,10 +86,23 @@ class HiddenCache:
         self._flags[row] = 1
 
 
-def cache_key_parts(model_name: str, rows: list[dict], hidden_state_offset: int) -> dict:
+def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
+    """A digest of evenly spaced entries of every weight: a re-converted or fine-tuned model at the same name
+    gets a new cache instead of the old model's hidden states. Exact bytes, so it does not depend on threads
+    or summation order."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        h.update(name.encode())
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key_parts(model_name: str, rows: list[dict], hidden_state_offset: int, weights: str = "") -> dict:
     digest = hashlib.sha256(torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32)
                             .numpy().tobytes()).hexdigest()
-    return {"model": model_name, "rows": digest, "offset": hidden_state_offset}
+    return {"model": model_name, "weights": weights, "rows": digest, "offset": hidden_state_offset}
 
 
 def cached_features(model, cache: HiddenCache, row_ids: list[int], batch: dict[str, torch.Tensor]):

@@ -361,7 +361,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         cache = hidden_cache.HiddenCache(
             args.hidden_cache_dir or cache_dir() / "hidden_cache",
             hidden_cache.cache_key_parts(model_args.model_name_or_path or DEFAULT_BASE_MODEL, all_rows,
-                                         config.hidden_state_offset),
+                                         config.hidden_state_offset, hidden_cache.weights_fingerprint(base)),
             [len(r["input_ids"]) for r in all_rows], base.config.hidden_size,
             1 if config.hidden_state_offset == 0 else 2, next(base.parameters()).dtype, create=d.is_main)
         d.barrier()
