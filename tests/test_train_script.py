@@ -322,3 +322,15 @@ def test_feature_cache_key_follows_the_base_weights():
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight.mul_(1.01)
     assert key != cache_key_parts("same/name", rows, 0, weights_fingerprint(b))
+
+
+def test_feature_cache_key_of_a_large_weight():
+    """A weight as large as the default model's embedding (49,152 x 576 entries): the sampled indices stay in
+    range (a float32 linspace rounded the last one past the end) and include the last entry."""
+    from hydra.train.hidden_cache import weights_fingerprint
+
+    big = torch.nn.Embedding(49_152, 576)
+    key = weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] += 1.0
+    assert weights_fingerprint(big) != key

@@ -93,7 +93,9 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        k = min(samples, flat.numel())
+        # integer spacing: a float32 linspace rounds past the last index of a 28M-entry embedding
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
         h.update(name.encode())
         h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
