@@ -201,6 +201,24 @@ def test_tokenize_records_and_partition(tmp_path, tokenizer):
     assert len(examples) == 38 and all(len(e["input_ids"]) <= 64 for e in examples)
 
 
+def test_extra_training_files_keep_the_validation_set(tmp_path):
+    """--extra-train adds conversations to the training side only: the validation set is the one the
+    --input file alone gives, so heads trained on --input before are still scored on unseen conversations."""
+    def chats(prefix, n):
+        return [{"id": f"{prefix}{i}", "conversations": [{"from": "human", "value": f"q {i}"},
+                                                          {"from": "gpt", "value": f"a {i}"}]} for i in range(n)]
+    first, more = write_jsonl(tmp_path / "a.jsonl", chats("a", 40)), write_jsonl(tmp_path / "b.jsonl", chats("b", 7))
+    read = lambda d, name: [json.loads(x)["id"] for x in (tmp_path / d / name).read_text().splitlines()]
+    assert partition_main(["--input", str(first), "--output-dir", str(tmp_path / "alone")]) == 0
+    assert partition_main(["--input", str(first), "--extra-train", str(more),
+                           "--output-dir", str(tmp_path / "more")]) == 0
+    assert read("more", "val.jsonl") == read("alone", "val.jsonl")
+    assert read("more", "train.jsonl") == read("alone", "train.jsonl") + [f"b{i}" for i in range(7)]
+    assert partition_main(["--input", str(first), "--extra-train", str(tmp_path / "missing.jsonl"),
+                           "--output-dir", str(tmp_path / "bad")]) == 1
+    assert not (tmp_path / "bad" / "train.jsonl").exists()
+
+
 def test_a_single_conversation_cannot_be_split(tmp_path, tokenizer, capsys):
     """hydra.train.train --data_path FILE splits the file 95/5; with one conversation the validation share
     (rounded up) would take it: say so instead of "no training conversation left"."""

@@ -4,10 +4,15 @@ Usage:
     python -m hydra.data.partition_train_test --input data/self_distill.jsonl --output-dir data/split
     python -m hydra.data.partition_train_test --input ShareGPT_V4.3_unfiltered_cleaned_split.json \
         --output-dir data/sharegpt --test-size 0.05 --seed 42
+    python -m hydra.data.partition_train_test --input data/self_distill_smollm2.jsonl.gz \
+        --extra-train data/self_distill_smollm2_more.jsonl.gz --output-dir runs/long/split
 Writes D/train.jsonl and D/val.jsonl holding only the valid records (see hydra.data.sharegpt.load_sharegpt),
 split 95/5 with seed 42 like the original Hydra, which used datasets' train_test_split: the same index
 choice is reproduced here (numpy default_rng(seed).permutation; the first ceil(n * test_size) indices are the
 validation set).
+--extra-train files go to training only, after the split of --input: more data for heads already trained on
+--input keeps their validation set unseen (splitting the concatenation would move some of their training
+conversations into validation).
 """
 
 from __future__ import annotations
@@ -65,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=float, default=0.05,
                         help="validation fraction in (0, 1), or a record count >= 1 (default 0.05)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--extra-train", type=os.path.expanduser, nargs="*", default=[],
+                        help="ShareGPT files added to the training side only, after the split of --input")
     args = parser.parse_args(argv)
 
     try:
         records, _ = load_sharegpt(args.input)
         test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
         train, val = split_records(records, test_size, args.seed)
+        for extra in args.extra_train:
+            train += load_sharegpt(extra)[0]
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
