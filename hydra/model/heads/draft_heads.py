@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache, PretrainedConfig
 
 from hydra.model.config import HydraConfig
+from hydra.model.heads.dropout import Dropout
 from hydra.model.heads.prefix_layer import PrefixLayer
 from hydra.model.heads.resblock import HeadMLP
 
@@ -32,7 +33,7 @@ class DraftHeads(nn.Module):
         self.mlps = nn.ModuleList(
             HeadMLP((i + 2) * d if self.grounded else d, d, config.hydra_num_layers, config.dropout_rate)
             for i in range(self.num_heads))
-        self.lm_dropout = nn.Dropout(config.dropout_rate)
+        self.lm_dropout = Dropout(config.dropout_rate)
         # Own output layers (bias=True as in the paper); initialised from the base output layer by HydraModel.
         self.lm_heads = None if config.share_lm_head else nn.ModuleList(
             nn.Linear(d, vocab, bias=True) for _ in range(self.num_heads))

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hydra.model.heads.dropout import Dropout
+
 
 class ResBlock(nn.Module):
     """y = R(x) + SiLU(W x + b).
@@ -39,7 +41,7 @@ class HeadMLP(nn.Module):
         super().__init__()
         dims = [in_dim] + [hidden_size] * num_layers
         self.blocks = nn.ModuleList(ResBlock(dims[k], dims[k + 1]) for k in range(num_layers))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
