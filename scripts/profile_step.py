@@ -5,6 +5,7 @@ compaction, Python), compared with one plain autoregressive step, on the same pr
     python scripts/profile_step.py                          # shipped heads, bf16, 8 prompts x 64 tokens
     python scripts/profile_step.py --heads runs/hydra --tree tree_32 --dtype float32 --threads 1
     python scripts/profile_step.py --threads 1 --costs      # verify cost vs tree size, head call vs rows
+    python scripts/profile_step.py --quant int4            # the same on the 4-bit base
 
 `--costs` times the pieces a dynamic tree's size rule trades off, interleaved in random order on one
 400-token context: a verification forward (decoder + output layer) over T = 1..24 tokens, one head call
@@ -125,12 +126,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quant", choices=["int4", "int8"], default=None, help="quantized base (README: 4-bit base)")
     ap.add_argument("--costs", action="store_true", help="time verification vs tree size and head calls")
     ap.add_argument("--reps", type=int, default=20, help="repetitions per piece with --costs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_model(args.heads, args.base_model, dtype=args.dtype, device="cpu", heads_required=True)
+    model, _ = load_model(args.heads, args.base_model, dtype=args.dtype, device="cpu", heads_required=True,
+                          quant=args.quant)
     prompts = load_prompts(model.tokenizer, QUESTIONS, args.num_prompts)
     if args.costs:
         long_prompt = [t for ids in prompts for t in ids][:400]

@@ -1,0 +1,100 @@
+"""Validation top-1 of each head against training tokens, from train.py's log.jsonl files.
+
+    python scripts/plot_training.py assets/training_logs/hydrapp.jsonl assets/training_logs/hydrapp_cpu_long.jsonl \
+        --output assets/hydrapp_top1.png
+
+Logs given after the first are continued runs (train.py --init_heads): each starts where the one before it
+ended on the token axis. An evaluation's token count is the `tokens_seen` of the training record of the same
+step (logs written before train.py put it in evaluation records), else interpolated between the training
+records around it. A dotted line marks where each continued run starts; its step-0 evaluation re-scores the
+heads it started from, so a jump there is a change of metric or validation rows, not learning (the README
+says which metric each run used). Prints the table it plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def read_log(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of one log.jsonl."""
+    train, evals = [], []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            (evals if "eval_head0_top1" in record else train).append(record)
+    if not evals:
+        raise ValueError(f"{path}: no evaluation records (eval_head0_top1)")
+    return train, evals
+
+
+def curve(train: list[dict], evals: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens at each evaluation, top-1 per evaluation x head, tokens at the end of the run)."""
+    steps = [r["step"] for r in train if "tokens_seen" in r]
+    seen = [r["tokens_seen"] for r in train if "tokens_seen" in r]
+    heads = sorted(int(k[len("eval_head"):-len("_top1")]) for k in evals[0]
+                   if k.startswith("eval_head") and k.endswith("_top1") and "teacher" not in k)
+    x = np.array([r["tokens_seen"] if "tokens_seen" in r else np.interp(r["step"], [0] + steps, [0] + seen)
+                  for r in evals], dtype=float)
+    y = np.array([[r[f"eval_head{h}_top1"] for h in heads] for r in evals])
+    return x, y, int(max(seen + [0] + list(x)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", nargs="+", type=os.path.expanduser, help="log.jsonl files, first run first")
+    ap.add_argument("--output", type=os.path.expanduser, default=None, help="PNG to write (needs matplotlib)")
+    args = ap.parse_args(argv)
+    try:
+        runs = [curve(*read_log(Path(p))) for p in args.logs]
+    except (OSError, ValueError) as e:
+        print(f"[hydra] error: {e}", file=sys.stderr)
+        return 1
+
+    offset, placed = 0, []
+    for path, (x, y, end) in zip(args.logs, runs):
+        placed.append((Path(path).name, x + offset, y, offset))
+        offset += end
+    print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in range(placed[0][2].shape[1])) + " |")
+    for name, x, y, _ in placed:
+        for xi, yi in zip(x, y):
+            print(f"| {name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
+    if args.output:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for h in range(placed[0][2].shape[1]):
+            color = f"C{h}"
+            for k, (name, x, y, start) in enumerate(placed):
+                ax.plot(x / 1e6, y[:, h], "o-" if k == 0 else "s-", color=color, ms=3,
+                        label=f"head {h + 1}" if k == 0 else None)
+        for name, _, _, start in placed[1:]:
+            ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
+            ax.text(start / 1e6, ax.get_ylim()[1], f" {name}", va="top", fontsize=7, color="grey")
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("validation top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = Path(args.output).with_suffix(".partial.png")
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
