@@ -78,7 +78,8 @@ def main() -> int:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--rows", type=int, default=2, help="packed rows per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="tokens per packed row")
-    p.add_argument("--chunk", type=int, default=1024, help="--loss_chunk_size")
+    p.add_argument("--chunk", type=int, default=train.TrainingArguments.loss_chunk_size,
+                   help="--loss_chunk_size (default: train.py's)")
     p.add_argument("--bf16", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration per round")
     p.add_argument("--rounds", type=int, default=3)
