@@ -113,13 +113,25 @@ def test_completions_plain_and_streamed(served, client):
 
 
 def test_stop_strings_cut_the_reply(served, client):
+    """The reply ends before the stop string; usage counts the tokens up to the one that completed it (what
+    plain decoding would have produced), not the ones a speculative step decided after it."""
     _, model = served
-    full, _, _ = expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)
+    full, _, out = expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)
     stop = full[8:11]
     want = full[: full.find(stop)]
+    needed = next(n for n in range(1, len(out.tokens) + 1)
+                  if stop in model.tokenizer.decode(out.tokens[:n], skip_special_tokens=True))
     for stream in (False, True):
-        got, finishes, _, _ = ask(client, "Tell me a story.", stream, max_tokens=24, stop=[stop, "\x00never"])
+        extra = {"stream_options": {"include_usage": True}} if stream else {}
+        got, finishes, usage, _ = ask(client, "Tell me a story.", stream, max_tokens=24, stop=[stop, "\x00never"],
+                                      **extra)
         assert got == want and finishes == ["stop"], stream
+        assert usage.completion_tokens == needed < len(out.tokens), stream
+    # a speculative step that decides the stop's last token and more after it counts only up to the stop
+    from hydra.serve.engine import _first_stop_prefix
+
+    for start in range(needed):  # the last step decided tokens[start:]
+        assert _first_stop_prefix(model.tokenizer, out.tokens, len(out.tokens) - start, [stop]) == needed
 
 
 def test_seeded_sampling_is_reproducible_and_the_librarys(served, client):

@@ -135,18 +135,21 @@ class Engine:
             stops = StopStrings(job.stop)
             start = time.perf_counter()
             reason = None
+            tokens: list[int] = []
             while reason is None:
                 item = await loop.run_in_executor(self._worker, next, steps, None)
                 if item is None:  # the decoder ended without a reason (max_new_tokens <= 0)
                     reason = "max_new_tokens"
                     break
                 delta, step = item
-                stats.completion_tokens += len(step.tokens)
+                tokens += step.tokens
+                stats.completion_tokens = len(tokens)
                 stats.accept_lengths.append(step.accept_length)
                 reason = step.finish_reason
                 text, hit = stops.feed(delta, final=reason is not None)
                 if hit:
                     reason = "stop"
+                    stats.completion_tokens = _first_stop_prefix(self.tokenizer, tokens, len(step.tokens), stops.stop)
                 stats.seconds = time.perf_counter() - start
                 if text:
                     yield text, None
@@ -160,6 +163,17 @@ class Engine:
             raise
         finally:
             ticket.release()
+
+
+def _first_stop_prefix(tokenizer, tokens: list[int], last_step: int, stop: list[str]) -> int:
+    """How many tokens a plain decoder would have produced before stopping: the shortest prefix whose text
+    contains a stop string. Only the last step's tokens can complete it (earlier text held none); a
+    speculative step may have decided more tokens after it, which are not part of the reply."""
+    for n in range(len(tokens) - last_step + 1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return n
+    return len(tokens)
 
 
 class StopStrings:
