@@ -106,6 +106,27 @@ def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factor
                 assert out.tokens == ar.tokens, (quant, arch, tree, prompt)
 
 
+def test_gguf_q4_1_output_layer_keeps_the_heads_weight(tiny_base_factory, randomize):
+    """A GGUF whose (untied) output layer is Q4_1: the layer computes with the file's blocks, and the draft
+    heads still project with its float weight."""
+    from hydra.model.quant import load_gguf_int4
+
+    base = randomize(tiny_base_factory(seed=4, tie_word_embeddings=False), seed=4, scale=0.3)
+    n, k = base.lm_head.weight.shape
+    n = n - n % 16  # the kernel's row multiple: quantize a vocabulary of whole 16-row groups
+    base.lm_head = torch.nn.Linear(k, n, bias=False)
+    base.config.vocab_size = n
+    raw = quants.quantize(_random_weight(n, k, seed=2), GGMLQuantizationType.Q4_1)
+    float_weight = base.lm_head.weight
+    load_gguf_int4(base, {"output.weight": ("Q4_1", torch.from_numpy(raw))})
+    assert isinstance(base.lm_head, Int4Linear) and base.lm_head.weight is float_weight
+    want = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_1)).reshape(n, k)
+    torch.testing.assert_close(base.lm_head.dequantize(), want, rtol=0, atol=1e-6)
+    model = HydraModel(base, HydraConfig(hydra_num_heads=4, hydra_head_arch="hydra-mlp"))
+    out = generate(model, PROMPTS[1], DecodeConfig(tree="chain_4", max_new_tokens=8, stop_token_ids=[]))
+    assert len(out.tokens) == 8
+
+
 def test_bad_quant_is_one_clear_error(tiny_base):
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         quantize_model(tiny_base, "int3")

@@ -229,6 +229,8 @@ def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]]
             if heads:
                 codes, d, m = (_unpermute_rows(x, heads) for x in (codes, d, m))
             new = Int4Linear(codes, d, m + 8 * d, dtype, module.bias)
+            if module is out_layer:
+                new.weight = module.weight  # the float weight the draft heads project with
         elif kind == "Q8_0" and module is out_layer:
             q, d = q8_0_blocks(data.numpy(), n, k)
             if output == "q8_0":
