@@ -11,8 +11,18 @@ from gguf import GGMLQuantizationType, quants
 
 from hydra.model import HydraConfig, HydraModel
 from hydra.model.generate import DecodeConfig, generate
-from hydra.model.quant import (FP32_ATTENTION, GROUP, Int4Linear, Int8Linear, Q8Int4Linear, int4_from_weight,
-                               q4_1_blocks, q8_0_blocks, quantize_model, use_fp32_attention)
+from hydra.model.quant import (
+    FP32_ATTENTION,
+    GROUP,
+    Int4Linear,
+    Int8Linear,
+    Q8Int4Linear,
+    int4_from_weight,
+    q4_1_blocks,
+    q8_0_blocks,
+    quantize_model,
+    use_fp32_attention,
+)
 
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 TREES = ["chain_4", "tree_16", [[0], [1], [0, 0], [0, 1], [1, 0]]]
