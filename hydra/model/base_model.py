@@ -94,9 +94,14 @@ def default_model_path() -> Path:
     return folder
 
 
+def is_default_model(name_or_path: str | None) -> bool:
+    """Whether a base-model argument names the default model (None, "", its Hub id or "default")."""
+    return name_or_path in (None, "", DEFAULT_BASE_MODEL, "default")
+
+
 def resolve_base_model(name_or_path: str | None) -> str:
     """Map None / the default id to the local converted folder; anything else is returned unchanged."""
-    if name_or_path in (None, "", DEFAULT_BASE_MODEL, "default"):
+    if is_default_model(name_or_path):
         return str(default_model_path())
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
@@ -137,7 +142,7 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
     model.to(device).eval()
     model.requires_grad_(False)
     if quant:
-        _quantize(model, quant, name_or_path in (None, "", DEFAULT_BASE_MODEL, "default"))
+        _quantize(model, quant, is_default_model(name_or_path))
     return model, tokenizer
 
 
