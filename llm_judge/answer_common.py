@@ -69,7 +69,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     if method == "hydra":
         p.add_argument("--tree", type=os.path.expanduser, default=None,
-                       help="candidate tree name, JSON file or dynamic[:N[:DEPTH[:K]]] (default: the heads' own)")
+                       help="candidate tree name, JSON file or dynamic[:N[:DEPTH[:K]]][:fixed] "
+                            "(default: the heads' own)")
         p.add_argument("--sampling", choices=("typical", "exact"), default=None,
                        help="acceptance rule when temperature > 0 (default: the engine's)")
         p.add_argument("--posterior-threshold", type=float, default=None)

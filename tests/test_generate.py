@@ -529,6 +529,22 @@ def test_bad_input(base):
     assert len(last.tokens) == 2 and last.finish_reason == "length"
 
 
+def test_tree_wider_than_the_draft_vocabulary_refused_at_the_call(base):
+    """K (dynamic) or a static rank beyond the tokens the heads draft from failed inside the first proposal
+    ("selected index k out of range"); it is refused when the generator is created, with a message."""
+    model = random_heads(base, "hydra-mlp", num_heads=2)
+    for tree in (f"dynamic:8:2:{VOCAB + 1}", [[k] for k in range(VOCAB + 1)]):
+        with pytest.raises(ValueError, match=f"top {VOCAB + 1} guesses.*draft from {VOCAB} tokens"):
+            hydra_generate(model, [1, 2, 3], DecodeConfig(tree=tree))
+    assert len(run(model, [1, 2, 3], tree=f"dynamic:8:2:{VOCAB}", max_new_tokens=3).tokens) == 3  # K = V fits
+    model.heads.set_draft_vocab(torch.arange(10))
+    try:
+        with pytest.raises(ValueError, match="top 11 guesses.*draft from 10 tokens"):
+            hydra_generate(model, [1, 2, 3], DecodeConfig(tree="dynamic:8:2:11"))
+    finally:
+        model.heads.set_draft_vocab(None)
+
+
 def test_default_tree_comes_from_heads_config(base):
     model = random_heads(base, "hydra-mlp", num_heads=2)
     with pytest.raises(ValueError, match="exceeds the number of heads"):  # default mc_sim_7b_63 has depth 4

@@ -288,12 +288,14 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
             400,
             f"context holds {CONTEXT}",
         ),
-        (json.dumps({**GOOD, "top_p": 0.5}), 400, "top_p=0.5 is not supported"),
+        (json.dumps({**GOOD, "temperature": 1, "top_p": 0.5}), 400, "top_p=0.5 is not supported"),
         (json.dumps({**GOOD, "n": 2}), 400, "n=2 is not supported"),
         (json.dumps({**GOOD, "max_tokens": 0}), 400, "max_tokens"),
         (json.dumps({**GOOD, "temperature": -1}), 400, "temperature"),
         (json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}), 400, "at most 4"),
         (json.dumps({**GOOD, "model": "gpt-4"}), 404, "'gpt-4' is not served here"),
+        ("", 400, "the request has no body"),
+        (json.dumps({**GOOD, "seed": 2**64}), 400, "seed"),  # beyond torch's seeds: not a decoding failure
         (json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}), 413, "at most"),
     ],
 )
@@ -304,6 +306,38 @@ def test_malformed_requests_get_a_4xx_with_a_message(served, body, status, messa
     assert message in r.json()["error"]["message"]
     ok = _post(server.url, json.dumps(GOOD))  # and the server keeps serving
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(served):
+    """A body sent without Content-Length (chunked) is held to the same 1 MiB as one that declares it."""
+    server, _ = served
+    big = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
+    chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "at most" in r.json()["error"]["message"], r.text
+    ok = _post(server.url, json.dumps(GOOD))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    small = json.dumps(GOOD).encode()  # and a small chunked body is served as usual
+    r = httpx.post(server.url + "/v1/chat/completions", content=iter([small[:10], small[10:]]), timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_null_optional_fields_are_their_defaults(served):
+    """OpenAI's spec lets a client send null for an optional field such as stream (some clients do)."""
+    server, _ = served
+    body = {**GOOD, "stream": None, "stop": None, "seed": None, "n": None, "stream_options": None}
+    r = _post(server.url, json.dumps(body))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+
+def test_top_p_is_honoured_when_greedy(served, client):
+    """With temperature 0 every top_p keeps the most likely token: the greedy reply, not a 400."""
+    _, model = served
+    text, reason, _ = expected(model, chat_ids(model, "Hello there"), max_new_tokens=8)
+    for top_p in (0, 0.5):
+        assert ask(client, "Hello there", max_tokens=8, top_p=top_p)[:2] == (text, [reason])
 
 
 def test_malformed_completions_and_unknown_routes(served):
@@ -344,6 +378,44 @@ def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
         assert engine.health()["running"] == 0 and engine.health()["waiting"] == 0
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_stream_closed_while_queued_does_not_keep_the_model():
+    """A streamed response can end (its client gone; `_EventStream` releases the ticket) while its generator
+    is left suspended at a queued heartbeat, its lock acquisition still pending. When the running request
+    ends, that orphaned acquisition must pass the lock on, not hold it for ever (every later request would
+    wait behind it)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hydra.model.generate import StepOutput
+    from hydra.serve.engine import Engine, Job, Stats
+
+    async def scenario():
+        engine = Engine(SimpleNamespace(tokenizer=None), has_heads=False)
+        job = Job([1], DecodeConfig(), speculative=False)
+        gate = threading.Event()
+
+        def slow_reply():  # holds the model until the gate opens
+            gate.wait(10)
+            yield "a", StepOutput([1], 1, "eos")
+
+        running = engine.run(engine.admit(), job, slow_reply(), Stats(1))
+        first = asyncio.ensure_future(running.__anext__())
+        await asyncio.sleep(0.05)
+        ticket = engine.admit()
+        queued = engine.run(ticket, job, iter([]), Stats(1), waiting_heartbeat=0.01)
+        assert await queued.__anext__() == (None, None)  # waiting; the response ends here, unclosed
+        ticket.release()
+        gate.set()
+        assert await first == ("a", None) and [x async for x in running] == [("", "stop")]
+        await asyncio.sleep(0.1)
+        health = engine.health()
+        await queued.aclose()
+        return health
+
+    health = asyncio.run(scenario())
+    assert health["running"] == 0 and health["waiting"] == 0, health
 
 
 def test_messages_the_chat_template_rejects_are_a_400(served, monkeypatch):

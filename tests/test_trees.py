@@ -297,3 +297,31 @@ def test_worth_expanding():
     assert worth_expanding(torch.tensor([0.5, 0.02]).log(), tree)
     assert not worth_expanding(torch.tensor([0.03, 0.01]).log(), tree)
     assert worth_expanding(torch.tensor([0.03, 0.01]).log(), DynamicTree(8, 4, 4, adaptive=False))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[]], "path \\[\\] is not a non-empty list of integer ranks"),
+    ([[0], []], "path \\[\\] is not a non-empty list"),
+    ([["a"]], "path \\['a'\\] is not"),
+    ([0, 1], "path 0 is not a non-empty list"),  # flat list: one path meant, not two
+    ([[0], [1.0]], "path \\[1.0\\] is not"),  # a float rank was accepted and crashed at decoding
+    ([[0], [True]], "path \\[True\\] is not"),  # as in tree files, a bool is not a rank
+    (5, "a tree is a name, a JSON file, a dynamic spec or a list of paths, not 5"),
+    ([], "at least one node"),  # an explicit empty tree is refused, not replaced by the default
+    ("", "unknown tree ''"),
+])
+def test_malformed_python_trees_rejected_clearly(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_tree(bad, HydraConfig(hydra_num_heads=4))
+
+
+def test_tree_ranks_of_other_integer_types_are_accepted():
+    np = pytest.importorskip("numpy")
+    tree = resolve_tree([(0,), [np.int64(0), 0], (np.int32(1),)], HydraConfig(hydra_num_heads=4))
+    assert tree.choices == [[0], [1], [0, 0]] and tree.topk == [2, 1]
+
+
+@pytest.mark.parametrize("verify", [((1, 1.0),), ((1, 1.0), (1, 1.1), (4, 1.2))])
+def test_step_costs_need_two_distinct_points(verify):
+    with pytest.raises(ValueError, match="two or more"):
+        StepCosts(verify=verify)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import Server, save_tiny_served_model
+from serve_helpers import Server, save_tiny_served_model, serving_in_thread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -114,6 +115,54 @@ def test_web_chat_streams_and_toggles(tmp_path, browser):
         screenshot(browser, "web_chat_tiny.png", tmp_path)
     finally:
         server.stop()
+
+
+def test_web_chat_new_chat_mid_reply_and_a_failed_reply(tmp_path, browser):
+    """"New chat" pressed while a reply streams starts a clean conversation (the old reply must not land in
+    it), and a reply that fails mid-stream shows the server's message. In-process server, to hold a reply
+    mid-stream and to make decoding fail."""
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    model, _ = load_model(str(save_tiny_served_model(tmp_path)), dtype="float32", device="cpu")
+    engine = Engine(model, has_heads=True)
+    working, gate, prompts = engine.steps, threading.Event(), []
+
+    def held(job):  # the reply's first piece, then a wait for the gate
+        prompts.append(job.prompt_ids)
+        steps = working(job)
+
+        def gen():
+            for i, item in enumerate(steps):
+                if i == 1:
+                    gate.wait(60)
+                yield item
+        return gen()
+
+    engine.steps = held
+    with serving_in_thread(create_app(engine, "heads", max_tokens=8)) as url:
+        browser.get(url + "/")
+        deadline = time.monotonic() + 30
+        while not browser.find_element(By.ID, "model").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("first", Keys.ENTER)
+        while not prompts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        browser.find_element(By.ID, "reset").click()  # while the first reply is held mid-stream
+        gate.set()
+        while browser.find_element(By.ID, "send").get_attribute("disabled") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        chat_turn(browser, "second")
+        assert prompts[1] == render_prompt(model.tokenizer, [{"role": "user", "content": "second"}])
+
+        def failing(job):
+            yield from ()
+            raise RuntimeError("boom")
+
+        engine.steps = failing
+        _, stats, _ = chat_turn(browser, "third")
+        assert stats == "error: decoding failed: RuntimeError: boom", stats
 
 
 @pytest.mark.slow

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior-threshold", type=float, default=None, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=None, help="typical acceptance delta")
     p.add_argument("--tree", type=os.path.expanduser, default=None,
-                   help="candidate tree: a name in hydra.model.trees, a JSON file, or dynamic[:N[:DEPTH[:K]]] "
-                        "(grown per step from the heads' confidence) (default: the heads' own)")
+                   help="candidate tree: a name in hydra.model.trees, a JSON file, or "
+                        "dynamic[:N[:DEPTH[:K]]][:fixed] (grown per step from the heads' confidence) (default: the heads' own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")

@@ -87,6 +87,7 @@ def hydra_generate(model: HydraModel, input_ids: torch.Tensor | list[int],
     config = config or DecodeConfig()
     # Tree and inputs are checked here, so bad input fails at the call rather than at the first step.
     tree = resolve_tree(config.tree, model.config, next(model.parameters()).device)
+    _check_tree_fits_vocab(model, tree)
     return _decode(model, _check_inputs(model, input_ids, config), config, tree)
 
 
@@ -127,6 +128,17 @@ def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
     """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
     ids = config.stop_token_ids
     return set(ids if ids is not None else eos_token_ids(model.base_model, model.tokenizer))
+
+
+def _check_tree_fits_vocab(model: HydraModel, tree: TreeBuffers | DynamicTree) -> None:
+    """A head can rank only as many tokens as it drafts from (the draft vocabulary, else the whole one): a
+    tree asking for more per node is refused here rather than failing inside the first proposal."""
+    k = tree.topk if isinstance(tree, DynamicTree) else max(tree.topk)
+    draft_vocab = model.heads.draft_vocab
+    vocab = draft_vocab.numel() if draft_vocab is not None else model.lm_head.weight.shape[0]
+    if k > vocab:
+        raise ValueError(f"the tree asks for the top {k} guesses of a head, but the heads draft from "
+                         f"{vocab} tokens; use a narrower tree")
 
 
 def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.Tensor:

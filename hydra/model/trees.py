@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -53,8 +54,9 @@ _TREE_DIR = Path(__file__).parent / "tree_files"
 
 
 def tree_spec(tree: str | list | None, heads_config) -> str | list:
-    """Which tree a decoding run uses, as written: `tree`, else the heads' config.tree, else DEFAULT_TREE."""
-    return tree or heads_config.tree or DEFAULT_TREE
+    """Which tree a decoding run uses, as written: `tree`, else the heads' config.tree, else DEFAULT_TREE.
+    Only None means "not given": an empty tree or name is refused by `resolve_tree`, not defaulted."""
+    return tree if tree is not None else heads_config.tree or DEFAULT_TREE
 
 
 _BUILT: dict[tuple[str, str], TreeBuffers] = {}
@@ -82,7 +84,10 @@ def resolve_tree(tree: str | list | None, heads_config,
 def get_tree(tree: str | list[list[int]]) -> list[list[int]]:
     """A tree by name (built-in or a JSON file in hydra/model/tree_files), by JSON path, or as given."""
     if not isinstance(tree, str):
-        return [list(p) for p in tree]
+        if not isinstance(tree, (list, tuple)):  # a ValueError, as for every bad tree (callers report those)
+            msg = f"a tree is a name, a JSON file, a dynamic spec or a list of paths, not {tree!r}"
+            raise ValueError(msg)  # noqa: TRY004
+        return [list(p) if isinstance(p, (list, tuple)) else p for p in tree]  # build_tree_buffers checks
     if tree in TREES:
         return TREES[tree]
     for path in (_TREE_DIR / f"{tree}.json", Path(tree).expanduser()):
@@ -100,13 +105,16 @@ def _read_tree_file(path: Path) -> list[list[int]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"tree file {path} is not valid JSON ({e})") from None
     choices = data.get("choices") if isinstance(data, dict) else data
-    def is_rank(r) -> bool:
-        return isinstance(r, int) and not isinstance(r, bool) and r >= 0
-
-    if not isinstance(choices, list) or not all(isinstance(p, list) and p and all(map(is_rank, p)) for p in choices):
+    if not isinstance(choices, list) or not all(_is_path(p) and min(p) >= 0 for p in choices):
         raise ValueError(f"tree file {path} must hold {{\"choices\": [[rank, ...], ...]}} or a bare list of "
                          "paths, each a non-empty list of ranks >= 0")
     return choices
+
+
+def _is_path(p) -> bool:
+    """A non-empty list (or tuple) of integer ranks (bools are not ranks)."""
+    return (isinstance(p, (list, tuple)) and len(p) > 0
+            and all(isinstance(r, Integral) and not isinstance(r, bool) for r in p))
 
 
 @dataclass
@@ -173,7 +181,10 @@ class TreeBuffers(StepTree):
 def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
     """Validate a tree (every prefix of a path is in the tree; ranks of siblings are 0..k-1) and build its
     buffers."""
-    paths = sorted({tuple(p) for p in choices}, key=lambda p: (len(p), p))
+    for p in choices:
+        if not _is_path(p):
+            raise ValueError(f"invalid tree: path {p!r} is not a non-empty list of integer ranks")
+    paths = sorted({tuple(int(r) for r in p) for p in choices}, key=lambda p: (len(p), p))
     if not paths:
         raise ValueError("a tree needs at least one node")
     index = {(): 0} | {p: i + 1 for i, p in enumerate(paths)}
@@ -250,6 +261,12 @@ class StepCosts:
     head_call: float = 0.045
     context: float = 0.043
 
+    def __post_init__(self):
+        counts = [t for t, _ in self.verify]
+        if len(counts) < 2 or len(set(counts)) != len(counts):
+            raise ValueError(f"StepCosts.verify needs two or more (tokens, cost) points with distinct token "
+                             f"counts to interpolate, got {self.verify!r}")
+
     def verify_costs(self, max_tokens: int) -> torch.Tensor:
         """(max_tokens + 1,) cost of verifying T tokens at index T (index 0 unused)."""
         pts = sorted(self.verify)
@@ -264,9 +281,10 @@ class StepCosts:
 class DynamicTree:
     """A tree grown anew at every step from the heads' own confidence (EAGLE-2, Li et al. 2024).
 
-    Expansion: depth by depth, the `topk` best nodes so far by cumulative draft log-probability each get their
-    `topk` best children (one head call per depth over those nodes). Selection: the best `nodes` of all
-    proposed nodes by the same score, which always includes their ancestors (see `select_step_tree`).
+    Expansion: depth by depth, the `topk` best nodes of the newest depth by cumulative draft log-probability
+    each get their `topk` best children (one head call per depth over those nodes). Selection: the best
+    `nodes` of all proposed nodes by the same score, which always includes their ancestors (see
+    `select_step_tree`).
     Adaptive (the default): fewer nodes when the heads are unsure, chosen by `choose_size` from `costs`, and
     expansion stops early when the next depth cannot pay for its head call (`worth_expanding`).
     """
@@ -321,7 +339,8 @@ def choose_size(scores: torch.Tensor, overhead: float, tree: DynamicTree) -> tup
     """How many of the best candidates to verify: the n in [0, N] with the most expected tokens per unit of
     step time, (1 + sum of the n best path probabilities) / (overhead + verify cost of n + 1 tokens), where
     `overhead` is what the proposal already cost (head calls, context). Returns n and that rate; a rate
-    below 1 (a plain forward's) means speculating did not pay this step. Not adaptive: always N."""
+    below 1 (a plain forward's) means speculating did not pay this step. Not adaptive: always N (all the
+    candidates when there are fewer)."""
     best = torch.sort(scores[1:], descending=True).values[: tree.nodes]
     expected = torch.cat([best.new_zeros(1), best.exp().cumsum(0)]) + 1
     rate = expected / (overhead + tree.verify_cost[1: best.numel() + 2].to(expected))

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model id clients send (default: the heads folder's name, 'hydra' for the shipped heads)",
     )
     p.add_argument("--tree", type=os.path.expanduser, default=None,
-                   help="candidate tree: a name, a JSON file or dynamic[:N[:DEPTH[:K]]] (default: the heads' own)")
+                   help="candidate tree: a name, a JSON file or dynamic[:N[:DEPTH[:K]]][:fixed] "
+                        "(default: the heads' own)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1")
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait behind the running one; more get 503 with Retry-After",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=512, help="reply length when a request sets no max_tokens"
+        "--max-tokens",
+        type=int,
+        default=512,
+        help="reply length when a chat request sets no max_tokens (completions default to 16, as OpenAI's)",
     )
     p.add_argument("--open", action="store_true", help="open the web chat in a browser once serving")
     return p

@@ -38,8 +38,9 @@ class _EventStream(StreamingResponse):
 
 
 class _BodyLimit:
-    """413 for a body whose Content-Length is over the limit, before it is read. (A plain ASGI middleware:
-    Starlette's BaseHTTPMiddleware would hide client disconnects from the routes.)"""
+    """413 for a body whose Content-Length is over the limit, before it is read; a body without one (chunked)
+    is read up to the limit, then handed on. (A plain ASGI middleware: Starlette's BaseHTTPMiddleware would
+    hide client disconnects from the routes.)"""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -48,11 +49,34 @@ class _BodyLimit:
         if scope["type"] == "http":
             size = dict(scope["headers"]).get(b"content-length", b"")
             if size.isdigit() and int(size) > self.max_bytes:
-                response = error(
-                    413, f"the request body is {int(size)} bytes; this server takes at most {self.max_bytes}"
-                )
-                return await response(scope, receive, send)
+                return await self._too_large(f"{int(size)} bytes", scope, receive, send)
+            if not size.isdigit():
+                body, more = bytearray(), True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left mid-body: nothing to answer
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > self.max_bytes:
+                        more_than = f"more than {self.max_bytes} bytes"
+                        return await self._too_large(more_than, scope, receive, send)
+                    more = message.get("more_body", False)
+                receive = _replay(bytes(body), receive)
         await self.app(scope, receive, send)
+
+    async def _too_large(self, size: str, scope, receive, send):
+        message = f"the request body is {size}; this server takes at most {self.max_bytes} bytes"
+        await error(413, message)(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives `body` (already read) first, then the client's own messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def create_app(
@@ -75,6 +99,8 @@ def create_app(
         if first.get("type") == "extra_forbidden":
             return error(400, f"unknown field {where!r}", where)
         if first.get("type") == "missing":
+            if not where:  # no body at all
+                return error(400, "the request has no body: send a JSON object")
             return error(400, f"missing field {where!r}", where)
         return error(400, f"{where or 'body'}: {first.get('msg')}", where or None)
 

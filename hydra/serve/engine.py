@@ -69,6 +69,9 @@ class Ticket:
 
     async def acquire(self) -> None:
         await self.engine._lock.acquire()
+        if self.released:  # its response ended while it waited (the stream left unclosed): pass the turn on
+            self.engine._lock.release()
+            raise asyncio.CancelledError
         self.holding = True
 
     def release(self) -> None:
@@ -131,6 +134,7 @@ class Engine:
             finally:
                 if not acquiring.done():
                     acquiring.cancel()
+            acquiring.result()  # CancelledError if the ticket was released meanwhile: never decode unheld
             loop = asyncio.get_running_loop()
             stops = StopStrings(job.stop)
             start = time.perf_counter()

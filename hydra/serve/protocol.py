@@ -1,7 +1,8 @@
 """The OpenAI request bodies this server takes (unknown fields are refused), and its error bodies.
 
 Fields the engine cannot honour are accepted only at their neutral values (n=1, top_p=1, no penalties, no
-logprobs); anything else is a 400 that names the field, rather than a reply that silently ignores it.
+logprobs); anything else is a 400 that names the field, rather than a reply that silently ignores it. With
+temperature 0 any top_p is honoured: greedy decoding keeps the most likely token, which every top_p keeps.
 `speculative` is this server's own field: false decodes without the draft heads (same output when greedy).
 """
 
@@ -40,10 +41,10 @@ class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch's seed range; else decoding fails
+    stream: bool | None = False  # OpenAI's spec allows null: not streamed
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None
@@ -53,10 +54,10 @@ class _Common(_Strict):
 
     def unsupported(self) -> str | None:
         """The first field set to a value the engine cannot honour, as an error message."""
-        if self.top_p not in (None, 1.0):
+        if self.top_p not in (None, 1.0) and self.temperature != 0:  # greedy: every top_p keeps the argmax
             return (
                 f"top_p={self.top_p} is not supported: decoding samples from the model's full distribution "
-                "(exact speculative sampling); omit top_p or set it to 1"
+                "(exact speculative sampling); omit top_p, set it to 1, or use temperature 0 (greedy)"
             )
         if self.n not in (None, 1):
             return f"n={self.n} is not supported: one choice per request (batch size 1)"
