@@ -11,7 +11,8 @@ plus per-turn speed data:
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
-     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, device, heads, base_model}}
+     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, compile, device, heads,
+                  base_model}}
 
 tau = tokens decided per verification step with each turn's prefill step left out
 (sum(accept_lengths[1:]) / (steps - 1) per turn, summed); tokens/s = sum(new_tokens) / sum(wall_time)
@@ -64,6 +65,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the base decoder (the untimed warm-up runs compile it)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -191,7 +194,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
 
     try:
         model, has_heads = load_model(args.model_path, args.base_model, args.dtype, args.device,
-                                      heads_required=method == "hydra", quant=args.quant)
+                                      heads_required=method == "hydra", quant=args.quant, compile=args.compile)
     except (OSError, ValueError) as e:
         raise SystemExit(f"[hydra] error: {e}") from None
     torch.manual_seed(args.seed)
@@ -209,7 +212,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     generate = hydra_generate if method == "hydra" else ar_generate
     device = next(model.parameters()).device
     decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,
-                "dtype": args.dtype, "quant": args.quant, "device": str(device), "threads": torch.get_num_threads(),
+                "dtype": args.dtype, "quant": args.quant, "compile": args.compile, "device": str(device), "threads": torch.get_num_threads(),
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":

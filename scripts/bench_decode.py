@@ -6,6 +6,7 @@
     python scripts/bench_decode.py --heads hydra/heads/default --hf --dtypes bfloat16   # + transformers' generate
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --hf \
         --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp, interleaved
+    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --compile off on
 
 Prompts are the first turns of llm_judge/data/mt_bench/question.jsonl (chat template applied; --question-file
 takes any file in that format, e.g. data/sharegpt_eval/question.jsonl for choosing a tree without
@@ -13,7 +14,8 @@ looking at MT-Bench). For every configuration it prints tokens/s, tau (mean toke
 forward, bonus token included; AR = 1) and speedup over AR. With --hf it also times transformers' `generate`
 (plain greedy, and prompt-lookup decoding) and adds a column relative to it (the first base model's), the
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
-(hydra.model.quant); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
+(hydra.model.quant); --compile off on runs each base eager and with its decoder compiled (hydra.model.compiled;
+compilation happens in the untimed warm-up); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -24,6 +26,7 @@ absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from hydra.model import HydraConfig, HydraModel, load_base_model
+from hydra.model.compiled import compile_decoder
 from hydra.model.generate import DecodeConfig, generate, stop_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
+    ap.add_argument("--compile", nargs="*", default=["off"], choices=("off", "on"),
+                    help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
@@ -156,8 +162,8 @@ def main() -> None:
     groups: list[tuple[str, Tally, list[Tally]]] = []  # (base label, its AR, its tallies)
     hf_first = prompts = None
     for dtype in args.dtypes:
-        for quant in args.quant:
-            label = dtype + ("" if quant == "none" else f"+{quant}")
+        for quant, compiled in itertools.product(args.quant, sorted(set(args.compile), key=("off", "on").index)):
+            label = dtype + ("" if quant == "none" else f"+{quant}") + ("+compiled" if compiled == "on" else "")
             base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
@@ -166,10 +172,12 @@ def main() -> None:
                 models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
                           for arch in ("mlp", "hydra-mlp", "prefix-mlp")}
             first = next(iter(models.values()))
+            if compiled == "on":  # in place on the shared base; the warm-up below compiles each shape once
+                compile_decoder(first)
             config = DecodeConfig(max_new_tokens=args.max_new_tokens)
             ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
             tallies = [ar]
-            if args.hf and hf_first is None:  # transformers' generate runs on the first base model only
+            if args.hf and hf_first is None and compiled == "off":  # transformers' generate runs on the first base model only
                 stop_ids = stop_token_ids(first, config)
                 hf_first = Tally("HF generate", "-", hf_decoder(first, args.max_new_tokens, stop_ids))
                 tallies.append(hf_first)

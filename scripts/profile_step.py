@@ -6,6 +6,7 @@ compaction, Python), compared with one plain autoregressive step, on the same pr
     python scripts/profile_step.py --heads runs/hydra --tree tree_32 --dtype float32 --threads 1
     python scripts/profile_step.py --threads 1 --costs      # verify cost vs tree size, head call vs rows
     python scripts/profile_step.py --quant int4            # the same on the 4-bit base
+    python scripts/profile_step.py --quant int4 --compile  # ... with the base decoder compiled
 
 `--costs` times the pieces a dynamic tree's size rule trades off, interleaved in random order on one
 400-token context: a verification forward (decoder + output layer) over T = 1..24 tokens, one head call
@@ -26,6 +27,7 @@ from collections import defaultdict
 import torch
 
 from hydra.model import generate as gen_mod
+from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, generate
 from hydra.model.trees import tree_spec
 from hydra.inference.loading import load_model
@@ -127,6 +129,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quant", choices=["int4", "int8"], default=None, help="quantized base (README: 4-bit base)")
+    ap.add_argument("--compile", action="store_true", help="compile the base decoder (hydra.model.compiled)")
     ap.add_argument("--costs", action="store_true", help="time verification vs tree size and head calls")
     ap.add_argument("--reps", type=int, default=20, help="repetitions per piece with --costs")
     args = ap.parse_args()
@@ -134,24 +137,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.heads, args.base_model, dtype=args.dtype, device="cpu", heads_required=True,
                           quant=args.quant)
+    if args.compile:
+        compile_decoder(model)
     prompts = load_prompts(model.tokenizer, QUESTIONS, args.num_prompts)
     if args.costs:
         long_prompt = [t for ids in prompts for t in ids][:400]
         return measure_costs(model, long_prompt, args.reps)
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, tree=args.tree)
 
-    # Plain decoding: the decoder forward per step, prefill excluded.
-    decoder_forward = model.decoder.forward
-    generate(model, prompts[0][:32], DecodeConfig(max_new_tokens=4), speculative=False)  # warm-up
+    # Plain decoding: the decoder forward per step, prefill excluded. The timers wrap generate's `_forward`
+    # (the decoder call), not the decoder module, which may be compiled.
+    decoder_forward = gen_mod._forward
+    warm_up(model, config, speculative=True)
     timer = PhaseTimer()
-    model.decoder.forward = timer.wrap("decoder", decoder_forward)
+    gen_mod._forward = timer.wrap("decoder", decoder_forward)
     ar_tokens, ar_start = 0, time.perf_counter()
     try:
         for ids in prompts:
             timer.new_generation(["decoder"])
             ar_tokens += len(generate(model, ids, config, speculative=False).tokens)
     finally:
-        model.decoder.forward = decoder_forward
+        gen_mod._forward = decoder_forward
     ar_total = time.perf_counter() - ar_start
     ar_decoder_ms = 1e3 * timer.seconds["decoder"] / max(timer.calls["decoder"], 1)
 
@@ -159,7 +165,7 @@ def main() -> None:
     timer = PhaseTimer()
     lm_forward, context = model.lm_head.forward, model.heads.context
     propose, propose_dynamic = gen_mod._propose, gen_mod._propose_dynamic
-    model.decoder.forward = timer.wrap("verify forward (decoder)", decoder_forward)
+    gen_mod._forward = timer.wrap("verify forward (decoder)", decoder_forward)
     model.lm_head.forward = timer.wrap("output layer over the tree", lm_forward)
     model.heads.context = timer.wrap("head context (+ prefix layer)", context)
     gen_mod._propose = timer.wrap("draft proposal (heads)", propose)
@@ -176,7 +182,7 @@ def main() -> None:
             decided += sum(res.accept_lengths[1:])
     finally:
         gen_mod._propose, gen_mod._propose_dynamic = propose, propose_dynamic
-        model.decoder.forward, model.lm_head.forward = decoder_forward, lm_forward
+        gen_mod._forward, model.lm_head.forward = decoder_forward, lm_forward
         model.heads.context = context
     total = time.perf_counter() - start - timer.prefill  # prefill left out of the per-step figures
     timed = sum(timer.seconds.values())

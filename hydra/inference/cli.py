@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
                         "GGUF file's own); see README, Quantized base model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the base decoder: faster replies after a start-up compilation of a few "
+                        "minutes on a CPU; see README, Compiled decoder")
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stats", action="store_true",
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     print("[hydra] loading ...", flush=True)
     try:
-        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant)
+        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant,
+                                      compile=args.compile)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -250,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
+    if args.compile:
+        from hydra.model.compiled import warm_up
+
+        print("[hydra] compiling the decoder (once per start; minutes on a CPU) ...", flush=True)
+        print(f"[hydra] compiled in {warm_up(model, config, speculative):.0f} s", flush=True)
     cfg = model.config
     device = next(model.parameters()).device
     what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"

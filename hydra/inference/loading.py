@@ -25,8 +25,9 @@ def default_device() -> str:
 
 def load_model(heads: str | Path | None = None, base_model: str | None = None, dtype: str = "bfloat16",
                device: str | None = None, heads_required: bool = False,
-               quant: str | None = None) -> tuple[HydraModel, bool]:
-    """Load heads (folder or Hub id; None: the shipped heads) on their base model.
+               quant: str | None = None, compile: bool = False) -> tuple[HydraModel, bool]:
+    """Load heads (folder or Hub id; None: the shipped heads) on their base model. `compile`: compile the base
+    decoder (`hydra.model.compiled`; the first forwards then take minutes, see `warm_up`).
 
     Returns (model, has_heads). With no heads given and none shipped, returns the base model wrapped in a
     HydraModel with an unused placeholder head (enough for `ar_generate`) and has_heads=False, unless
@@ -43,9 +44,15 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
         base, tokenizer = load_base_model(base_model, dtype, device, quant=quant)
         config = HydraConfig(hydra_num_heads=1, hydra_head_arch="mlp",
                              base_model_name_or_path=base_model or DEFAULT_BASE_MODEL)
-        return HydraModel(base, config, tokenizer).eval(), False
-    model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device, quant=quant)
-    return model.eval(), True
+        model, has_heads = HydraModel(base, config, tokenizer).eval(), False
+    else:
+        model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device, quant=quant)
+        model, has_heads = model.eval(), True
+    if compile:
+        from hydra.model.compiled import compile_decoder
+
+        compile_decoder(model)
+    return model, has_heads
 
 
 def check_decoding(model: HydraModel, config, speculative: bool) -> None:

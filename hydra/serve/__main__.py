@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the heads' own)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the base decoder (compiled before serving: minutes on a CPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -78,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device)
+        model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant,
+                                      compile=args.compile)
         if has_heads:  # a tree that does not fit the heads fails here, not at every request
             hydra_generate(model, [0], DecodeConfig(tree=args.tree))
+        if args.compile:
+            from hydra.model.compiled import warm_up
+
+            print("[hydra] compiling the decoder ...", flush=True)
+            print(f"[hydra] compiled in {warm_up(model, DecodeConfig(tree=args.tree), has_heads):.0f} s", flush=True)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
