@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
+from hydra.model.acceptance import exact_accept, greedy_accept, tempered_probs, typical_accept
 from hydra.model.trees import MC_SIM_7B_63, build_tree_buffers
 
 from helpers import assert_matches, chi2_pvalue, chi2_quantile
@@ -343,3 +343,25 @@ def test_exact_is_reproducible_with_a_generator():
         draws = (exact_accept(logits, TOKENS, TREE, 0.7, gen) for _ in range(30))
         runs.append([(p.tolist(), n) for p, n in draws])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-9])
+def test_tiny_temperatures_sample_the_argmax(temperature):
+    """softmax(logits / T) overflows for a tiny T (nan); the limit is the argmax, and both sampling rules
+    must act greedily there rather than fail (the server takes any temperature > 0)."""
+    logits = _argmax_logits([A, C, E, 0, 0, 0]) * 50
+    probs = tempered_probs(logits, temperature)
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), V).float())
+    greedy = greedy_accept(logits, TOKENS, TREE)
+    gen = torch.Generator().manual_seed(0)
+    exact = exact_accept(logits, TOKENS, TREE, temperature, generator=gen)
+    typical = typical_accept(logits, TOKENS, TREE, temperature)
+    for accepted, bonus in (exact, typical):
+        assert accepted.tolist() == greedy[0].tolist() and bonus == greedy[1]
+
+
+def test_tempered_probs_is_softmax_at_ordinary_temperatures():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
+    for t in (0.3, 1.0, 2.0):
+        torch.testing.assert_close(tempered_probs(logits, t), torch.softmax(logits / t, -1))

@@ -22,6 +22,15 @@ import torch
 from hydra.model.trees import TreeBuffers
 
 
+def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature) in fp32, finite for every temperature > 0. The logits are shifted so the
+    largest is 0 before dividing, and the largest stay 0: a tiny temperature would otherwise overflow them to
+    inf (inf - inf = nan inside softmax), and one below fp32's range divides by 0. The limit is then the
+    argmax, as it should be."""
+    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    return torch.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
+
+
 def greedy_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, int]:
     pred = logits.argmax(-1)
     # Sentinel slot T: its token (-1) never equals an argmax, so padded path slots never match.
@@ -37,7 +46,7 @@ def greedy_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers)
 
 def typical_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
                    posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> tuple[torch.Tensor, int]:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = tempered_probs(logits, temperature)
     entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
     threshold = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
     paths = tree.retrieve
@@ -63,7 +72,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
 
 def exact_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    probs_all = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    probs_all = tempered_probs(logits, temperature).cpu()
     token_list = tokens.tolist()
     node, path = 0, [0]
     while True:
