@@ -150,6 +150,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.hf and "off" not in args.compile:
+        raise SystemExit("[hydra] error: --hf times transformers' generate on an eager base: add 'off' to --compile")
     if args.llama_cpp and not args.llama_cpp.is_file():
         raise SystemExit(f"[hydra] error: --llama-cpp {args.llama_cpp}: no such file")
     torch.manual_seed(0)
