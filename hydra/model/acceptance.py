@@ -27,7 +27,8 @@ def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     largest is 0 before dividing, and the largest stay 0: a tiny temperature would otherwise overflow them to
     inf (inf - inf = nan inside softmax), and one below fp32's range divides by 0. The limit is then the
     argmax, as it should be."""
-    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    logits = logits.float()
+    shifted = logits - logits.amax(-1, keepdim=True)
     return torch.softmax(torch.where(shifted == 0, shifted, shifted / temperature), dim=-1)
 
 
