@@ -11,8 +11,8 @@ plus per-turn speed data:
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
-     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, compile, device, heads,
-                  base_model}}
+     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, compile, pace, device,
+                  heads, base_model}}
 
 tau = tokens decided per verification step with each turn's prefill step left out
 (sum(accept_lengths[1:]) / (steps - 1) per turn, summed); tokens/s = sum(new_tokens) / sum(wall_time)
@@ -78,6 +78,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help="acceptance rule when temperature > 0 (default: the engine's)")
         p.add_argument("--posterior-threshold", type=float, default=None)
         p.add_argument("--posterior-alpha", type=float, default=None)
+        p.add_argument("--pace", action="store_true",
+                       help="rest the heads while they decide fewer tokens per second than plain steps "
+                            "(hydra.model.pacing; then tau also counts the plain steps)")
     return p
 
 
@@ -202,7 +205,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     if method == "hydra":
         optional = {"tree": args.tree, "sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
                     "posterior_alpha": args.posterior_alpha}
-        kwargs = {k: v for k, v in optional.items() if v is not None}
+        kwargs = {k: v for k, v in optional.items() if v is not None} | {"pace": args.pace}
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
     try:  # a bad tree, temperature or sampling rule fails here, before any record is written
@@ -216,7 +219,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":
-        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling,
+        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling, pace=config.pace,
                         posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
 
     warm = dict(todo[0], turns=todo[0]["turns"][:1])

@@ -7,6 +7,8 @@
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --hf \
         --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp, interleaved
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --compile off on
+    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --pace off on \
+        --question-file data/translation_eval/question.jsonl     # heads resting where they do not pay
 
 Prompts are the first turns of llm_judge/data/mt_bench/question.jsonl (chat template applied; --question-file
 takes any file in that format, e.g. data/sharegpt_eval/question.jsonl for choosing a tree without
@@ -15,7 +17,8 @@ forward, bonus token included; AR = 1) and speedup over AR. With --hf it also ti
 (plain greedy, and prompt-lookup decoding) and adds a column relative to it (the first base model's), the
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
 (hydra.model.quant); --compile off on runs each base eager and with its decoder compiled (hydra.model.compiled;
-compilation happens in the untimed warm-up); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
+compilation happens in the untimed warm-up); --pace off on runs every tree with the heads on every step and
+paced (hydra.model.pacing; tau then counts the plain steps too); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -137,6 +140,8 @@ def main() -> None:
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--compile", nargs="*", default=["off"], choices=("off", "on"),
                     help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
+    ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),
+                    help="each tree with the heads on every step (off) and/or paced (on)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
@@ -187,9 +192,10 @@ def main() -> None:
                     tallies.append(Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
                         first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup)))
             for name, model in models.items():
-                for tree in args.trees:
-                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens)
-                    tallies.append(Tally(name, tree, hydra_decoder(model, cfg, speculative=True)))
+                for tree, pace in itertools.product(args.trees, sorted(set(args.pace), key=("off", "on").index)):
+                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=pace == "on")
+                    label = tree + (" paced" if pace == "on" else "")
+                    tallies.append(Tally(name, label, hydra_decoder(model, cfg, speculative=True)))
             groups.append((label, ar, tallies))
     if args.llama_cpp:
         stop_ids = stop_token_ids(first, DecodeConfig())

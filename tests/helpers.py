@@ -153,12 +153,13 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
 
 
 def assert_first_two_tokens_follow_base(model, prompt: list[int], tree, n: int = 5000,
-                                        max_cell: float = 1.0) -> None:
+                                        max_cell: float = 1.0, **config) -> None:
     """Exact sampling end to end: over n seeds, the pair of the first two emitted tokens follows
     p(x1 | prompt) p(x2 | prompt, x1) from the base model's own softmax (cells expected below 5 pooled into
     one). Also checks that the run exercised both a rejection at the root and multi-token acceptance often,
     so the test says something about the tree and not only about plain sampling. `max_cell` bounds the
-    largest pooled probability (a small one keeps the power estimate of `assert_matches` meaningful)."""
+    largest pooled probability (a small one keeps the power estimate of `assert_matches` meaningful);
+    `config`: more `DecodeConfig` fields."""
     from hydra.model.generate import DecodeConfig, generate
 
     base = model.base_model
@@ -171,7 +172,7 @@ def assert_first_two_tokens_follow_base(model, prompt: list[int], tree, n: int =
     verify_lengths = torch.zeros(model.config.hydra_num_heads + 2)
     for seed in range(n):
         out = generate(model, prompt, DecodeConfig(tree=tree, temperature=1.0, sampling="exact", seed=seed,
-                                                   max_new_tokens=2, stop_token_ids=[]))
+                                                   max_new_tokens=2, stop_token_ids=[], **config))
         assert len(out.tokens) == 2 and out.steps == 2
         counts[out.tokens[0] * v + out.tokens[1]] += 1
         verify_lengths[out.accept_lengths[1] - 1] += 1

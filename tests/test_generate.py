@@ -216,9 +216,9 @@ class _Spy:
             return tokens
 
         def propose_dynamic(model_, spec, ctx, root):  # records the tree selected for this step
-            tokens, tree, cost = original_dynamic(model_, spec, ctx, root)
+            tokens, tree = original_dynamic(model_, spec, ctx, root)
             self.proposals.append((tree, ctx.clone(), root, list(self.emitted), tokens.clone()))
-            return tokens, tree, cost
+            return tokens, tree
 
         monkeypatch.setattr(gen_mod, "_propose", propose)
         monkeypatch.setattr(gen_mod, "_propose_dynamic", propose_dynamic)
@@ -357,16 +357,14 @@ def test_dynamic_proposals_match_unvectorised_reference(monkeypatch, base, arch)
 
 
 def test_dynamic_tree_adapts_to_the_heads_confidence(monkeypatch, base, cycle_base):
-    """Unsure heads (near-uniform guesses): most steps verify the root alone or skip the heads (back-off), and
-    the output is still plain greedy. Sure heads (oracle): the heads are asked every step and trees are
-    verified."""
+    """Unsure heads (near-uniform guesses): small trees, and the output is still plain greedy. Sure heads
+    (oracle): large trees on most steps, long paths accepted."""
     unsure = random_heads(base, "hydra-mlp")
     randomize_(unsure.heads, 5, 0.01)  # tiny head outputs: flat draft distributions over the 64 tokens
     spy = _Spy(monkeypatch, unsure)
     steps = spy.consume(hydra_generate(unsure, PROMPTS[1], DecodeConfig(tree="dynamic:16", max_new_tokens=40,
                                                                          stop_token_ids=[])))
     assert [t for s in steps for t in s.tokens] == run(unsure, PROMPTS[1], speculative=False).tokens
-    assert len(spy.proposals) < (len(steps) - 1) / 2  # backed off on most steps
     # near-uniform guesses (p ~ 1/64) are worth only the nodes that verify almost for free: at most 3 of 16
     assert max(tree.size for tree, *_ in spy.proposals) <= 4
     sure = oracle_heads(cycle_base, "hydra-mlp")
@@ -374,8 +372,55 @@ def test_dynamic_tree_adapts_to_the_heads_confidence(monkeypatch, base, cycle_ba
     steps = spy.consume(hydra_generate(sure, PROMPTS[1], DecodeConfig(tree="dynamic:16", max_new_tokens=40,
                                                                        stop_token_ids=[])))
     assert [t for s in steps for t in s.tokens] == run(sure, PROMPTS[1], speculative=False).tokens
-    assert len(spy.proposals) >= (len(steps) - 1) * 0.7
+    assert sum(tree.size > 4 for tree, *_ in spy.proposals) >= (len(steps) - 1) * 0.7
     assert sum(s.accept_length for s in steps[1:]) / (len(steps) - 1) > 1.5
+
+
+# --- pacing (hydra/model/pacing.py) -------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_paced_greedy_lossless(base, cycle_base, arch):
+    """Steps with and without the heads interleave as the clock says; every interleaving is plain greedy."""
+    for model in (random_heads(base, arch), oracle_heads(cycle_base, arch)):
+        for prompt in PROMPTS:
+            ar = run(model, prompt, speculative=False)
+            for tree in ("mc_sim_7b_63", EXAMPLE, "dynamic:8"):
+                assert run(model, prompt, tree=tree, pace=True).tokens == ar.tokens, (arch, tree, prompt)
+
+
+class _Clock:
+    """A fake `perf_counter`: a base forward costs 1 s, the heads' context update `heads` s."""
+
+    def __init__(self, monkeypatch, heads: float):
+        self.now = 0.0
+        forward, context = gen_mod._forward, gen_mod._context
+
+        def timed_forward(*args):
+            self.now += 1.0
+            return forward(*args)
+
+        def timed_context(*args):
+            self.now += heads
+            return context(*args)
+
+        monkeypatch.setattr(gen_mod, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(gen_mod, "_forward", timed_forward)
+        monkeypatch.setattr(gen_mod, "_context", timed_context)
+
+
+@pytest.mark.parametrize("tree", ["tree_16", "dynamic:8"])
+def test_pacing_rests_heads_that_do_not_pay(monkeypatch, base, cycle_base, tree):
+    """Heads costing half a forward: random heads (about one token per step) mostly rest, oracle heads (long
+    accepted paths) speculate on nearly every step; both outputs are plain greedy."""
+    _Clock(monkeypatch, heads=0.5)
+    unsure, sure = random_heads(base, "hydra-mlp"), oracle_heads(cycle_base, "hydra-mlp")
+    for model, most in ((unsure, False), (sure, True)):
+        spy = _Spy(monkeypatch, model)
+        steps = spy.consume(hydra_generate(model, PROMPTS[1], DecodeConfig(tree=tree, max_new_tokens=60,
+                                                                             stop_token_ids=[], pace=True)))
+        assert [t for s in steps for t in s.tokens] == run(model, PROMPTS[1], speculative=False,
+                                                             max_new_tokens=60).tokens
+        share = len(spy.proposals) / (len(steps) - 1)
+        assert share > 0.7 if most else share < 0.35, (tree, most, share)
 
 
 # --- exact sampling end to end ------------------------------------------------------------------------------
@@ -388,6 +433,16 @@ def test_exact_sampling_matches_base_distribution(tree):
     base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
     assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), [3, 9, 4], tree,
                                         max_cell=0.3)
+
+
+def test_exact_sampling_with_pacing(monkeypatch):
+    """Pacing decides from the clock whether a step runs the heads; any such choice made before the step's own
+    draws keeps exact sampling exact. Here the choice is a coin independent of the sampling seed."""
+    coin = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(gen_mod.Pacer, "speculate", lambda self: bool(torch.rand(1, generator=coin) < 0.75))
+    base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
+    assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), [3, 9, 4],
+                                        [[0], [1], [2], [0, 0], [0, 1], [1, 0]], max_cell=0.3, pace=True)
 
 
 # --- stopping -----------------------------------------------------------------------------------------------

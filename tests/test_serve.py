@@ -31,7 +31,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     heads = save_tiny_served_model(folder)
     server = Server(
-        "--model", str(heads), "--dtype", "float32", "--max-queue", "8", log=folder / "server.log"
+        "--model", str(heads), "--dtype", "float32", "--max-queue", "8", "--no-pace", log=folder / "server.log"
     )
     model, _ = load_model(str(heads), dtype="float32", device="cpu")
     yield server, model

@@ -268,6 +268,8 @@ def test_resolve_tree_precedence_and_depth_check():
             resolve_tree(deep, heads)
     with pytest.raises(ValueError, match="unknown tree"):
         resolve_tree("no_such_tree", heads)
+    with pytest.raises(ValueError, match="unknown tree 'dynamic8'.*dynamic:8"):  # a typo names the dynamic form
+        resolve_tree("dynamic8", heads)
 
 
 def test_verify_costs_interpolate_and_extrapolate():

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder: faster replies after a start-up compilation of a few "
                         "minutes on a CPU; see README, Compiled decoder")
+    p.add_argument("--no-pace", action="store_true",
+                   help="run the heads on every step, even while they decide fewer tokens per second than plain "
+                        "steps (default: they rest then, unless --seed is given, so seeded replies repeat)")
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stats", action="store_true",
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 "posterior_alpha": args.posterior_alpha}
     kwargs = {k: v for k, v in optional.items() if v is not None}
     config = DecodeConfig(tree=args.tree, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, **kwargs)
+                          seed=args.seed, pace=not args.no_pace and args.seed is None, **kwargs)
     try:  # fail now, not at the first message, on a bad --tree, --temperature or --sampling
         check_decoding(model, config, speculative)
     except ValueError as e:

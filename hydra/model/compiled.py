@@ -37,8 +37,8 @@ def warm_up(model: HydraModel, config: DecodeConfig, speculative: bool) -> float
     start = time.perf_counter()
     # Token ids from the middle of the vocabulary: ordinary tokens, never a special or stop token.
     prompt = list(range(1000, 1008)) if model.lm_head.weight.shape[0] > 2000 else list(range(8))
-    # No stop tokens: the dummy reply must run its one-token / tree steps, not end at once.
-    short = replace(config, max_new_tokens=4, temperature=0.0, seed=None, stop_token_ids=[])
+    # No stop tokens and no pacing: the dummy reply must run its one-token and tree steps, not end at once.
+    short = replace(config, max_new_tokens=4, temperature=0.0, seed=None, stop_token_ids=[], pace=False)
     for _ in ar_generate(model, prompt, short):
         pass
     if speculative:

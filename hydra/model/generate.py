@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from time import perf_counter
 
 import torch
 
@@ -22,6 +23,7 @@ from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel
 from hydra.model.kv_cache import TreeKVCache
+from hydra.model.pacing import Pacer
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
     DynamicTree,
@@ -32,10 +34,6 @@ from hydra.model.trees import (  # noqa: F401
     select_step_tree,
     worth_expanding,
 )
-
-# Adaptive dynamic trees: tokens per unit of step time are averaged over speculative steps with this weight
-# on the newest; while the average is below a plain step's (1), the heads rest for 1, 2, 4, ... 8 steps.
-RATE_WEIGHT, MAX_BACKOFF = 0.3, 8
 
 
 @dataclass
@@ -50,6 +48,7 @@ class DecodeConfig:
     max_steps: int | None = None
     stop_token_ids: list[int] | None = None  # default: the tokenizer's / generation config's EOS ids
     seed: int | None = None
+    pace: bool = False  # rest the heads while speculating is slower than plain steps (hydra.model.pacing)
 
 
 @dataclass
@@ -186,19 +185,20 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             yield StepOutput(tokens, len(pending), reason)
             if reason is not None:
                 return
+            start = perf_counter()  # the consumer's time between steps is not the step's
             draft = _draft(run, root=pending[-1])
             logits, hidden = _verify(run, draft)
             accepted, bonus = run.accept(logits, draft.tokens, draft.tree)
             pending = _compact(run, draft, accepted, hidden) + [bonus]
+            if run.pacer is not None:
+                run.pacer.record(perf_counter() - start, len(pending), speculated=draft.tree is not run.plain)
 
 
 @dataclass
 class Draft:
-    """The tokens one verification forward checks (root first), the tree they form, and for adaptive dynamic
-    trees the step's estimated cost in plain forwards."""
+    """The tokens one verification forward checks (root first) and the tree they form."""
     tokens: torch.Tensor
     tree: StepTree
-    cost: float | None = None
 
 
 class _Run:
@@ -223,8 +223,7 @@ class _Run:
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it).
         self.unread: list[torch.Tensor] = []
         self.unread_from = 0
-        self.skip = self.backoff = 0  # adaptive dynamic trees: plain steps left, the last back-off length,
-        self.rate = 1.5  # and the average tokens per unit of step time (optimistic at first: try the heads)
+        self.pacer = Pacer() if config.pace and tree is not None else None
         self.plain = StepTree(torch.ones(1, 1, dtype=torch.bool, device=self.device),
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
@@ -270,18 +269,16 @@ def _prefill(run: _Run, ids: torch.Tensor) -> int:
 
 
 def _draft(run: _Run, root: int) -> Draft:
-    """This step's tree: the heads' proposal, or just the root (no heads, no room, or backing off)."""
+    """This step's tree: the heads' proposal, or just the root (no heads, no room, or the heads resting)."""
     root_t = torch.tensor([root], device=run.device)
     if run.tree is None or run.n + run.tree.size > run.capacity:
         return Draft(root_t, run.plain)
-    if run.skip > 0:
-        run.skip -= 1
+    if run.pacer is not None and not run.pacer.speculate():
         return Draft(root_t, run.plain)
     ctx = _context(run)
     if isinstance(run.tree, TreeBuffers):
         return Draft(_propose(run.model, run.tree, ctx, root), run.tree)
-    tokens, tree, cost = _propose_dynamic(run.model, run.tree, ctx, root)
-    return Draft(tokens, tree, cost if run.tree.adaptive else None)
+    return Draft(*_propose_dynamic(run.model, run.tree, ctx, root))
 
 
 def _context(run: _Run) -> torch.Tensor:
@@ -309,18 +306,7 @@ def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tens
     run.n += accepted.numel()
     if run.tree is not None:
         run.unread.append(hidden[accepted])
-    if draft.cost is not None:
-        _pace(run, accepted.numel() / draft.cost)
     return draft.tokens[accepted[1:]].tolist()
-
-
-def _pace(run: _Run, rate: float) -> None:
-    """Rest the heads while speculating decides fewer tokens per unit of time than plain steps would, judged
-    on realised accepted lengths (the cost is the measured estimate), so text the heads do not know decodes
-    at nearly plain speed; each failed try doubles the rest."""
-    run.rate += RATE_WEIGHT * (rate - run.rate)
-    run.backoff = 0 if run.rate >= 1 else min(2 * run.backoff, MAX_BACKOFF) or 1
-    run.skip = run.backoff
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:
@@ -348,10 +334,10 @@ def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int)
 
 
 def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
-                     root: int) -> tuple[torch.Tensor, StepTree, float]:
+                     root: int) -> tuple[torch.Tensor, StepTree]:
     """Grow this step's tree from the heads' confidence (see `DynamicTree`); one head call per depth over the
-    kept nodes. Candidates are numbered in proposal order (0 = root). Returns the selected tokens, their tree
-    and the step's estimated cost in plain forwards (proposal + verification of the selected tokens)."""
+    kept nodes. Candidates are numbered in proposal order (0 = root). Returns the selected tokens and their
+    tree."""
     heads, embed, lm_head = model.heads, model.embed_tokens, model.lm_head
     device, k = ctx.device, tree.topk
     root_t = torch.tensor([root], device=device)
@@ -386,4 +372,4 @@ def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
     overhead = tree.costs.context + calls * tree.costs.head_call
     n, _ = choose_size(scores_t, overhead, tree)
     keep, step_tree = select_step_tree(scores_t, torch.cat(parents), torch.cat(depths), n)
-    return torch.cat(tokens)[keep], step_tree, overhead + float(tree.verify_cost[n + 1])
+    return torch.cat(tokens)[keep], step_tree

@@ -94,7 +94,8 @@ def get_tree(tree: str | list[list[int]]) -> list[list[int]]:
         if path.is_file():
             return _read_tree_file(path)
     names = sorted(TREES) + sorted(p.stem for p in _TREE_DIR.glob("*.json"))
-    raise ValueError(f"unknown tree {tree!r}; known trees: {names} (or pass a JSON file with a 'choices' list)")
+    raise ValueError(f"unknown tree {tree!r}; known trees: {names}, or a JSON file with a 'choices' list, or "
+                     "dynamic[:N[:DEPTH[:K]]][:fixed] (e.g. dynamic:8)")
 
 
 def _read_tree_file(path: Path) -> list[list[int]]:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder (compiled before serving: minutes on a CPU)")
+    p.add_argument("--no-pace", action="store_true",
+                   help="run the heads on every step, even while they decide fewer tokens per second than plain "
+                        "steps (default: they rest then; seeded requests are never paced)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if not has_heads:
         print("[hydra] note: no heads found; every reply uses plain autoregressive decoding", file=sys.stderr)
     name = args.served_model_name or (Path(args.model).name if args.model else "hydra")
-    app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree)
+    app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree,
+                     pace=not args.no_pace)
     url = f"http://{args.host}:{args.port}"
     print(f"[hydra] serving {name!r} at {url}/v1 (web chat: {url}/)", flush=True)
     if args.open:  # the model is loaded; uvicorn binds the port well within this delay

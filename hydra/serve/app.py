@@ -85,7 +85,10 @@ def create_app(
     max_tokens: int = 512,
     tree: str | None = None,
     max_body_bytes: int = 1 << 20,
+    pace: bool = False,
 ) -> FastAPI:
+    """`pace`: rest the heads while they do not pay (hydra.model.pacing), except for seeded requests, whose
+    replies then repeat."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
     context = context_length(engine.model)
     created = int(time.time())
@@ -168,7 +171,8 @@ def create_app(
             )
         budget = getattr(req, "max_completion_tokens", None) or req.max_tokens or max_tokens
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
-        config = DecodeConfig(tree=tree, temperature=temperature, max_new_tokens=budget, seed=req.seed)
+        config = DecodeConfig(tree=tree, temperature=temperature, max_new_tokens=budget, seed=req.seed,
+                              pace=pace and req.seed is None)
         job = Job(ids, config, speculative=req.speculative and engine.has_heads, stop=req.stop_list())
         try:
             steps = engine.steps(job)

@@ -1,0 +1,65 @@
+"""`Pacer`: speculate only while it pays, judged by the clock.
+
+A speculative step pays when it decides more tokens than a plain one-token step would in the same time.
+Whether it does depends on the heads' accuracy on this text and on what a forward costs on this machine: on
+a 4-bit or compiled base the heads' own time is a larger share of a step, and on text the heads do not know
+(e.g. translation) most steps decide one token at more than a plain step's cost. So the decoding loop times
+its steps (`time.perf_counter`; the consumer's time between steps is not counted) and keeps two running
+averages over speculative steps: their cost in plain-step times and the tokens they decide. While tokens
+exceed cost, every step speculates. Otherwise each speculative step is a probe that loses (cost - tokens)
+plain-step times, and the heads rest for enough plain steps that probing costs at most `PROBE_SHARE` of the
+time (at most `MAX_REST` steps, so easy text is found again within that many tokens). Plain steps keep the
+plain-step time current; one is forced after `REMEASURE_EVERY` speculative steps since it grows with the
+context, and the first step of a run is plain to time one.
+
+Which steps speculate depends on timing and on earlier steps, never on what the current step draws, so greedy
+output is unchanged (identical to plain greedy where the numerics allow, as without pacing) and exact
+sampling stays exact; but bf16 rounding and seeded samples can differ between runs. `DecodeConfig.pace`
+turns it on.
+"""
+
+from __future__ import annotations
+
+import math
+
+WEIGHT = 0.15  # the newest step's weight in the running averages (smaller: steadier, slower to follow the text)
+START_TOKENS = 1.5  # the tokens average before any speculative step: try the heads, but not for long if they lose
+PROBE_SHARE = 0.02
+MAX_REST = 32
+REMEASURE_EVERY = 64
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + WEIGHT * (new - old)
+
+
+class Pacer:
+    """Decides, step by step, whether the heads propose a tree; told every step's time and decided tokens."""
+
+    def __init__(self):
+        self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
+        self.cost: float | None = None  # average speculative step time in plain-step times
+        self.tokens = START_TOKENS  # average tokens a speculative step decides (bonus included)
+        self.rest = 1  # plain steps left before the heads try again (the first step times a plain step)
+        self.since_plain = 0  # speculative steps since the last plain step
+
+    def speculate(self) -> bool:
+        """Whether the next step runs the heads (call once per step)."""
+        if self.rest > 0:
+            self.rest -= 1
+            return False
+        return self.since_plain < REMEASURE_EVERY
+
+    def record(self, seconds: float, tokens: int, speculated: bool) -> None:
+        """A step took `seconds` and decided `tokens` (bonus included)."""
+        if not speculated:
+            self.plain_seconds = _average(self.plain_seconds, seconds)
+            self.since_plain = 0
+            return
+        self.since_plain += 1
+        if self.plain_seconds is None:  # no plain step timed yet: nothing to compare with
+            return
+        self.cost = _average(self.cost, seconds / max(self.plain_seconds, 1e-9))
+        self.tokens = _average(self.tokens, tokens)
+        loss = self.cost - self.tokens  # plain-step times one speculative step loses against plain steps
+        self.rest = 0 if loss <= 0 else min(MAX_REST, math.ceil(loss / PROBE_SHARE))

@@ -1,0 +1,83 @@
+"""hydra/model/pacing.py: the heads rest while speculative steps decide fewer tokens than plain steps would in
+the same time, for long enough that probing costs little, and speculate on every step while they pay. Times
+here are made up; tests/test_generate.py runs the pacer inside the decoding loop."""
+
+from __future__ import annotations
+
+import random
+
+from hydra.model.pacing import MAX_REST, PROBE_SHARE, REMEASURE_EVERY, Pacer
+
+
+def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0) -> tuple[list[bool], float]:
+    """Run `steps` steps, a plain one taking 1 s and a speculative one `spec_cost` s and deciding
+    `spec_tokens(rng)` tokens. Returns which steps speculated and the tokens per second (plain decoding: 1)."""
+    rng = random.Random(seed)
+    decisions, tokens, seconds = [], 0, 0.0
+    for _ in range(steps):
+        speculated = pacer.speculate()
+        decisions.append(speculated)
+        n, dt = (spec_tokens(rng), spec_cost) if speculated else (1, 1.0)
+        pacer.record(dt, n, speculated)
+        tokens, seconds = tokens + n, seconds + dt
+    return decisions, tokens / seconds
+
+
+def test_first_step_is_plain_then_the_heads_try():
+    pacer = Pacer()
+    assert drive(pacer, 3, 1.2, lambda rng: 2)[0] == [False, True, True]
+    assert pacer.plain_seconds == 1.0 and pacer.cost == 1.2
+
+
+def test_heads_that_lose_rest_and_cost_little():
+    """One token per 1.9 plain-step times (a 4-bit base on translation with these heads): the heads soon rest
+    for MAX_REST steps at a time and decoding is within 3% of plain decoding."""
+    pacer = Pacer()
+    decisions, speed = drive(pacer, 300, 1.9, lambda rng: 1)
+    assert pacer.rest == MAX_REST or not decisions[-1]
+    assert sum(decisions) <= 300 / MAX_REST + 2
+    assert speed > 0.97
+
+
+def test_a_small_loss_rests_briefly():
+    """Barely losing heads (0.05 plain-step times per probe) rest only as long as needed to keep probing
+    under PROBE_SHARE of the time: probes every few steps, not every MAX_REST."""
+    decisions, speed = drive(Pacer(), 200, 1.05, lambda rng: 1)
+    probes = [i for i, d in enumerate(decisions) if d][-5:]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert all(2 <= g <= 0.05 / PROBE_SHARE + 2 for g in gaps), gaps
+    assert speed > 0.98
+
+
+def test_heads_that_pay_keep_speculating():
+    """About 1.6 tokens per 1.22 plain-step times (the shipped heads on MT-Bench, bf16): the heads run on
+    nearly every step (a run of one-token steps can make them rest briefly) and decoding is near the 1.31x
+    that speculating on every step gives."""
+    pacer = Pacer()
+    decisions, speed = drive(pacer, 300, 1.22, lambda rng: 1 + (rng.random() < 0.45) + (rng.random() < 0.15))
+    assert sum(not d for d in decisions) <= 0.2 * 300
+    assert speed > 1.2
+
+
+def test_a_plain_step_is_timed_again_every_so_often():
+    decisions, _ = drive(Pacer(), 200, 1.2, lambda rng: 3)
+    assert [i for i, d in enumerate(decisions) if not d] == list(range(0, 200, REMEASURE_EVERY + 1))
+
+
+def test_heads_come_back_when_the_text_gets_easy():
+    pacer = Pacer()
+    drive(pacer, 100, 1.3, lambda rng: 1)
+    assert pacer.rest > 0
+    decisions, _ = drive(pacer, 100, 1.3, lambda rng: 3)
+    assert sum(decisions[MAX_REST + 1:]) >= 0.9 * (100 - MAX_REST - 1)
+    assert pacer.rest == 0
+
+
+def test_plain_step_time_follows_the_context():
+    """Plain steps get dearer as the context grows; the average follows, so speculation is judged against
+    the current plain step, not the first one."""
+    pacer = Pacer()
+    for k in range(20):
+        pacer.speculate()
+        pacer.record(1.0 + k, 1, speculated=False)
+    assert pacer.plain_seconds > 13  # the last is 20 s: the average lags by a few steps
