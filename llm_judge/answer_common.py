@@ -14,7 +14,8 @@ plus per-turn speed data:
      "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, compile, pace, device,
                   heads, base_model}}
 
-tau = tokens decided per verification step with each turn's prefill step left out
+tau = tokens decided per verification step with each turn's prefill step left out (with --pace the plain
+steps count as verification steps of one token)
 (sum(accept_lengths[1:]) / (steps - 1) per turn, summed); tokens/s = sum(new_tokens) / sum(wall_time)
 (see show_speed.py).
 """
@@ -80,7 +81,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         p.add_argument("--posterior-alpha", type=float, default=None)
         p.add_argument("--pace", action="store_true",
                        help="rest the heads while they decide fewer tokens per second than plain steps "
-                            "(hydra.model.pacing; then tau also counts the plain steps)")
+                            "(hydra.model.pacing; tau then counts the plain steps too, and with --temperature > 0 "
+                            "samples no longer repeat for a given --seed)")
     return p
 
 

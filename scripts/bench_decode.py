@@ -194,8 +194,8 @@ def main() -> None:
             for name, model in models.items():
                 for tree, pace in itertools.product(args.trees, sorted(set(args.pace), key=("off", "on").index)):
                     cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=pace == "on")
-                    label = tree + (" paced" if pace == "on" else "")
-                    tallies.append(Tally(name, label, hydra_decoder(model, cfg, speculative=True)))
+                    tree_label = tree + (" paced" if pace == "on" else "")
+                    tallies.append(Tally(name, tree_label, hydra_decoder(model, cfg, speculative=True)))
             groups.append((label, ar, tallies))
     if args.llama_cpp:
         stop_ids = stop_token_ids(first, DecodeConfig())

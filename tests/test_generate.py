@@ -284,11 +284,16 @@ def _reference_proposal(model, tree_choices, ctx, root) -> list[int]:
     return list(token.values())
 
 
+@pytest.mark.parametrize("paced", [False, True])
 @pytest.mark.parametrize("arch", HEAD_ARCHS)
-def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_base, arch):
+def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_base, arch, paced):
     """The vectorised depth-by-depth proposal equals a per-node reference, and the c_t it reads (base hidden
     state, or the prefix layer's output with its own cache kept in step with accepted tokens) equals c_t
-    recomputed from scratch on the accepted sequence."""
+    recomputed from scratch on the accepted sequence. `paced`: the heads rest on a fixed pattern (3 plain
+    steps, then 1 speculative), so c_t catches up over several accepted tokens at once."""
+    if paced:
+        pattern = iter([False, False, False, True] * 50)
+        monkeypatch.setattr(gen_mod.Pacer, "speculate", lambda self: next(pattern))
     model = oracle_heads(cycle_base, arch)
     if model.heads.prefix is not None:
         randomize_(model.heads.prefix, 9, 0.3)  # a prefix layer whose output (c_t) is far from h_t
@@ -299,7 +304,7 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
     prompt = PROMPTS[2]
     for tree in ("mc_sim_7b_63", EXAMPLE):
         steps = spy.consume(hydra_generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=25,
-                                                                        stop_token_ids=[])))
+                                                                        stop_token_ids=[], pace=paced)))
         assert any(s.accept_length > 2 for s in steps)
         assert len(spy.proposals) >= 3
         with torch.no_grad():
@@ -436,10 +441,16 @@ def test_exact_sampling_matches_base_distribution(tree):
 
 
 def test_exact_sampling_with_pacing(monkeypatch):
-    """Pacing decides from the clock whether a step runs the heads; any such choice made before the step's own
-    draws keeps exact sampling exact. Here the choice is a coin independent of the sampling seed."""
-    coin = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(gen_mod.Pacer, "speculate", lambda self: bool(torch.rand(1, generator=coin) < 0.75))
+    """Pacing decides from the clock and from earlier steps whether a step runs the heads; any choice made
+    before the step's own draws keeps exact sampling exact. Here the second step speculates or not depending
+    on the first token drawn (the root): a choice that depends on an earlier random draw."""
+    draft = gen_mod._draft
+
+    def draft_by_parity(run, root):
+        return draft(run, root) if root % 3 else gen_mod.Draft(torch.tensor([root]), run.plain)
+
+    monkeypatch.setattr(gen_mod.Pacer, "speculate", lambda self: True)
+    monkeypatch.setattr(gen_mod, "_draft", draft_by_parity)
     base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
     assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), [3, 9, 4],
                                         [[0], [1], [2], [0, 0], [0, 1], [1, 0]], max_cell=0.3, pace=True)

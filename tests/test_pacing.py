@@ -34,7 +34,8 @@ def test_heads_that_lose_rest_and_cost_little():
     for MAX_REST steps at a time and decoding is within 3% of plain decoding."""
     pacer = Pacer()
     decisions, speed = drive(pacer, 300, 1.9, lambda rng: 1)
-    assert pacer.rest == MAX_REST or not decisions[-1]
+    probes = [i for i, d in enumerate(decisions) if d]
+    assert [b - a for a, b in zip(probes, probes[1:])][-4:] == [MAX_REST + 1] * 4
     assert sum(decisions) <= 300 / MAX_REST + 2
     assert speed > 0.97
 

@@ -350,6 +350,32 @@ def test_malformed_completions_and_unknown_routes(served):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+def test_requests_are_paced_unless_seeded(served):
+    """With pacing on (the server's default), a request is decoded paced, with the same greedy reply; a seeded
+    request is not paced, so that its samples repeat."""
+    from fastapi.testclient import TestClient
+
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    engine = Engine(model, has_heads=True)
+    working, paced = engine.steps, []
+
+    def capture(job):
+        paced.append(job.config.pace)
+        return working(job)
+
+    engine.steps = capture
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 24,
+            "temperature": 0}
+    with TestClient(create_app(engine, MODEL, pace=True)) as http:
+        greedy = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert http.post("/v1/chat/completions", json={**body, "temperature": 1, "seed": 3}).status_code == 200
+    assert paced == [True, False]
+    assert greedy == expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)[0]
+
+
 def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
     """In-process (FastAPI's TestClient): a step that raises gives a 500 / an SSE error event, frees the
     queue place, and the next request is served."""

@@ -264,7 +264,12 @@ def _prefill(run: _Run, ids: torch.Tensor) -> int:
     _, first = run.accept(run.model.lm_head(last[-1])[None], ids[-1:], run.plain)
     run.n = ids.numel()
     if run.tree is not None:
-        run.unread = [hidden]
+        if run.prefix_cache is not None and ids.numel() > 1:
+            # The prompt through the prefix layer now, as the base model's prefill: otherwise the first step
+            # that runs the heads pays for it, and pacing would read that as the heads' cost.
+            run.model.heads.context(hidden[None, :-1], positions[None, :-1], run.prefix_cache)
+            run.unread_from = ids.numel() - 1
+        run.unread = [hidden[run.unread_from:]]
     return first
 
 

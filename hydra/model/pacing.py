@@ -8,9 +8,11 @@ its steps (`time.perf_counter`; the consumer's time between steps is not counted
 averages over speculative steps: their cost in plain-step times and the tokens they decide. While tokens
 exceed cost, every step speculates. Otherwise each speculative step is a probe that loses (cost - tokens)
 plain-step times, and the heads rest for enough plain steps that probing costs at most `PROBE_SHARE` of the
-time (at most `MAX_REST` steps, so easy text is found again within that many tokens). Plain steps keep the
-plain-step time current; one is forced after `REMEASURE_EVERY` speculative steps since it grows with the
-context, and the first step of a run is plain to time one.
+time (at most `MAX_REST` steps); a probe that by itself decided more tokens than its cost is followed by
+another speculative step at once, so text that turns easy is taken up after one winning probe rather than
+after the averages have caught up. Plain steps keep the plain-step time current (with a larger weight: it
+changes only with the context); one is forced after `REMEASURE_EVERY` speculative steps, and the first step
+of a run is plain to time one.
 
 Which steps speculate depends on timing and on earlier steps, never on what the current step draws, so greedy
 output is unchanged (identical to plain greedy where the numerics allow, as without pacing) and exact
@@ -22,15 +24,16 @@ from __future__ import annotations
 
 import math
 
-WEIGHT = 0.15  # the newest step's weight in the running averages (smaller: steadier, slower to follow the text)
+WEIGHT = 0.15  # the newest step's weight in the speculative averages (smaller: steadier, slower to follow)
+PLAIN_WEIGHT = 0.5  # the newest plain step's weight in the plain-step time
 START_TOKENS = 1.5  # the tokens average before any speculative step: try the heads, but not for long if they lose
 PROBE_SHARE = 0.02
 MAX_REST = 32
-REMEASURE_EVERY = 64
+REMEASURE_EVERY = 32
 
 
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else old + WEIGHT * (new - old)
+def _average(old: float | None, new: float, weight: float = WEIGHT) -> float:
+    return new if old is None else old + weight * (new - old)
 
 
 class Pacer:
@@ -44,7 +47,7 @@ class Pacer:
         self.since_plain = 0  # speculative steps since the last plain step
 
     def speculate(self) -> bool:
-        """Whether the next step runs the heads (call once per step)."""
+        """Whether the next step runs the heads (call once per step that could run them)."""
         if self.rest > 0:
             self.rest -= 1
             return False
@@ -53,13 +56,15 @@ class Pacer:
     def record(self, seconds: float, tokens: int, speculated: bool) -> None:
         """A step took `seconds` and decided `tokens` (bonus included)."""
         if not speculated:
-            self.plain_seconds = _average(self.plain_seconds, seconds)
+            self.plain_seconds = _average(self.plain_seconds, seconds, PLAIN_WEIGHT)
             self.since_plain = 0
             return
         self.since_plain += 1
         if self.plain_seconds is None:  # no plain step timed yet: nothing to compare with
             return
-        self.cost = _average(self.cost, seconds / max(self.plain_seconds, 1e-9))
+        cost = seconds / max(self.plain_seconds, 1e-9)
+        self.cost = _average(self.cost, cost)
         self.tokens = _average(self.tokens, tokens)
         loss = self.cost - self.tokens  # plain-step times one speculative step loses against plain steps
-        self.rest = 0 if loss <= 0 else min(MAX_REST, math.ceil(loss / PROBE_SHARE))
+        won = tokens > cost  # this step by itself beat plain steps: try the heads again at once
+        self.rest = 0 if loss <= 0 or won else min(MAX_REST, math.ceil(loss / PROBE_SHARE))
