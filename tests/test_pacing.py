@@ -26,18 +26,20 @@ def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0
 def test_first_step_is_plain_then_the_heads_try():
     pacer = Pacer()
     assert drive(pacer, 3, 1.2, lambda rng: 2)[0] == [False, True, True]
-    assert pacer.plain_seconds == 1.0 and pacer.cost == 1.2
+    # the averages start from priors (1 plain-step time, 1.5 tokens) that count as one step
+    assert pacer.plain_seconds == 1.0 and 1.0 < pacer.cost < 1.2 and pacer.probes == 2
 
 
 def test_heads_that_lose_rest_and_cost_little():
     """One token per 1.9 plain-step times (a 4-bit base on translation with these heads): the heads soon rest
-    for MAX_REST steps at a time and decoding is within 3% of plain decoding."""
+    for MAX_REST steps at a time and decoding over 300 steps is within 5% of plain decoding (learning that
+    the heads lose costs a few probes; after that each probe costs 0.9 / 33 of the time)."""
     pacer = Pacer()
     decisions, speed = drive(pacer, 300, 1.9, lambda rng: 1)
     probes = [i for i, d in enumerate(decisions) if d]
     assert [b - a for a, b in zip(probes, probes[1:])][-4:] == [MAX_REST + 1] * 4
-    assert sum(decisions) <= 300 / MAX_REST + 2
-    assert speed > 0.97
+    assert sum(decisions) <= 300 / MAX_REST + 6  # the rests grow 2, 4, ... while the averages settle
+    assert speed > 0.95
 
 
 def test_a_small_loss_rests_briefly():
@@ -72,6 +74,19 @@ def test_heads_come_back_when_the_text_gets_easy():
     decisions, _ = drive(pacer, 100, 1.3, lambda rng: 3)
     assert sum(decisions[MAX_REST + 1:]) >= 0.9 * (100 - MAX_REST - 1)
     assert pacer.rest == 0
+
+
+def test_one_slow_step_does_not_bench_good_heads():
+    """The first speculative step takes 3 plain-step times (a busy machine); the heads, really worth 2 tokens
+    per 1.2, rest for at most 2 steps and then speculate."""
+    pacer = Pacer()
+    pacer.speculate()
+    pacer.record(1.0, 1, speculated=False)
+    assert pacer.speculate()
+    pacer.record(3.0, 1, speculated=True)
+    assert pacer.rest <= 2
+    decisions, speed = drive(pacer, 100, 1.2, lambda rng: 2)
+    assert sum(decisions) >= 95 - 100 // 32 and speed > 1.5
 
 
 def test_plain_step_time_follows_the_context():

@@ -25,8 +25,10 @@ from __future__ import annotations
 import math
 
 WEIGHT = 0.15  # the newest step's weight in the speculative averages (smaller: steadier, slower to follow)
-PLAIN_WEIGHT = 0.5  # the newest plain step's weight in the plain-step time
-START_TOKENS = 1.5  # the tokens average before any speculative step: try the heads, but not for long if they lose
+PLAIN_WEIGHT = 0.3  # the newest plain step's weight in the plain-step time
+# The averages before any speculative step: try the heads, but not for long if they lose. Priors rather than
+# the first sample, because one step's time on a busy machine can be off by 2x.
+START_TOKENS, START_COST = 1.5, 1.0
 PROBE_SHARE = 0.02
 MAX_REST = 32
 REMEASURE_EVERY = 32
@@ -41,10 +43,11 @@ class Pacer:
 
     def __init__(self):
         self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
-        self.cost: float | None = None  # average speculative step time in plain-step times
+        self.cost = START_COST  # average speculative step time in plain-step times
         self.tokens = START_TOKENS  # average tokens a speculative step decides (bonus included)
         self.rest = 1  # plain steps left before the heads try again (the first step times a plain step)
         self.since_plain = 0  # speculative steps since the last plain step
+        self.probes = 0  # speculative steps timed so far
 
     def speculate(self) -> bool:
         """Whether the next step runs the heads (call once per step that could run them)."""
@@ -62,9 +65,14 @@ class Pacer:
         self.since_plain += 1
         if self.plain_seconds is None:  # no plain step timed yet: nothing to compare with
             return
+        self.probes += 1
+        # A running mean (the prior counting as one step) until the averages' own weight takes over.
+        weight = max(WEIGHT, 1 / (self.probes + 1))
         cost = seconds / max(self.plain_seconds, 1e-9)
-        self.cost = _average(self.cost, cost)
-        self.tokens = _average(self.tokens, tokens)
+        self.cost = _average(self.cost, cost, weight)
+        self.tokens = _average(self.tokens, tokens, weight)
         loss = self.cost - self.tokens  # plain-step times one speculative step loses against plain steps
         won = tokens > cost  # this step by itself beat plain steps: try the heads again at once
-        self.rest = 0 if loss <= 0 or won else min(MAX_REST, math.ceil(loss / PROBE_SHARE))
+        # Rests are capped at 2^probes, so a few noisy early steps cannot bench good heads for long.
+        longest = min(MAX_REST, 2 ** self.probes)
+        self.rest = 0 if loss <= 0 or won else min(longest, math.ceil(loss / PROBE_SHARE))
