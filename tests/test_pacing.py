@@ -5,6 +5,7 @@ here are made up; tests/test_generate.py runs the pacer inside the decoding loop
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 from hydra.model.pacing import MAX_REST, PROBE_SHARE, REMEASURE_EVERY, Pacer
 
@@ -37,7 +38,7 @@ def test_heads_that_lose_rest_and_cost_little():
     pacer = Pacer()
     decisions, speed = drive(pacer, 300, 1.9, lambda rng: 1)
     probes = [i for i, d in enumerate(decisions) if d]
-    assert [b - a for a, b in zip(probes, probes[1:])][-4:] == [MAX_REST + 1] * 4
+    assert [b - a for a, b in pairwise(probes)][-4:] == [MAX_REST + 1] * 4
     assert sum(decisions) <= 300 / MAX_REST + 6  # the rests grow 2, 4, ... while the averages settle
     assert speed > 0.95
 
@@ -47,7 +48,7 @@ def test_a_small_loss_rests_briefly():
     under PROBE_SHARE of the time: probes every few steps, not every MAX_REST."""
     decisions, speed = drive(Pacer(), 200, 1.05, lambda rng: 1)
     probes = [i for i, d in enumerate(decisions) if d][-5:]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    gaps = [b - a for a, b in pairwise(probes)]
     assert all(2 <= g <= 0.05 / PROBE_SHARE + 2 for g in gaps), gaps
     assert speed > 0.98
 
