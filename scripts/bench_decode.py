@@ -85,6 +85,11 @@ class Tally:
         return self.decided / self.verify_steps if self.verify_steps else None
 
 
+def off_on(values: list[str]) -> list[str]:
+    """An off/on option's values once each, "off" first."""
+    return sorted(set(values), key=("off", "on").index)
+
+
 def hydra_decoder(model: HydraModel, config: DecodeConfig, speculative: bool):
     def decode(ids: list[int]) -> tuple[list[int], list[int]]:
         res = generate(model, ids, config, speculative=speculative)
@@ -169,7 +174,7 @@ def main() -> None:
     groups: list[tuple[str, Tally, list[Tally]]] = []  # (base label, its AR, its tallies)
     hf_first = prompts = None
     for dtype in args.dtypes:
-        for quant, compiled in itertools.product(args.quant, sorted(set(args.compile), key=("off", "on").index)):
+        for quant, compiled in itertools.product(args.quant, off_on(args.compile)):
             label = dtype + ("" if quant == "none" else f"+{quant}") + ("+compiled" if compiled == "on" else "")
             base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
@@ -192,7 +197,7 @@ def main() -> None:
                     tallies.append(Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
                         first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup)))
             for name, model in models.items():
-                for tree, pace in itertools.product(args.trees, sorted(set(args.pace), key=("off", "on").index)):
+                for tree, pace in itertools.product(args.trees, off_on(args.pace)):
                     cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=pace == "on")
                     tree_label = tree + (" paced" if pace == "on" else "")
                     tallies.append(Tally(name, tree_label, hydra_decoder(model, cfg, speculative=True)))

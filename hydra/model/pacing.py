@@ -9,9 +9,9 @@ averages over speculative steps: their cost in plain-step times and the tokens t
 exceed cost, every step speculates. Otherwise each speculative step is a probe that loses (cost - tokens)
 plain-step times, and the heads rest for enough plain steps that probing costs at most `PROBE_SHARE` of the
 time (at most `MAX_REST` steps, and at most 2^probes so far: the averages start from priors, and a few
-noisy early steps must not bench good heads for long); a probe that by itself decided more tokens than its cost is followed by
-another speculative step at once, so text that turns easy is taken up after one winning probe rather than
-after the averages have caught up. Plain steps keep the plain-step time current (with a larger weight: it
+noisy early steps must not bench good heads for long); a probe that by itself decided more tokens than its
+cost is followed by another speculative step at once, so text that turns easy is taken up after one winning
+probe rather than after the averages have caught up. Plain steps keep the plain-step time current (with a larger weight: it
 changes only with the context); one is forced after `REMEASURE_EVERY` speculative steps, and the first step
 of a run is plain to time one.
 
