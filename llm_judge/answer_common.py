@@ -180,6 +180,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
 
     from hydra.inference.loading import check_decoding, default_heads_folder, load_model
     from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
+    from hydra.model.pacing import Pacer
     from hydra.model.trees import tree_spec
 
     if args.num_threads:
@@ -207,7 +208,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     if method == "hydra":
         optional = {"tree": args.tree, "sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
                     "posterior_alpha": args.posterior_alpha}
-        kwargs = {k: v for k, v in optional.items() if v is not None} | {"pace": args.pace}
+        kwargs = {k: v for k, v in optional.items() if v is not None} | {"pace": Pacer() if args.pace else False}
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
     try:  # a bad tree, temperature or sampling rule fails here, before any record is written
@@ -221,7 +222,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":
-        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling, pace=config.pace,
+        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling, pace=config.pace is not False,
                         posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
 
     warm = dict(todo[0], turns=todo[0]["turns"][:1])

@@ -42,6 +42,7 @@ import torch
 from hydra.model import HydraConfig, HydraModel, load_base_model
 from hydra.model.compiled import compile_decoder
 from hydra.model.generate import DecodeConfig, generate, stop_token_ids
+from hydra.model.pacing import Pacer
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
@@ -198,7 +199,7 @@ def main() -> None:
                         first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup)))
             for name, model in models.items():
                 for tree, pace in itertools.product(args.trees, off_on(args.pace)):
-                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=pace == "on")
+                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=Pacer() if pace == "on" else False)
                     tree_label = tree + (" paced" if pace == "on" else "")
                     tallies.append(Tally(name, tree_label, hydra_decoder(model, cfg, speculative=True)))
             groups.append((label, ar, tallies))

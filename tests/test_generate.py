@@ -12,6 +12,7 @@ from transformers import LlamaForCausalLM
 from hydra.model import HEAD_ARCHS, HydraConfig, HydraModel
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate, hydra_generate, stream_text
+from hydra.model.pacing import Pacer
 
 from helpers import assert_first_two_tokens_follow_base, make_heads, make_tiny_base, randomize_
 
@@ -410,6 +411,24 @@ class _Clock:
         monkeypatch.setattr(gen_mod, "perf_counter", lambda: self.now)
         monkeypatch.setattr(gen_mod, "_forward", timed_forward)
         monkeypatch.setattr(gen_mod, "_context", timed_context)
+
+
+def test_a_pacer_kept_across_calls_starts_from_what_it_measured(monkeypatch, base):
+    """The same Pacer passed to two calls: the second reply does not learn again that these heads (random,
+    costing half a forward) lose, so it probes less; both replies are plain greedy. A `pace` that is neither
+    a bool nor a Pacer is refused at the call."""
+    _Clock(monkeypatch, heads=0.5)
+    model, pacer = random_heads(base, "hydra-mlp"), Pacer()
+    ar = run(model, PROMPTS[1], speculative=False, max_new_tokens=60).tokens
+    config = DecodeConfig(tree="tree_16", max_new_tokens=60, stop_token_ids=[], pace=pacer)
+    probes = []
+    for _ in range(2):
+        before = pacer.probes
+        assert [t for s in hydra_generate(model, PROMPTS[1], config) for t in s.tokens] == ar
+        probes.append(pacer.probes - before)
+    assert probes[1] < probes[0], probes
+    with pytest.raises(ValueError, match="pace must be"):
+        hydra_generate(model, PROMPTS[1], DecodeConfig(pace="yes"))
 
 
 @pytest.mark.parametrize("tree", ["tree_16", "dynamic:8"])

@@ -98,3 +98,31 @@ def test_plain_step_time_follows_the_context():
         pacer.speculate()
         pacer.record(1.0 + k, 1, speculated=False)
     assert pacer.plain_seconds > 13  # the last is 20 s: the average lags by a few steps
+
+
+def test_the_next_reply_starts_from_what_the_last_one_measured():
+    """Heads that lose (1 token per 1.9 plain-step times): a fresh pacer probes 2, 4, 8, ... steps apart in
+    every 128-step reply; one kept across replies probes a reply after the first only every MAX_REST + 1
+    steps (its first step is plain), so the later replies run within 3% of plain decoding."""
+    def replies(pacer_for_reply) -> list[tuple[list[bool], float]]:
+        out = []
+        for k in range(4):
+            pacer = pacer_for_reply()
+            pacer.start_reply()
+            out.append(drive(pacer, 128, 1.9, lambda rng: 1, seed=k))
+        return out
+
+    kept = Pacer()
+    fresh, carried = replies(Pacer), replies(lambda: kept)
+    assert [r[0] for r in fresh[1:]] == [fresh[0][0]] * 3  # a fresh pacer learns it all again
+    for decisions, speed in carried[1:]:
+        assert decisions[0] is False and not any(decisions[:MAX_REST])
+        assert sum(decisions) <= 128 // MAX_REST + 1 and speed > 0.97
+    assert min(speed for _, speed in fresh) < 0.97  # what carrying over saves
+
+
+def test_heads_that_paid_last_reply_speculate_after_its_first_step():
+    kept = Pacer()
+    drive(kept, 100, 1.2, lambda rng: 2)
+    kept.start_reply()
+    assert drive(kept, 5, 1.2, lambda rng: 2)[0] == [False, True, True, True, True]

@@ -22,6 +22,7 @@ pytest.importorskip("uvicorn")
 
 from hydra.inference.loading import load_model, render_prompt  # noqa: E402
 from hydra.model.generate import DecodeConfig, generate  # noqa: E402
+from hydra.model.pacing import Pacer  # noqa: E402
 
 MODEL = "heads"  # the served name: the heads folder's name
 
@@ -351,8 +352,8 @@ def test_malformed_completions_and_unknown_routes(served):
 
 
 def test_requests_are_paced_unless_seeded(served):
-    """With pacing on (the server's default), a request is decoded paced, with the same greedy reply; a seeded
-    request is not paced, so that its samples repeat."""
+    """With pacing on (the server's default), requests are decoded paced by one Pacer that carries over from
+    request to request, with the same greedy reply; a seeded request is not paced, so that its samples repeat."""
     from fastapi.testclient import TestClient
 
     from hydra.serve.app import create_app
@@ -372,7 +373,9 @@ def test_requests_are_paced_unless_seeded(served):
     with TestClient(create_app(engine, MODEL, pace=True)) as http:
         greedy = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert http.post("/v1/chat/completions", json={**body, "temperature": 1, "seed": 3}).status_code == 200
-    assert paced == [True, False]
+        assert http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == greedy
+    assert isinstance(paced[0], Pacer) and paced[1] is False and paced[2] is paced[0]
+    assert paced[0].probes > 0  # the heads were timed (and the second unseeded request started from that)
     assert greedy == expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)[0]
 
 

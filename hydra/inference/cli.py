@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hydra.inference.loading import DEFAULT_HEADS_DIR, check_decoding, load_model
     from hydra.model.generate import DecodeConfig
+    from hydra.model.pacing import Pacer
     from hydra.model.trees import tree_spec
 
     hf_logging.disable_progress_bar()
@@ -250,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     optional = {"sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
                 "posterior_alpha": args.posterior_alpha}
     kwargs = {k: v for k, v in optional.items() if v is not None}
+    # One Pacer for the session: each reply starts from what the earlier ones measured.
+    pace = Pacer() if not args.no_pace and args.seed is None else False
     config = DecodeConfig(tree=args.tree, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, pace=not args.no_pace and args.seed is None, **kwargs)
+                          seed=args.seed, pace=pace, **kwargs)
     try:  # fail now, not at the first message, on a bad --tree, --temperature or --sampling
         check_decoding(model, config, speculative)
     except ValueError as e:

@@ -48,7 +48,9 @@ class DecodeConfig:
     max_steps: int | None = None
     stop_token_ids: list[int] | None = None  # default: the tokenizer's / generation config's EOS ids
     seed: int | None = None
-    pace: bool = False  # rest the heads while speculating is slower than plain steps (hydra.model.pacing)
+    # Rest the heads while speculating is slower than plain steps (hydra.model.pacing): True for a fresh
+    # Pacer, or a Pacer that carries its timings and averages over successive calls.
+    pace: bool | Pacer = False
 
 
 @dataclass
@@ -159,6 +161,8 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
         raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
     if not config.temperature >= 0:  # also catches nan
         raise ValueError(f"temperature must be >= 0, got {config.temperature}")
+    if not isinstance(config.pace, bool | Pacer):
+        raise ValueError(f"pace must be True, False or a hydra.model.pacing.Pacer, not {config.pace!r}")
     if config.sampling not in ("exact", "typical"):
         raise ValueError(f"sampling must be 'exact' or 'typical', got {config.sampling!r}")
     return ids
@@ -223,7 +227,10 @@ class _Run:
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it).
         self.unread: list[torch.Tensor] = []
         self.unread_from = 0
-        self.pacer = Pacer() if config.pace and tree is not None else None
+        self.pacer = None
+        if config.pace is not False and tree is not None:
+            self.pacer = config.pace if isinstance(config.pace, Pacer) else Pacer()
+            self.pacer.start_reply()
         self.plain = StepTree(torch.ones(1, 1, dtype=torch.bool, device=self.device),
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydra.inference.loading import context_length, render_prompt
 from hydra.model.generate import DecodeConfig
+from hydra.model.pacing import Pacer
 from hydra.serve.engine import Engine, Job, QueueFull, Stats
 from hydra.serve.protocol import ChatCompletionRequest, CompletionRequest, error
 
@@ -90,6 +91,7 @@ def create_app(
     """`pace`: rest the heads while they do not pay (hydra.model.pacing), except for seeded requests, whose
     replies then repeat."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
+    pacer = Pacer() if pace else None  # one for the server: each request starts from what earlier ones measured
     context = context_length(engine.model)
     created = int(time.time())
 
@@ -172,7 +174,7 @@ def create_app(
         budget = getattr(req, "max_completion_tokens", None) or req.max_tokens or max_tokens
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         config = DecodeConfig(tree=tree, temperature=temperature, max_new_tokens=budget, seed=req.seed,
-                              pace=pace and req.seed is None)
+                              pace=pacer if pacer is not None and req.seed is None else False)
         job = Job(ids, config, speculative=req.speculative and engine.has_heads, stop=req.stop_list())
         try:
             steps = engine.steps(job)
