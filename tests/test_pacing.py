@@ -5,7 +5,9 @@ here are made up; tests/test_generate.py runs the pacer inside the decoding loop
 from __future__ import annotations
 
 import random
+import sys
 from itertools import pairwise
+from pathlib import Path
 
 from hydra.model.pacing import MAX_REST, PROBE_SHARE, REMEASURE_EVERY, Pacer
 
@@ -55,12 +57,14 @@ def test_a_small_loss_rests_briefly():
 
 def test_heads_that_pay_keep_speculating():
     """About 1.6 tokens per 1.22 plain-step times (the shipped heads on MT-Bench, bf16): the heads run on
-    nearly every step (a run of one-token steps can make them rest briefly) and decoding is near the 1.31x
-    that speculating on every step gives."""
-    pacer = Pacer()
-    decisions, speed = drive(pacer, 300, 1.22, lambda rng: 1 + (rng.random() < 0.45) + (rng.random() < 0.15))
-    assert sum(not d for d in decisions) <= 0.2 * 300
-    assert speed > 1.2
+    nearly every step and decoding is near the 1.31x that speculating on every step gives. The plain steps are
+    the first and one per REMEASURE_EVERY speculative steps, plus at most a few rests after runs of one-token
+    steps (with a newest-step weight of 0.15 such runs benched the heads for 52 of 300 steps on seed 0)."""
+    for seed in range(4):
+        decisions, speed = drive(Pacer(), 300, 1.22, lambda rng: 1 + (rng.random() < 0.45) + (rng.random() < 0.15),
+                                 seed)
+        assert sum(not d for d in decisions) <= 300 // (REMEASURE_EVERY + 1) + 10
+        assert speed > 1.25
 
 
 def test_a_plain_step_is_timed_again_every_so_often():
@@ -126,3 +130,33 @@ def test_heads_that_paid_last_reply_speculate_after_its_first_step():
     drive(kept, 100, 1.2, lambda rng: 2)
     kept.start_reply()
     assert drive(kept, 5, 1.2, lambda rng: 2)[0] == [False, True, True, True, True]
+
+
+def test_replay_walks_recorded_steps_by_token_position():
+    """scripts/pacing_replay.py: a speculative step replayed from inside a recorded one decides the rest of
+    its tokens; always and never speculating cost the recorded step times; thinning keeps plain steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from pacing_replay import Reply, RecordingPacer, score, thinned
+
+    # plain 1 s at 0; spec 1.2 s deciding 3 at 1..3; plain 1 s at 4; spec 1.3 s deciding 2 at 5..6
+    steps = [(1.0, 1, False), (1.2, 3, True), (1.0, 1, False), (1.3, 2, True)]
+    reply = Reply(steps)
+    assert reply.length == 7
+    assert reply.speculative_step(1) == (3, 1.2) and reply.speculative_step(2) == (2, 1.2)
+    assert reply.speculative_step(0) == (3, 1.2)  # before any recorded one: the next one
+    assert reply.speculative_step(4) == (2, 1.3) and reply.plain_step(6) == 1.0
+    assert reply.seconds(None, speculate=False) == 7.0
+    # from 0: 3 tokens (the next recorded step); from 3: the 1 left of it; from 4: 2; from 6: the 1 left
+    assert reply.seconds(None, speculate=True) == 1.2 + 1.2 + 1.3 + 1.3
+    assert all(t == 1 for _, t, s in thinned(steps, 1.0, random.Random(0)) if s)
+    assert thinned(steps, 0.0, random.Random(0)) == steps
+    # heads that lose (one token in two plain-step times): always speculating takes 2x the oracle (plain)
+    losing = Reply([(1.0, 1, False), (2.0, 1, True)] * 20)
+    assert losing.seconds(None, speculate=True) == 2 * losing.seconds(None, speculate=False)
+    assert score([losing] * 4, 0.08) > 0.9
+
+    recorder = RecordingPacer()
+    for k in range(8):
+        speculated = recorder.speculate()
+        recorder.record(0.1, 2 if speculated else 1, speculated)
+    assert [s for _, _, s in recorder.steps] == [False, True, True, True] * 2

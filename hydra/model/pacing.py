@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 
-WEIGHT = 0.15  # the newest step's weight in the speculative averages (smaller: steadier, slower to follow)
+WEIGHT = 0.08  # the newest step's weight in the speculative averages (smaller: steadier, slower to follow)
 PLAIN_WEIGHT = 0.3  # the newest plain step's weight in the plain-step time
 # The averages before any speculative step: try the heads, but not for long if they lose. Priors rather than
 # the first sample, because one step's time on a busy machine can be off by 2x.
@@ -41,14 +41,15 @@ MAX_REST = 32
 REMEASURE_EVERY = 32
 
 
-def _average(old: float | None, new: float, weight: float = WEIGHT) -> float:
+def _average(old: float | None, new: float, weight: float) -> float:
     return new if old is None else old + weight * (new - old)
 
 
 class Pacer:
     """Decides, step by step, whether the heads propose a tree; told every step's time and decided tokens."""
 
-    def __init__(self):
+    def __init__(self, weight: float = WEIGHT):
+        self.weight = weight  # the newest speculative step's weight in the averages
         self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
         self.cost = START_COST  # average speculative step time in plain-step times
         self.tokens = START_TOKENS  # average tokens a speculative step decides (bonus included)
@@ -80,7 +81,7 @@ class Pacer:
             return
         self.probes += 1
         # A running mean (the prior counting as one step) until the averages' own weight takes over.
-        weight = max(WEIGHT, 1 / (self.probes + 1))
+        weight = max(self.weight, 1 / (self.probes + 1))
         cost = seconds / max(self.plain_seconds, 1e-9)
         self.cost = _average(self.cost, cost, weight)
         self.tokens = _average(self.tokens, tokens, weight)
