@@ -24,6 +24,7 @@ import argparse
 import bisect
 import gzip
 import json
+import os
 import random
 import statistics
 from pathlib import Path
@@ -156,14 +157,14 @@ def replay(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--record", help="write a trace file (JSON) of this many --num-prompts replies")
-    ap.add_argument("--replay", nargs="*", default=[], help="trace files to replay")
+    ap.add_argument("--record", type=os.path.expanduser, help="write a trace file (JSON) of this many --num-prompts replies")
+    ap.add_argument("--replay", nargs="*", type=os.path.expanduser, default=[], help="trace files to replay")
     ap.add_argument("--weights", nargs="*", type=float, default=[0.15, WEIGHT, 0.05],
                     help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the default)")
     ap.add_argument("--seeds", type=int, default=4, help="thinning seeds averaged per case")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--tree", default="smollm2_hydrapp")
+    ap.add_argument("--tree", type=os.path.expanduser, default="smollm2_hydrapp")
     ap.add_argument("--quant", choices=("int4", "int8"), default=None)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
