@@ -55,8 +55,12 @@ class RecordingPacer(Pacer):
 
 def unseen_prompts(n: int) -> list[str]:
     """First turns (under 1,500 characters) of training prompts that no self-distilled chat answers."""
-    seen = {json.loads(line)["id"] for f in DATA.glob("self_distill_*.jsonl.gz") for line in gzip.open(f, "rt")}
-    rows = (json.loads(line) for line in gzip.open(DATA / "train_prompts.jsonl.gz", "rt"))
+    seen = set()
+    for path in DATA.glob("self_distill_*.jsonl.gz"):
+        with gzip.open(path, "rt") as f:
+            seen.update(json.loads(line)["id"] for line in f)
+    with gzip.open(DATA / "train_prompts.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
     turns = [r["turns"][0] for r in rows if r["id"] not in seen and len(r["turns"][0]) < 1500]
     return turns[-n:]
 

@@ -136,7 +136,7 @@ def test_replay_walks_recorded_steps_by_token_position():
     """scripts/pacing_replay.py: a speculative step replayed from inside a recorded one decides the rest of
     its tokens; always and never speculating cost the recorded step times; thinning keeps plain steps."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from pacing_replay import Reply, RecordingPacer, score, thinned
+    from pacing_replay import RecordingPacer, Reply, score, thinned
 
     # plain 1 s at 0; spec 1.2 s deciding 3 at 1..3; plain 1 s at 4; spec 1.3 s deciding 2 at 5..6
     steps = [(1.0, 1, False), (1.2, 3, True), (1.0, 1, False), (1.3, 2, True)]

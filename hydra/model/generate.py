@@ -161,8 +161,9 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
         raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
     if not config.temperature >= 0:  # also catches nan
         raise ValueError(f"temperature must be >= 0, got {config.temperature}")
-    if not isinstance(config.pace, bool | Pacer):
-        raise ValueError(f"pace must be True, False or a hydra.model.pacing.Pacer, not {config.pace!r}")
+    if not isinstance(config.pace, bool | Pacer):  # a ValueError, as for every other bad DecodeConfig field
+        raise ValueError(  # noqa: TRY004
+            f"pace must be True, False or a hydra.model.pacing.Pacer, not {config.pace!r}")
     if config.sampling not in ("exact", "typical"):
         raise ValueError(f"sampling must be 'exact' or 'typical', got {config.sampling!r}")
     return ids
