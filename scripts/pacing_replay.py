@@ -13,22 +13,22 @@ Replaying walks each reply token by token: a paced plain step costs the nearest 
 and decides one token; a speculative step starting at a position a recorded step covered decides the rest of
 that step's tokens (at least one) in that step's time. Acceptance is then thinned (each speculative step keeps
 only its bonus token with probability q) to cover heads from winning to losing, and replies are mixed (every
-other reply thinned hard) to test following a change of text. Each figure is the paced time against the best
-of "always speculate" and "never speculate" (per reply in the mixed cases): 1.0 is a pacer that knew in
-advance. It needs no model and runs in seconds.
+other reply thinned hard) to test following a change of text. Each figure is the time of an oracle that
+chooses "always speculate" or "never speculate" per reply, over the paced time (one pacer kept across the
+replies): 1.0 is a pacer that knew in advance. Replaying needs no model and runs in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import json
 import os
 import random
 import statistics
 from pathlib import Path
 
+from hydra.data.jsonl import read_jsonl
 from hydra.model.pacing import WEIGHT, Pacer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,12 +55,8 @@ class RecordingPacer(Pacer):
 
 def unseen_prompts(n: int) -> list[str]:
     """First turns (under 1,500 characters) of training prompts that no self-distilled chat answers."""
-    seen = set()
-    for path in DATA.glob("self_distill_*.jsonl.gz"):
-        with gzip.open(path, "rt") as f:
-            seen.update(json.loads(line)["id"] for line in f)
-    with gzip.open(DATA / "train_prompts.jsonl.gz", "rt") as f:
-        rows = [json.loads(line) for line in f]
+    seen = {r["id"] for path in DATA.glob("self_distill_*.jsonl.gz") for r in read_jsonl(path)}
+    rows = read_jsonl(DATA / "train_prompts.jsonl.gz")
     turns = [r["turns"][0] for r in rows if r["id"] not in seen and len(r["turns"][0]) < 1500]
     return turns[-n:]
 
@@ -131,11 +127,15 @@ def thinned(steps: list, q: float, rng: random.Random) -> list:
     return [(s, 1 if (spec and rng.random() < q) else t, spec) for s, t, spec in steps]
 
 
-def score(replies: list[Reply], weight: float) -> float:
-    """Time of an oracle choosing per reply / paced time (one pacer kept across the replies)."""
-    best = sum(min(r.seconds(None, True), r.seconds(None, False)) for r in replies)
+def oracle_seconds(replies: list[Reply]) -> float:
+    """Time when each reply either always or never speculates, whichever is faster for it."""
+    return sum(min(r.seconds(None, True), r.seconds(None, False)) for r in replies)
+
+
+def score(replies: list[Reply], weight: float, oracle: float | None = None) -> float:
+    """`oracle_seconds` / paced time, one pacer kept across the replies."""
     pacer = Pacer(weight)
-    return best / sum(r.seconds(pacer) for r in replies)
+    return (oracle or oracle_seconds(replies)) / sum(r.seconds(pacer) for r in replies)
 
 
 def replay(args: argparse.Namespace) -> None:
@@ -153,15 +153,17 @@ def replay(args: argparse.Namespace) -> None:
                 rng = random.Random(seed)
                 replies = [Reply(thinned(t, qs[i % len(qs)], rng)) for i, t in enumerate(traces)]
                 ratios.append(sum(r.seconds(None, False) for r in replies) / sum(r.seconds(None) for r in replies))
+                oracle = oracle_seconds(replies)
                 for w in args.weights:
-                    scores[w].append(score(replies, w))
+                    scores[w].append(score(replies, w, oracle))
             cells = " ".join(f"{statistics.mean(scores[w]):8.3f}" for w in args.weights)
             print(f"  {label:26s} {statistics.mean(ratios):9.3f}x {cells}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--record", type=os.path.expanduser, help="write a trace file (JSON) of this many --num-prompts replies")
+    ap.add_argument("--record", type=os.path.expanduser,
+                    help="write a trace file (JSON) of --num-prompts replies")
     ap.add_argument("--replay", nargs="*", type=os.path.expanduser, default=[], help="trace files to replay")
     ap.add_argument("--weights", nargs="*", type=float, default=[0.15, WEIGHT, 0.05],
                     help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the default)")
