@@ -122,6 +122,37 @@ def test_conditioned_resblock_has_linear_residual():
     torch.testing.assert_close(block(x), block.res_connection(x) + F.silu(block.linear(x)))
 
 
+def test_training_forward_skips_the_embeddings_input_gradient(tiny_base, randomize):
+    """Hydra++ training: the same loss and parameter gradients as with one product over [c_t, embeddings],
+    with less backward arithmetic (the frozen embeddings' input gradient is never computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vocab, d = tiny_base.config.vocab_size, tiny_base.config.hidden_size
+    model = _heads(tiny_base, "prefix-mlp", randomize).train()  # dropout 0: both ways see the same inputs
+    heads, embed = model.heads, tiny_base.get_input_embeddings()
+    ids, hidden = _ids(vocab), torch.randn(B, S, d, generator=torch.Generator().manual_seed(5))
+
+    def run(concatenated: bool):
+        heads.zero_grad(set_to_none=True)
+        if concatenated:  # the path decoding takes: one product over the concatenated input
+            for mlp in heads.mlps:
+                mlp.forward = lambda x, frozen=None, m=mlp: HeadMLP.forward(m, torch.cat([x, frozen], -1))
+        with FlopCounterMode(display=False) as flops:
+            heads(hidden, ids, embed).square().sum().backward()
+        for mlp in heads.mlps:
+            mlp.__dict__.pop("forward", None)
+        return flops.get_total_flops(), {n: p.grad.clone() for n, p in heads.named_parameters()}
+
+    split_flops, split_grads = run(concatenated=False)
+    cat_flops, cat_grads = run(concatenated=True)
+    for name, grad in cat_grads.items():
+        # fp32, summed in another order: equal to rounding relative to the gradient's scale
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(), msg=name)
+    # Saved per position: the input gradient of two (d x (i+1)d) products in every head's first block.
+    saved = sum(2 * 2 * d * (i + 1) * d for i in range(H)) * B * S
+    assert cat_flops - split_flops == saved
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_blocks_have_distinct_parameters(tiny_base, arch):
     """Every ResBlock owns its weights (the original `[ResBlock(d)] * n` shared one module across slots)."""

@@ -55,8 +55,11 @@ class DraftHeads(nn.Module):
 
     def head_hidden(self, i: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Head i's hidden state. path_embeds: (..., (i+1)*d) = [e(x_{t+1}), ..., e(x_{t+i+1})] if grounded."""
-        x = torch.cat([context, path_embeds], dim=-1) if self.grounded else context
-        return self.mlps[i](x)
+        if not self.grounded:
+            return self.mlps[i](context)
+        if torch.is_grad_enabled() and context.requires_grad and not path_embeds.requires_grad:
+            return self.mlps[i](context, path_embeds)  # training: no input gradient for the frozen embeddings
+        return self.mlps[i](torch.cat([context, path_embeds], dim=-1))  # one product is cheaper when decoding
 
     def head_logits(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module) -> torch.Tensor:
         hidden = self.lm_dropout(hidden)

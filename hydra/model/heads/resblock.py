@@ -24,9 +24,20 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
         self.res_connection = nn.Linear(in_dim, out_dim) if in_dim != out_dim else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.res_connection is None else self.res_connection(x)
-        return residual + F.silu(self.linear(x))
+    def forward(self, x: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """`frozen`: further input columns, after those of `x`, that need no input gradient (a grounded head's
+        token embeddings). Each product is then split at x's width, so backward computes the input gradient
+        of x only; with one product over [x, frozen] it would also compute the embeddings' (a sixth of a
+        Hydra++ trunk's arithmetic, all wasted)."""
+        if frozen is None:
+            residual = x if self.res_connection is None else self.res_connection(x)
+            return residual + F.silu(self.linear(x))
+        width = x.shape[-1]
+
+        def product(layer: nn.Linear) -> torch.Tensor:
+            return F.linear(x, layer.weight[:, :width], layer.bias) + F.linear(frozen, layer.weight[:, width:])
+
+        return product(self.res_connection) + F.silu(product(self.linear))
 
 
 class HeadMLP(nn.Module):
@@ -43,7 +54,11 @@ class HeadMLP(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(dims[k], dims[k + 1]) for k in range(num_layers))
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """`frozen`: input columns after x's that need no gradient (see ResBlock); the result equals that of
+        the concatenated input."""
+        first, *rest = self.blocks
+        x = first(self.dropout(x), None if frozen is None else self.dropout(frozen))
+        for block in rest:
             x = block(self.dropout(x))
         return x
