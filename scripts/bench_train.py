@@ -7,8 +7,9 @@ each fast-path option side by side, interleaved in one process so the ratios hol
 
 Options: old = base forward every step, loss over the whole vocabulary; cache = --cache_hidden_states (rows
 already cached, as in epochs 2+ or any later run); vocab = --draft_vocab (the shipped draft vocabulary);
-both = the two together. Each step is a full train.py optimizer step (train_step) on real packed rows of the
-self-distilled data. Results are in the README ("Training speed").
+both = the two together; both+fp32 = both, with the heads' arithmetic in fp32 instead of bf16 autocast
+(--bf16_heads False; the base stays bf16). Each step is a full train.py optimizer step (train_step) on real
+packed rows of the self-distilled data. Results are in the README ("Training speed").
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
     "hydrapp": ["--hydra_head_arch", "prefix-mlp", "--hydra_num_layers", "4", "--lm_loss_weight", "0.0",
                 "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2"],
 }
-OPTIONS = ("old", "cache", "vocab", "both")
+OPTIONS = ("old", "cache", "vocab", "both", "both+fp32")
 
 
 def make_runs(args, workdir: Path) -> dict[str, train.Run]:
@@ -54,8 +55,9 @@ def make_runs(args, workdir: Path) -> dict[str, train.Run]:
 
 
 def configure(run: train.Run, option: str, vocab: torch.Tensor, cache) -> None:
-    run.vocab = vocab if option in ("vocab", "both") else None
-    run.cache = cache if option in ("cache", "both") else None
+    run.vocab = vocab if option in ("vocab", "both", "both+fp32") else None
+    run.cache = cache if option in ("cache", "both", "both+fp32") else None
+    run.args.bf16_heads = option != "both+fp32"
 
 
 def timed_steps(run: train.Run, first_step: int, n: int) -> tuple[int, float]:
@@ -95,7 +97,7 @@ def main() -> int:
         vocab, cache = any_run.vocab, any_run.cache
         n_steps = args.rounds * args.steps + 1
         used = sorted({r for s in range(n_steps) for r in any_run.order.global_batch_rows(s)})
-        with torch.no_grad(), autocast_ctx(any_run.use_amp, any_run.d.device):
+        with torch.no_grad(), autocast_ctx(any_run.base_amp, any_run.d.device):
             hidden_cache.fill(any_run.model, cache, used, any_run.batch, args.rows, lambda m: None)
         print(f"# {torch.get_num_threads()} thread(s), device {any_run.d.device}, bf16 {args.bf16}, "
               f"{args.num_heads} heads, {args.rows} x {args.max_length}-token rows per step, loss chunk {args.chunk}, "
@@ -113,10 +115,12 @@ def main() -> int:
                     configure(run, option, vocab, cache)
                     tokens, seconds = timed_steps(run, 1 + k * args.steps, args.steps)
                     rates[name, option].append(tokens / seconds)
-        print(f"{'recipe':<10}" + "".join(f"{o + ' tok/s':>14}" for o in OPTIONS) + f"{'both/old':>10}")
+        print(f"{'recipe':<10}" + "".join(f"{o + ' tok/s':>16}" for o in OPTIONS)
+              + f"{'both/old':>10}{'fp32/both':>11}")
         for name in runs:
             med = {o: statistics.median(rates[name, o]) for o in OPTIONS}
-            print(f"{name:<10}" + "".join(f"{med[o]:>14.0f}" for o in OPTIONS) + f"{med['both'] / med['old']:>9.2f}x")
+            print(f"{name:<10}" + "".join(f"{med[o]:>16.0f}" for o in OPTIONS)
+                  + f"{med['both'] / med['old']:>9.2f}x{med['both+fp32'] / med['both']:>10.2f}x")
     return 0
 
 

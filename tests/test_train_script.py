@@ -210,6 +210,30 @@ def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path):
     _assert_same_weights(plain, again, atol=1e-5)
 
 
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
+    """--bf16_heads False: the heads' arithmetic in fp32 on the same bf16 base and the same cached features;
+    the run ends where the bf16-autocast run ends, up to bf16 rounding, without being the same run."""
+    from safetensors.torch import save_file
+
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=4, per_device_train_batch_size=4, eval_steps=4, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, lm_loss_weight=0.5, bf16=True, cache_hidden_states=True,
+                 hidden_cache_dir=tmp_path / "features", learning_rate=1e-3)
+    if draft_vocab:
+        save_file({"token_ids": torch.arange(0, 2000)}, str(tmp_path / "dv.safetensors"))
+        flags["draft_vocab"] = tmp_path / "dv.safetensors"
+    amp, fp32 = tmp_path / "amp", tmp_path / "fp32"
+    assert train.main(_args(model_dir, data, amp, **flags)) == 0
+    assert train.main(_args(model_dir, data, fp32, bf16_heads=False, **flags)) == 0
+    assert len(list((tmp_path / "features").iterdir())) == 1  # the same features, whatever the heads run in
+    losses = {out: [e["loss"] for e in _events(out) if "loss" in e] for out in (amp, fp32)}
+    assert losses[fp32] == pytest.approx(losses[amp], rel=2e-2)
+    assert losses[fp32] != losses[amp]
+    ev = {out: [e for e in _events(out) if "eval_loss" in e][-1]["eval_loss"] for out in (amp, fp32)}
+    assert ev[fp32] == pytest.approx(ev[amp], rel=2e-2)
+
+
 def test_draft_vocab_run_saves_its_vocabulary(tiny_setup, tmp_path):
     """--draft_vocab trains over those tokens only, logs comparable accuracies and ships the vocabulary."""
     from safetensors.torch import save_file

@@ -73,7 +73,7 @@ class HydraModel(nn.Module):
                 for lm in self.heads.lm_heads:
                     lm.weight.copy_(self.lm_head.weight)
                     nn.init.zeros_(lm.bias)
-        self._vocab_rows: dict[int, tuple] = {}  # frozen output-layer rows of a draft vocabulary (_project)
+        self._vocab_rows: dict[tuple, tuple] = {}  # frozen output-layer rows of a draft vocabulary (_project)
         self.eval()  # inference by default (no dropout); training code calls .train()
 
     # The base model's layers, used by the heads but not owned by them (never saved with the heads).
@@ -124,6 +124,8 @@ class HydraModel(nn.Module):
         if features is None:
             features = self.base_features(input_ids, position_ids, attention_mask)
         heads_in, final = features
+        if not torch.is_autocast_enabled(heads_in.device.type):  # fp32 heads on a bf16 base: cast the input
+            heads_in = heads_in.to(self.heads.dtype)
         head_hidden = self.heads(heads_in, input_ids, self.embed_tokens, position_ids, noise_alpha)
         return HydraTrainOutput(final, head_hidden)
 
@@ -139,16 +141,19 @@ class HydraModel(nn.Module):
         return self.lm_head(hidden) if vocab is None else self._project(hidden, self.lm_head, vocab)
 
     def _project(self, hidden: torch.Tensor, layer: nn.Module, vocab: torch.Tensor) -> torch.Tensor:
-        """Logits over the rows `vocab` of `layer`. The rows of a frozen layer are gathered once and kept
-        (a training step projects many chunks with them); a trainable layer's are gathered per call."""
+        """Logits over the rows `vocab` of `layer`. The rows of a frozen layer are gathered once per dtype of
+        `hidden` and kept (a training step projects many chunks with them; fp32 heads trained on a bf16 base
+        project in fp32, the teacher in bf16); a trainable layer's are gathered per call."""
         bias = getattr(layer, "bias", None)
         if layer.weight.requires_grad:
             return F.linear(hidden, layer.weight[vocab], None if bias is None else bias[vocab])
         stamp = (layer.weight.data_ptr(), layer.weight._version, vocab.data_ptr(), len(vocab))
-        cached = self._vocab_rows.get(id(layer))
+        key = (id(layer), hidden.dtype)
+        cached = self._vocab_rows.get(key)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, layer.weight[vocab], None if bias is None else bias[vocab])
-            self._vocab_rows[id(layer)] = cached
+            rows = layer.weight[vocab].to(hidden.dtype)
+            cached = (stamp, rows, None if bias is None else bias[vocab].to(hidden.dtype))
+            self._vocab_rows[key] = cached
         return F.linear(hidden, cached[1], cached[2])
 
     # --- persistence -----------------------------------------------------------------------------------

@@ -90,6 +90,9 @@ class DataArguments:
 class TrainingArguments:
     output_dir: str = field(default=None, metadata={"help": "checkpoints, log.jsonl and the final heads"})
     bf16: bool = field(default=False, metadata={"help": "bf16 base model, bf16 autocast for the fp32 heads"})
+    bf16_heads: bool = field(default=True, metadata={
+        "help": "with --bf16: the heads' arithmetic in bf16 autocast; False: in fp32, faster on CPUs whose "
+                "bf16 matrix products are slower than fp32 ones (README, Training speed). The base stays bf16"})
     tf32: bool = field(default=False, metadata={"help": "allow TF32 matmuls on CUDA"})
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if CUDA is available"})
     num_train_epochs: float = 3.0
@@ -238,6 +241,13 @@ class Run:
 
     @property
     def use_amp(self) -> bool:
+        """bf16 autocast around the heads (and an uncached base forward)."""
+        return self.args.bf16 and self.args.bf16_heads and self.engine is None
+
+    @property
+    def base_amp(self) -> bool:
+        """bf16 autocast around the feature-cache fill: independent of --bf16_heads, so the cached features
+        are the same whichever arithmetic the heads use."""
         return self.args.bf16 and self.engine is None
 
     @property
@@ -412,7 +422,7 @@ def _resume(run: Run) -> None:
 def fill_cache(run: Run) -> None:
     """Compute the missing rows of the feature cache (this rank's share), before any training step."""
     rows = list(range(run.d.rank, len(run.train_rows) + len(run.val_rows), run.d.world))
-    with torch.no_grad(), autocast_ctx(run.use_amp, run.d.device):
+    with torch.no_grad(), autocast_ctx(run.base_amp, run.d.device):
         hidden_cache.fill(run.model, run.cache, rows, run.batch,
                           run.args.per_device_eval_batch_size or run.args.per_device_train_batch_size,
                           run.log.info)

@@ -42,6 +42,11 @@ class DraftHeads(nn.Module):
         self.draft_vocab: torch.Tensor | None = None
         self._draft_weights: dict[int, tuple] = {}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the heads' weights."""
+        return self.mlps[0].blocks[0].linear.weight.dtype
+
     # --- building blocks -------------------------------------------------------------------------------
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: DynamicCache | None = None) -> torch.Tensor:
@@ -63,8 +68,10 @@ class DraftHeads(nn.Module):
 
     def head_logits(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module) -> torch.Tensor:
         hidden = self.lm_dropout(hidden)
-        if self.lm_heads is None:
-            return F.linear(hidden, base_lm_head.weight, getattr(base_lm_head, "bias", None))
+        if self.lm_heads is None:  # (cast: fp32 heads trained on a bf16 base; a no-op otherwise)
+            bias = getattr(base_lm_head, "bias", None)
+            return F.linear(hidden, base_lm_head.weight.to(hidden.dtype),
+                            None if bias is None else bias.to(hidden.dtype))
         return self.lm_heads[i](hidden)
 
     def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
