@@ -303,6 +303,17 @@ def test_pipeline_stage_markers(tmp_path):
     assert json.loads((tmp_path / "w" / "state.json").read_text())["rates"].keys() == {"a", "b", "c"}
 
 
+@pytest.mark.parametrize(("flag", "bf16"), [([], "True"), (["--train-dtype", "float32"], "False")])
+def test_pipeline_train_dtype(tmp_path, flag, bf16):
+    """--train-dtype reaches the feature and train stages as train.py's --bf16 (bf16 unless asked)."""
+    from hydra.train.pipeline import parse_args, stages
+
+    by_name = {s.name: s.cmd for s in stages(parse_args(["--workdir", str(tmp_path), *flag]))}
+    for name in ("features", "train"):
+        cmd = by_name[name]
+        assert cmd[cmd.index("--bf16") + 1] == bf16
+
+
 @pytest.mark.slow
 def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_path):
     """scripts/train_default_heads.sh on a tiny configuration (split -> features -> train): the train stage is

@@ -50,7 +50,7 @@ class Stage:
 
 def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
     """The Hydra++ recipe of the shipped heads (README "Trained heads shipped in this repository"), fast path."""
-    flags = ["--data_path", str(split), "--bf16", "True", "--hydra_num_heads", "4", "--hydra_num_layers", "4",
+    flags = ["--data_path", str(split), "--bf16", str(a.train_dtype == "bfloat16"), "--hydra_num_heads", "4", "--hydra_num_layers", "4",
              "--hydra_head_arch", "prefix-mlp", "--share_lm_head", "True", "--lm_loss_weight", "0.0",
              "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2", "--model_max_length", str(a.max_length),
              "--per_device_train_batch_size", str(a.rows), "--global_batch_size", "16",
@@ -144,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None, help="continue from these heads instead of a fresh init")
     p.add_argument("--draft-vocab", type=lambda v: Path(os.path.expanduser(v)),
                    default=REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors")
+    p.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="base model and heads in the feature and train stages (train.py --bf16); float32 is "
+                        "faster on CPUs whose bf16 matrix products are slow (scripts/bench_train.py tells)")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")
