@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                         label=f"head {h + 1}" if k == 0 else None)
         for name, _, _, start in placed[1:]:
             ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
-            ax.text(start / 1e6, ax.get_ylim()[1], f" {name}", va="top", fontsize=7, color="grey")
+            # vertical, along its line: the labels of runs a few million tokens apart would overlap
+            ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90, fontsize=7,
+                    color="grey")
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("validation top-1")
         ax.grid(alpha=0.3)
