@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, _, _, start in placed[1:]:
             ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
             # vertical, along its line: the labels of runs a few million tokens apart would overlap
-            ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90, fontsize=7,
-                    color="grey")
+            ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90,
+                    fontsize=7, color="grey")
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("validation top-1")
         ax.grid(alpha=0.3)

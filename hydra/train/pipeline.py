@@ -50,7 +50,8 @@ class Stage:
 
 def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
     """The Hydra++ recipe of the shipped heads (README "Trained heads shipped in this repository"), fast path."""
-    flags = ["--data_path", str(split), "--bf16", str(a.train_dtype == "bfloat16"), "--hydra_num_heads", "4", "--hydra_num_layers", "4",
+    flags = ["--data_path", str(split), "--bf16", str(a.train_dtype == "bfloat16"),
+             "--hydra_num_heads", "4", "--hydra_num_layers", "4",
              "--hydra_head_arch", "prefix-mlp", "--share_lm_head", "True", "--lm_loss_weight", "0.0",
              "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2", "--model_max_length", str(a.max_length),
              "--per_device_train_batch_size", str(a.rows), "--global_batch_size", "16",

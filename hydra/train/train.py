@@ -92,7 +92,8 @@ class TrainingArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 base model, bf16 autocast for the fp32 heads"})
     bf16_heads: bool = field(default=True, metadata={
         "help": "with --bf16: the heads' arithmetic in bf16 autocast; False: in fp32, faster on CPUs whose "
-                "bf16 matrix products are slower than fp32 ones (README, Training speed). The base stays bf16"})
+                "bf16 matrix products are slower than fp32 ones (README, Training speed); the base stays "
+                "bf16"})
     tf32: bool = field(default=False, metadata={"help": "allow TF32 matmuls on CUDA"})
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if CUDA is available"})
     num_train_epochs: float = 3.0

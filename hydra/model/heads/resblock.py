@@ -35,7 +35,8 @@ class ResBlock(nn.Module):
         width = x.shape[-1]
 
         def product(layer: nn.Linear) -> torch.Tensor:
-            return F.linear(x, layer.weight[:, :width], layer.bias) + F.linear(frozen, layer.weight[:, width:])
+            weight = layer.weight
+            return F.linear(x, weight[:, :width], layer.bias) + F.linear(frozen, weight[:, width:])
 
         return product(self.res_connection) + F.silu(product(self.linear))
 
