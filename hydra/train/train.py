@@ -247,8 +247,9 @@ class Run:
 
     @property
     def base_amp(self) -> bool:
-        """bf16 autocast around the feature-cache fill: independent of --bf16_heads, so the cached features
-        are the same whichever arithmetic the heads use."""
+        """bf16 autocast around the base forward that fills the feature cache (fill_cache and lazily in
+        forward): independent of --bf16_heads, so the cached features are the same whichever arithmetic the
+        heads use."""
         return self.args.bf16 and self.engine is None
 
     @property
@@ -262,7 +263,10 @@ class Run:
         return {k: v.to(self.d.device, non_blocking=True) for k, v in collate_packed(rows, self.pad_id).items()}
 
     def forward(self, row_ids: list[int], batch: dict[str, torch.Tensor], noise_alpha: float = 0.0):
-        feats = None if self.cache is None else hidden_cache.cached_features(self.model, self.cache, row_ids, batch)
+        feats = None
+        if self.cache is not None:  # a row filled here (lazily) is computed as fill_cache computes it
+            with autocast_ctx(self.base_amp, self.d.device):
+                feats = hidden_cache.cached_features(self.model, self.cache, row_ids, batch)
         return self.model(batch["input_ids"], batch["position_ids"], noise_alpha=noise_alpha, features=feats)
 
 
