@@ -21,6 +21,14 @@ EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
 DYNAMIC = ["dynamic:4", "dynamic:16", "dynamic:8:4:4:fixed", "dynamic:3:2:2:fixed"]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
+# Every head type, plus Hydra++ whose prefix layer also reads the next token (prefix_reads_next_token).
+NEXT = "prefix-mlp+next"
+ARCHS = [*HEAD_ARCHS, NEXT]
+
+
+def arch_config(arch: str) -> tuple[str, dict]:
+    """(hydra_head_arch, further HydraConfig fields) for an entry of ARCHS."""
+    return ("prefix-mlp", {"prefix_reads_next_token": True}) if arch == NEXT else (arch, {})
 
 
 # --- tiny models ------------------------------------------------------------------------------------------
@@ -48,7 +56,8 @@ def make_cycle_base(vocab: int = VOCAB, max_pos: int = 128, beta: float = 4.0, s
 
 
 def random_heads(base, arch: str, num_heads: int = 4, seed: int = 1, tokenizer=None, **cfg) -> HydraModel:
-    return make_heads(base, arch, num_heads, num_layers=2, seed=seed, tokenizer=tokenizer, **cfg)
+    arch, extra = arch_config(arch)
+    return make_heads(base, arch, num_heads, num_layers=2, seed=seed, tokenizer=tokenizer, **extra, **cfg)
 
 
 def oracle_heads(base, arch: str, num_heads: int = 4) -> HydraModel:
@@ -58,8 +67,9 @@ def oracle_heads(base, arch: str, num_heads: int = 4) -> HydraModel:
     embedding, and the shared base output layer maps e(x) to x+1. Medusa head i sees only h_t ~ e(x_t): an
     identity trunk and its own output layer with rows e_{v-i-2} give x_t + i + 2.
     """
+    arch, extra = arch_config(arch)
     model = HydraModel(base, HydraConfig(hydra_num_heads=num_heads, hydra_head_arch=arch,
-                                         share_lm_head=arch != "mlp"))
+                                         share_lm_head=arch != "mlp", **extra))
     e = base.model.embed_tokens.weight
     d = e.shape[1]
     with torch.no_grad():
@@ -96,7 +106,7 @@ def cycle_base():
 
 
 # --- losslessness -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_lossless_random_heads(base, arch):
     model = random_heads(base, arch)
     for prompt in PROMPTS:
@@ -109,7 +119,7 @@ def test_greedy_lossless_random_heads(base, arch):
             assert sum(out.accept_lengths) >= len(out.tokens)
 
 
-@pytest.mark.parametrize("arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_lossless_with_high_acceptance(cycle_base, arch):
     """Oracle heads: several tokens accepted per step, so KV compaction of long (and non-first) paths and the
     prefix layer's cache are exercised; the output must still be the base model's own greedy output."""
@@ -286,7 +296,7 @@ def _reference_proposal(model, tree_choices, ctx, root) -> list[int]:
 
 
 @pytest.mark.parametrize("paced", [False, True])
-@pytest.mark.parametrize("arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_base, arch, paced):
     """The vectorised depth-by-depth proposal equals a per-node reference, and the c_t it reads (base hidden
     state, or the prefix layer's output with its own cache kept in step with accepted tokens) equals c_t
@@ -311,10 +321,13 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
         with torch.no_grad():
             for buffers, ctx, root, emitted, tokens in spy.proposals:
                 assert tokens.tolist() == _reference_proposal(model, buffers.choices, ctx, root)
+                assert emitted[-1] == root  # the root is the last decided token, not yet in the cache
                 seq = torch.tensor([prompt + emitted[:-1]])
                 hidden = model.base_model.model(input_ids=seq).last_hidden_state
                 positions = torch.arange(seq.shape[1])[None]
-                want = model.heads.context(hidden, positions)[0, -1]  # the prefix layer without a cache
+                next_embeds = model.embed_tokens(torch.tensor([prompt + emitted])[:, 1:])
+                # the prefix layer without a cache (reading x_{t+1}, the last one the root, if it does)
+                want = model.heads.context(hidden, positions, next_embeds=next_embeds)[0, -1]
                 torch.testing.assert_close(ctx, want, atol=1e-5, rtol=1e-5)
 
 

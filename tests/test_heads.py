@@ -320,6 +320,44 @@ def test_training_forward_matches_per_head_calls(tiny_base, randomize):
                 torch.testing.assert_close(heads.head_hidden(i, ctx[:, t], path), out[i][:, t])
 
 
+def test_prefix_reads_next_token(tiny_base, randomize):
+    """prefix_reads_next_token: W starts at zero, so the heads equal the same heads without it; once W is
+    trained, c_t depends on x_{t+1} but not on x_{t+2}, and the training forward still equals explicit calls
+    with e(x_{t+1}) passed per position."""
+    vocab, d = tiny_base.config.vocab_size, tiny_base.config.hidden_size
+    plain = _heads(tiny_base, "prefix-mlp", randomize)
+    reads = HydraModel(tiny_base, HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch="prefix-mlp",
+                                              prefix_reads_next_token=True)).eval()
+    assert not reads.heads.prefix.next_token_proj.weight.any()
+    missing, unexpected = reads.heads.load_state_dict(plain.heads.state_dict(), strict=False)
+    assert missing == ["prefix.next_token_proj.weight"] and not unexpected
+    embed = tiny_base.get_input_embeddings()
+    ids = _ids(vocab)
+    hidden = torch.randn(B, S, d, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reads.heads(hidden, ids, embed), plain.heads(hidden, ids, embed))
+        reads.heads.prefix.next_token_proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(6))
+        t = 5
+        for changed, affects in ((t + 1, True), (t + 2, False)):
+            other = ids.clone()
+            other[:, changed] = (other[:, changed] + 1) % vocab
+            ctx = [reads.heads.context(hidden, next_embeds=F.pad(embed(x)[:, 1:], (0, 0, 0, 1)))
+                   for x in (ids, other)]
+            assert torch.equal(ctx[0][:, :t], ctx[1][:, :t])  # earlier positions never see it
+            assert (not torch.allclose(ctx[0][:, t], ctx[1][:, t])) == affects, changed
+        out = reads.heads(hidden, ids, embed)
+        ctx = reads.heads.context(hidden, next_embeds=F.pad(embed(ids)[:, 1:], (0, 0, 0, 1)))
+        e = embed(ids)
+        for i in range(H):
+            for t in range(S - i - 1):
+                path = torch.cat([e[:, t + j + 1] for j in range(i + 1)], dim=-1)
+                torch.testing.assert_close(reads.heads.head_hidden(i, ctx[:, t], path), out[i][:, t])
+    with pytest.raises(ValueError, match="pass next_embeds"):
+        reads.heads.context(hidden)
+    with pytest.raises(ValueError, match="prefix_reads_next_token needs hydra_head_arch 'prefix-mlp'"):
+        HydraConfig(hydra_head_arch="hydra-mlp", prefix_reads_next_token=True)
+
+
 def test_prefix_layer_cache_matches_full_pass(tiny_base, randomize):
     """Feeding the prefix layer chunk by chunk through its own cache == one pass over the whole prefix."""
     layer = randomize(PrefixLayer(tiny_base.config))

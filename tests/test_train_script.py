@@ -234,6 +234,35 @@ def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
     assert ev[fp32] == pytest.approx(ev[amp], rel=2e-2)
 
 
+def test_prefix_reads_next_token_continues_heads_saved_without_it(tiny_setup, tmp_path):
+    """--prefix_reads_next_token with --init_heads from Hydra++ heads that lack it: W starts at zero, so the
+    first evaluation equals the init heads' own, training moves W, and the saved heads load with the option."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, lm_loss_weight=0.0)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(_args(model_dir, data, first, **flags)) == 0
+    assert "prefix.next_token_proj.weight" not in _weights(first)
+    assert train.main(_args(model_dir, data, second, init_heads=first, prefix_reads_next_token=True,
+                            **flags)) == 0
+    evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
+    assert evals(second)[0]["step"] == 0
+    assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
+    assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
+    assert _weights(second)["prefix.next_token_proj.weight"].abs().max() > 0
+    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
+    assert model.config.prefix_reads_next_token and model.heads.context_reads_next_token
+
+
+def test_prefix_reads_next_token_needs_a_prefix_layer(tiny_setup, tmp_path, capsys):
+    model_dir, data = tiny_setup
+    with pytest.raises(SystemExit):
+        train.main(_args(model_dir, data, tmp_path / "run", hydra_head_arch="hydra-mlp",
+                         prefix_reads_next_token=True))
+    assert "--prefix_reads_next_token needs --hydra_head_arch prefix-mlp" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_draft_vocab_run_saves_its_vocabulary(tiny_setup, tmp_path):
     """--draft_vocab trains over those tokens only, logs comparable accuracies and ships the vocabulary."""
     from safetensors.torch import save_file

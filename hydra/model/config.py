@@ -9,6 +9,7 @@ from hydra.model.base_model import DEFAULT_BASE_MODEL
 # mlp        Medusa heads: head i reads only the base hidden state h_t (ungrounded).
 # hydra-mlp  Hydra heads: head i reads [h_t, e(x_{t+1}), ..., e(x_{t+i+1})] (grounded, sequentially dependent).
 # prefix-mlp Hydra++: one extra decoder layer over the base hidden states, then grounded MLP heads.
+#            With prefix_reads_next_token, that layer's input at position t is h_t + W e(x_{t+1}).
 HEAD_ARCHS = ("mlp", "hydra-mlp", "prefix-mlp")
 
 
@@ -30,6 +31,10 @@ class HydraConfig(PretrainedConfig):
             hidden_states[-(k+1)].
         hidden_size, vocab_size: recorded from the base model so mismatches fail loudly at load time.
         tree: name of the default candidate tree for decoding (see hydra.model.trees).
+        prefix_reads_next_token: "prefix-mlp" only. The prefix layer reads h_t + W e(x_{t+1}) at position t
+            instead of h_t, so its attention over earlier positions knows the token that follows each of
+            them (the pairing EAGLE's draft layer reads); W starts at zero, so heads trained without it
+            continue unchanged. x_{t+1} is always known: the accepted token after t, or the step's root.
     """
 
     model_type = "hydra"
@@ -47,6 +52,7 @@ class HydraConfig(PretrainedConfig):
         hidden_size: int | None = None,
         vocab_size: int | None = None,
         tree: str | None = None,
+        prefix_reads_next_token: bool = False,
         **kwargs,
     ):
         if hydra_head_arch not in HEAD_ARCHS:
@@ -58,6 +64,9 @@ class HydraConfig(PretrainedConfig):
         if not grounded_heads and hydra_head_arch != "mlp":
             raise ValueError(f"hydra_head_arch {hydra_head_arch!r} needs grounded_heads=True "
                              "(use 'mlp' for ungrounded Medusa heads)")
+        if prefix_reads_next_token and hydra_head_arch != "prefix-mlp":
+            raise ValueError("prefix_reads_next_token needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads "
+                             f"have a prefix layer), not {hydra_head_arch!r}")
         if hydra_num_heads < 1 or hydra_num_layers < 1:
             raise ValueError("hydra_num_heads and hydra_num_layers must be >= 1")
         if not 0.0 <= dropout_rate < 1.0:
@@ -73,5 +82,6 @@ class HydraConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
         self.tree = tree
+        self.prefix_reads_next_token = bool(prefix_reads_next_token)
         kwargs.pop("tie_word_embeddings", None)
         super().__init__(**kwargs)

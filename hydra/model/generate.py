@@ -225,9 +225,12 @@ class _Run:
         self.bool_mask = base.config._attn_implementation == "sdpa"
         self.all_hidden = model.config.hidden_state_offset > 0
         self.n = 0  # tokens in the cache
-        # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it).
+        # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it),
+        # and, for a prefix layer that reads x_{t+1} too, those positions' tokens.
         self.unread: list[torch.Tensor] = []
         self.unread_from = 0
+        reads_next = has_prefix and model.heads.context_reads_next_token
+        self.unread_tokens: list[torch.Tensor] | None = [] if reads_next else None
         self.pacer = None
         if config.pace is not False and tree is not None:
             self.pacer = config.pace if isinstance(config.pace, Pacer) else Pacer()
@@ -275,9 +278,12 @@ def _prefill(run: _Run, ids: torch.Tensor) -> int:
         if run.prefix_cache is not None and ids.numel() > 1:
             # The prompt through the prefix layer now, as the base model's prefill: otherwise the first step
             # that runs the heads pays for it, and pacing would read that as the heads' cost.
-            run.model.heads.context(hidden[None, :-1], positions[None, :-1], run.prefix_cache)
+            next_embeds = run.model.embed_tokens(ids[None, 1:]) if run.unread_tokens is not None else None
+            run.model.heads.context(hidden[None, :-1], positions[None, :-1], run.prefix_cache, next_embeds)
             run.unread_from = ids.numel() - 1
         run.unread = [hidden[run.unread_from:]]
+        if run.unread_tokens is not None:
+            run.unread_tokens = [ids[run.unread_from:]]
     return first
 
 
@@ -288,19 +294,24 @@ def _draft(run: _Run, root: int) -> Draft:
         return Draft(root_t, run.plain)
     if run.pacer is not None and not run.pacer.speculate():
         return Draft(root_t, run.plain)
-    ctx = _context(run)
+    ctx = _context(run, root_t)
     if isinstance(run.tree, TreeBuffers):
         return Draft(_propose(run.model, run.tree, ctx, root), run.tree)
     return Draft(*_propose_dynamic(run.model, run.tree, ctx, root))
 
 
-def _context(run: _Run) -> torch.Tensor:
+def _context(run: _Run, root: torch.Tensor) -> torch.Tensor:
     """c_t at the last cached position: the heads' context over the hidden states not read yet (the Hydra++
-    prefix layer appends them to its own cache)."""
+    prefix layer appends them to its own cache). `root`, the token after the last cached one, completes
+    the next tokens of a prefix layer that reads them."""
     hidden = torch.cat(run.unread)
     positions = torch.arange(run.unread_from, run.unread_from + hidden.shape[0], device=run.device)
     run.unread, run.unread_from = [], run.unread_from + hidden.shape[0]
-    return run.model.heads.context(hidden[None], positions[None], run.prefix_cache)[0, -1]
+    next_embeds = None
+    if run.unread_tokens is not None:  # x_{t+1} for each unread t: the tokens after the first, then the root
+        next_embeds = run.model.embed_tokens(torch.cat([*run.unread_tokens, root])[1:])[None]
+        run.unread_tokens = []
+    return run.model.heads.context(hidden[None], positions[None], run.prefix_cache, next_embeds)[0, -1]
 
 
 def _verify(run: _Run, draft: Draft) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +330,8 @@ def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tens
     run.n += accepted.numel()
     if run.tree is not None:
         run.unread.append(hidden[accepted])
+    if run.unread_tokens is not None:
+        run.unread_tokens.append(draft.tokens[accepted])
     return draft.tokens[accepted[1:]].tolist()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from hydra.model.heads import PrefixLayer
 from hydra.model.hydra_model import WEIGHTS_NAME
 
 STATE_NAME = "trainer_state.json"
@@ -90,7 +91,9 @@ def load_heads(checkpoint: str | Path, model) -> None:
     heads = model.heads
     with torch.no_grad():
         own = heads.state_dict()
-        missing = sorted(set(own) - set(state))
+        # Weights that start at zero may be absent: heads saved before them start from exactly themselves.
+        optional = {f"prefix.{name}" for name in PrefixLayer.ZERO_INIT}
+        missing = sorted(set(own) - set(state) - optional)
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"{checkpoint} does not match these heads (missing {missing[:3]}, unexpected "

@@ -120,6 +120,9 @@ class TrainingArguments:
     grounded_heads: Optional[bool] = field(default=None, metadata={
         "help": "default: False for mlp, True otherwise (mlp + True means hydra-mlp, as in the original)"})
     hidden_state_offset: int = 0
+    prefix_reads_next_token: bool = field(default=False, metadata={
+        "help": "prefix-mlp only: the prefix layer reads h_t + W e(x_{t+1}) (W starts at zero, so --init_heads "
+                "from heads without it continue exactly)"})
     lm_loss_weight: float = 1.0
     teacher_loss_weight: float = 0.0
     dropout_rate: float = 0.0
@@ -165,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     args.lr_scheduler_type = check_schedule(args.lr_scheduler_type, args.final_lr_multiplier)
     if args.hydra_head_arch not in HEAD_ARCHS:
         parser.error(f"--hydra_head_arch must be one of {HEAD_ARCHS}")
+    if args.prefix_reads_next_token and args.hydra_head_arch != "prefix-mlp":
+        parser.error("--prefix_reads_next_token needs --hydra_head_arch prefix-mlp (only Hydra++ has a prefix layer)")
     if args.head_init not in HEAD_INITS:
         parser.error(f"--head_init must be one of {HEAD_INITS}")
     if args.fill_hidden_cache not in FILL_MODES:
@@ -342,6 +347,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         hydra_head_arch=args.hydra_head_arch, grounded_heads=args.grounded_heads,
         dropout_rate=args.dropout_rate,
         share_lm_head=args.share_lm_head, hidden_state_offset=args.hidden_state_offset,
+        prefix_reads_next_token=args.prefix_reads_next_token,
         base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL)
     torch.manual_seed(args.seed)  # same initial heads on every rank
     model = HydraModel(base, config, tokenizer)

@@ -29,7 +29,8 @@ class DraftHeads(nn.Module):
         self.num_heads = config.hydra_num_heads
         self.grounded = config.grounded_heads
         self.hidden_size = d
-        self.prefix = PrefixLayer(base_config) if config.hydra_head_arch == "prefix-mlp" else None
+        self.prefix = (PrefixLayer(base_config, config.prefix_reads_next_token)
+                       if config.hydra_head_arch == "prefix-mlp" else None)
         self.mlps = nn.ModuleList(
             HeadMLP((i + 2) * d if self.grounded else d, d, config.hydra_num_layers, config.dropout_rate)
             for i in range(self.num_heads))
@@ -48,15 +49,21 @@ class DraftHeads(nn.Module):
         return self.mlps[0].blocks[0].linear.weight.dtype
 
     # --- building blocks -------------------------------------------------------------------------------
+    @property
+    def context_reads_next_token(self) -> bool:
+        """Whether c_t also depends on x_{t+1} (a prefix layer with `prefix_reads_next_token`)."""
+        return self.prefix is not None and self.prefix.next_token_proj is not None
+
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: DynamicCache | None = None) -> torch.Tensor:
-        """c_t from base hidden states (B, S, d); the prefix layer (if any) appends to `cache`."""
+                cache: DynamicCache | None = None, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """c_t from base hidden states (B, S, d); the prefix layer (if any) appends to `cache`.
+        next_embeds: (B, S, d) e(x_{t+1}) per position, read only if `context_reads_next_token`."""
         if self.prefix is None:
             return hidden
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
-        return self.prefix(hidden, position_ids, cache)
+        return self.prefix(hidden, position_ids, cache, next_embeds)
 
     def head_hidden(self, i: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Head i's hidden state. path_embeds: (..., (i+1)*d) = [e(x_{t+1}), ..., e(x_{t+i+1})] if grounded."""
@@ -124,9 +131,10 @@ class DraftHeads(nn.Module):
         beyond the row too, so the loss never uses them. `noise_alpha` adds NEFTune-style uniform noise to
         the token embeddings (training only), as the original code does.
         """
-        context = self.context(base_hidden, position_ids)
         with torch.no_grad():
             emb = embed_tokens(input_ids)
+        next_embeds = F.pad(emb[:, 1:], (0, 0, 0, 1)) if self.context_reads_next_token else None
+        context = self.context(base_hidden, position_ids, next_embeds=next_embeds)
         emb = emb.to(context.dtype)
         if noise_alpha and self.training:
             scale = noise_alpha / (input_ids.shape[1] * self.hidden_size) ** 0.5

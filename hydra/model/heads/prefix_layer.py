@@ -16,7 +16,10 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 
 class PrefixLayer(nn.Module):
-    def __init__(self, base_config: PretrainedConfig):
+    # Weights that start at zero, so heads saved without them load as an exact starting point.
+    ZERO_INIT = ("next_token_proj.weight",)
+
+    def __init__(self, base_config: PretrainedConfig, reads_next_token: bool = False):
         super().__init__()
         config = copy.deepcopy(base_config)
         config.num_hidden_layers = 1
@@ -46,15 +49,25 @@ class PrefixLayer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        # Optional W of the input h_t + W e(x_{t+1}) (HydraConfig.prefix_reads_next_token).
+        self.next_token_proj = None
+        if reads_next_token:
+            self.next_token_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            nn.init.zeros_(self.next_token_proj.weight)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                cache: DynamicCache | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None = None,
+                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: (B, S, d) base hidden states at `position_ids` (B, S). Causal self-attention over the
         cached prefix and these states; position-id resets (packed training rows) give a block-diagonal mask.
+        next_embeds: (B, S, d) e(x_{t+1}) for each position t, needed when the layer reads the next token.
         """
+        if self.next_token_proj is not None:
+            if next_embeds is None:
+                raise ValueError("this prefix layer reads the next token's embedding: pass next_embeds")
+            hidden = hidden + self.next_token_proj(next_embeds.to(hidden.dtype))
         out = self._decoder(inputs_embeds=hidden, position_ids=position_ids, past_key_values=cache,
                             use_cache=cache is not None)
         return out.last_hidden_state
