@@ -9,7 +9,7 @@ from hydra.model.base_model import DEFAULT_BASE_MODEL
 # mlp        Medusa heads: head i reads only the base hidden state h_t (ungrounded).
 # hydra-mlp  Hydra heads: head i reads [h_t, e(x_{t+1}), ..., e(x_{t+i+1})] (grounded, sequentially dependent).
 # prefix-mlp Hydra++: one extra decoder layer over the base hidden states, then grounded MLP heads.
-#            With prefix_reads_next_token, that layer's input at position t is h_t + W e(x_{t+1}).
+#            With prefix_reads_next_token, that layer's input at t is h_t + W rms_norm(e(x_{t+1})).
 HEAD_ARCHS = ("mlp", "hydra-mlp", "prefix-mlp")
 
 
@@ -31,10 +31,10 @@ class HydraConfig(PretrainedConfig):
             hidden_states[-(k+1)].
         hidden_size, vocab_size: recorded from the base model so mismatches fail loudly at load time.
         tree: name of the default candidate tree for decoding (see hydra.model.trees).
-        prefix_reads_next_token: "prefix-mlp" only. The prefix layer reads h_t + W e(x_{t+1}) at position t
-            instead of h_t, so its attention over earlier positions knows the token that follows each of
-            them (the pairing EAGLE's draft layer reads); W starts at zero, so heads trained without it
-            continue unchanged. x_{t+1} is always known: the accepted token after t, or the step's root.
+        prefix_reads_next_token: "prefix-mlp" only. The prefix layer reads h_t + W rms_norm(e(x_{t+1})) at
+            position t instead of h_t, so its attention over earlier positions knows the token that follows
+            each of them (the pairing EAGLE's draft layer reads); W starts at zero, so heads trained without
+            it continue unchanged. x_{t+1} is always known: the accepted token after t, or the step's root.
     """
 
     model_type = "hydra"

@@ -121,8 +121,8 @@ class TrainingArguments:
         "help": "default: False for mlp, True otherwise (mlp + True means hydra-mlp, as in the original)"})
     hidden_state_offset: int = 0
     prefix_reads_next_token: bool = field(default=False, metadata={
-        "help": "prefix-mlp only: the prefix layer reads h_t + W e(x_{t+1}) (W starts at zero, so --init_heads "
-                "from heads without it continue exactly)"})
+        "help": "prefix-mlp only: the prefix layer reads h_t + W rms_norm(e(x_{t+1})) (W starts at zero, so "
+                "--init_heads from heads without it continue exactly)"})
     lm_loss_weight: float = 1.0
     teacher_loss_weight: float = 0.0
     dropout_rate: float = 0.0
