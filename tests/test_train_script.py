@@ -341,6 +341,15 @@ def test_pipeline_train_dtype(tmp_path, flag, bf16):
     for name in ("features", "train"):
         cmd = by_name[name]
         assert cmd[cmd.index("--bf16") + 1] == bf16
+        assert "--prefix_reads_next_token" not in cmd
+
+
+def test_pipeline_prefix_reads_next_token(tmp_path):
+    from hydra.train.pipeline import parse_args, stages
+
+    argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token"]
+    cmd = {s.name: s.cmd for s in stages(parse_args(argv))}["train"]
+    assert cmd[cmd.index("--prefix_reads_next_token") + 1] == "True"
 
 
 @pytest.mark.slow

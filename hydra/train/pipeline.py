@@ -59,6 +59,8 @@ def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
              "--lr_scheduler_type", "cosine", "--final_lr_multiplier", "0.1", "--eval_steps", "0.1",
              "--save_steps", str(a.save_steps), "--logging_steps", "5", "--cache_hidden_states", "True",
              "--hidden_cache_dir", str(a.workdir / "features"), "--draft_vocab", str(a.draft_vocab)]
+    if a.prefix_reads_next_token:
+        flags += ["--prefix_reads_next_token", "True"]
     if a.device == "cpu":
         flags += ["--use_cpu", "True"]
     if a.base_model:
@@ -148,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="base model and heads in the feature and train stages (train.py --bf16); float32 is "
                         "faster on CPUs whose bf16 matrix products are slow (scripts/bench_train.py tells)")
+    p.add_argument("--prefix-reads-next-token", action="store_true",
+                   help="train.py --prefix_reads_next_token True: the prefix layer also reads x_{t+1} (README, "
+                        "Head types; not the shipped heads' recipe)")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")

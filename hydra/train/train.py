@@ -14,6 +14,7 @@ The fast path (feature cache + loss over the draft vocabulary), same flags plus:
         --cache_hidden_states True --draft_vocab hydra/heads/default/draft_vocab.safetensors
 
 Continue from trained heads instead of a fresh init: add --init_heads hydra/heads/default.
+A Hydra++ prefix layer that also reads the next token (README, Head types): add --prefix_reads_next_token True.
 Fill the feature cache only (then exit): add --cache_hidden_states True --fill_hidden_cache only.
 Resume a killed run: run the same command again.
 Evaluate heads on the validation rows only: add --init_heads <heads folder> --eval_only True.
