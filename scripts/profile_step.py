@@ -93,8 +93,8 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
             if model.heads.prefix is not None:
                 cache_p = model.heads.prefix.new_cache()
                 next_embeds = model.embed_tokens(ids[None, -1:])  # read only by a prefix that reads x_{t+1}
-                model.heads.context(out.last_hidden_state[:, -1:], torch.tensor([[n - 1]], device=device), cache_p,
-                                    next_embeds)
+                position = torch.tensor([[n - 1]], device=device)
+                model.heads.context(out.last_hidden_state[:, -1:], position, cache_p, next_embeds)
 
         jobs = [(f"verify T={t}", lambda t=t: verify(t)) for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24)]
         jobs += [(f"head call R={r}", lambda r=r: head(r)) for r in (1, 4, 8, 16)]

@@ -326,8 +326,9 @@ def test_prefix_reads_next_token(tiny_base, randomize):
     with e(x_{t+1}) passed per position."""
     vocab, d = tiny_base.config.vocab_size, tiny_base.config.hidden_size
     plain = _heads(tiny_base, "prefix-mlp", randomize)
-    reads = HydraModel(tiny_base, HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch="prefix-mlp",
-                                              prefix_reads_next_token=True)).eval()
+    config = HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch="prefix-mlp",
+                         prefix_reads_next_token=True)
+    reads = HydraModel(tiny_base, config).eval()
     assert not reads.heads.prefix.next_token_proj.weight.any()
     missing, unexpected = reads.heads.load_state_dict(plain.heads.state_dict(), strict=False)
     assert missing == ["prefix.next_token_proj.weight"] and not unexpected

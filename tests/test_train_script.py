@@ -236,7 +236,8 @@ def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
 
 def test_prefix_reads_next_token_continues_heads_saved_without_it(tiny_setup, tmp_path):
     """--prefix_reads_next_token with --init_heads from Hydra++ heads that lack it: W starts at zero, so the
-    first evaluation equals the init heads' own, training moves W, and the saved heads load with the option."""
+    first evaluation equals the init heads' own, training moves W, and the saved heads load with the
+    option."""
     model_dir, data = tiny_setup
     flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
                  teacher_loss_weight=1.0, lm_loss_weight=0.0)

@@ -151,8 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="base model and heads in the feature and train stages (train.py --bf16); float32 is "
                         "faster on CPUs whose bf16 matrix products are slow (scripts/bench_train.py tells)")
     p.add_argument("--prefix-reads-next-token", action="store_true",
-                   help="train.py --prefix_reads_next_token True: the prefix layer also reads x_{t+1} (README, "
-                        "Head types; not the shipped heads' recipe)")
+                   help="train.py --prefix_reads_next_token True: the prefix layer also reads x_{t+1} "
+                        "(README, Head types; not the shipped heads' recipe)")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")

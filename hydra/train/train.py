@@ -14,7 +14,8 @@ The fast path (feature cache + loss over the draft vocabulary), same flags plus:
         --cache_hidden_states True --draft_vocab hydra/heads/default/draft_vocab.safetensors
 
 Continue from trained heads instead of a fresh init: add --init_heads hydra/heads/default.
-A Hydra++ prefix layer that also reads the next token (README, Head types): add --prefix_reads_next_token True.
+A Hydra++ prefix layer that also reads the next token (README, Head types): add
+--prefix_reads_next_token True.
 Fill the feature cache only (then exit): add --cache_hidden_states True --fill_hidden_cache only.
 Resume a killed run: run the same command again.
 Evaluate heads on the validation rows only: add --init_heads <heads folder> --eval_only True.
@@ -170,7 +171,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if args.hydra_head_arch not in HEAD_ARCHS:
         parser.error(f"--hydra_head_arch must be one of {HEAD_ARCHS}")
     if args.prefix_reads_next_token and args.hydra_head_arch != "prefix-mlp":
-        parser.error("--prefix_reads_next_token needs --hydra_head_arch prefix-mlp (only Hydra++ has a prefix layer)")
+        parser.error("--prefix_reads_next_token needs --hydra_head_arch prefix-mlp "
+                     "(only Hydra++ has a prefix layer)")
     if args.head_init not in HEAD_INITS:
         parser.error(f"--head_init must be one of {HEAD_INITS}")
     if args.fill_hidden_cache not in FILL_MODES:
