@@ -81,7 +81,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
                                 past_key_values=cache, use_cache=True, attention_mask=mask)
             model.lm_head(out.last_hidden_state[0])
             for layer in cache.layers:
-                layer.crop(n)
+                layer.crop(-t)  # back to the n prompt tokens
 
         def head(rows: int) -> None:
             x = torch.cat([ctx, model.embed_tokens(ids[-1:])[0]])[None].expand(rows, -1)
