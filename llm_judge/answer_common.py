@@ -11,8 +11,8 @@ plus per-turn speed data:
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
-     "decoding": {method, tree, temperature, sampling, max_new_token, dtype, quant, compile, pace, device,
-                  heads, base_model}}
+     "decoding": {method, tree, lookup, temperature, sampling, max_new_token, dtype, quant, compile, pace,
+                  device, heads, base_model}}
 
 tau = tokens decided per verification step with each turn's prefill step left out (with --pace the plain
 steps count as verification steps of one token)
@@ -77,6 +77,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                             "(default: the heads' own)")
         p.add_argument("--sampling", choices=("typical", "exact"), default=None,
                        help="acceptance rule when temperature > 0 (default: the engine's)")
+        p.add_argument("--lookup", type=int, default=None,
+                       help="prompt-lookup tokens drafted per step besides the heads' tree (0: off; default: "
+                            "the engine's)")
         p.add_argument("--posterior-threshold", type=float, default=None)
         p.add_argument("--posterior-alpha", type=float, default=None)
         p.add_argument("--pace", action="store_true",
@@ -207,7 +210,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     kwargs = {}
     if method == "hydra":
         optional = {"tree": args.tree, "sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
-                    "posterior_alpha": args.posterior_alpha}
+                    "posterior_alpha": args.posterior_alpha, "lookup": args.lookup}
         kwargs = {k: v for k, v in optional.items() if v is not None} | {"pace": Pacer() if args.pace else False}
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
@@ -222,7 +225,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":
-        decoding.update(tree=tree_spec(config.tree, model.config), sampling=config.sampling, pace=config.pace is not False,
+        decoding.update(tree=tree_spec(config.tree, model.config), lookup=config.lookup,
+                        sampling=config.sampling, pace=config.pace is not False,
                         posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
 
     warm = dict(todo[0], turns=todo[0]["turns"][:1])

@@ -18,7 +18,9 @@ forward, bonus token included; AR = 1) and speedup over AR. With --hf it also ti
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
 (hydra.model.quant); --compile off on runs each base eager and with its decoder compiled (hydra.model.compiled;
 compilation happens in the untimed warm-up); --pace off on runs every tree with the heads on every step and
-paced (hydra.model.pacing; tau then counts the plain steps too); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
+paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs every tree without and with
+a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the engine's, 8); --llama-cpp
+adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -148,6 +150,8 @@ def main() -> None:
                     help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
     ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),
                     help="each tree with the heads on every step (off) and/or paced (on)")
+    ap.add_argument("--lookup", nargs="*", type=int, default=[DecodeConfig.lookup],
+                    help="each tree with each of these prompt-lookup lengths (hydra.model.lookup; 0: none)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--question-file", type=os.path.expanduser, default=QUESTIONS)
@@ -198,9 +202,11 @@ def main() -> None:
                     tallies.append(Tally(f"HF prompt lookup ({args.prompt_lookup})", "-", hf_decoder(
                         first, args.max_new_tokens, stop_ids, prompt_lookup_num_tokens=args.prompt_lookup)))
             for name, model in models.items():
-                for tree, pace in itertools.product(args.trees, off_on(args.pace)):
-                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, pace=Pacer() if pace == "on" else False)
-                    tree_label = tree + (" paced" if pace == "on" else "")
+                for tree, pace, lookup in itertools.product(args.trees, off_on(args.pace), args.lookup):
+                    cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, lookup=lookup,
+                                       pace=Pacer() if pace == "on" else False)
+                    tree_label = (tree + (f" +lookup {lookup}" if lookup else "")
+                                  + (" paced" if pace == "on" else ""))
                     tallies.append(Tally(name, tree_label, hydra_decoder(model, cfg, speculative=True)))
             groups.append((label, ar, tallies))
     if args.llama_cpp:

@@ -488,6 +488,73 @@ def test_exact_sampling_with_pacing(monkeypatch):
                                         [[0], [1], [2], [0, 0], [0, 1], [1, 0]], max_cell=0.3, pace=True)
 
 
+# --- prompt lookup ------------------------------------------------------------------------------------------
+# A prompt whose 2-grams recur, so that lookup drafts from the first step on.
+REPEATING = [5, 6, 7, 30, 5, 6, 7, 31, 40, 5, 6, 7]
+
+
+class _GraftCounter:
+    """Counts the steps whose tree got a prompt-lookup branch (graft_chain added nodes)."""
+
+    def __init__(self, monkeypatch):
+        self.grafts = 0
+        graft = gen_mod.graft_chain
+
+        def counting(tokens, tree, chain):
+            out = graft(tokens, tree, chain)
+            self.grafts += out[0].numel() > tokens.numel()
+            return out
+
+        monkeypatch.setattr(gen_mod, "graft_chain", counting)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_lossless_with_prompt_lookup(monkeypatch, base, cycle_base, arch):
+    """A lookup branch grafted onto static and dynamic trees keeps greedy decoding plain greedy, for heads
+    that are mostly wrong and for heads that are mostly right; on the cycle model, whose output repeats,
+    it is accepted beyond the heads' depth (an accepted length above heads + 1 can only come from it)."""
+    counter = _GraftCounter(monkeypatch)
+    deepest = 0
+    for b, make in ((base, random_heads), (cycle_base, oracle_heads)):
+        model = make(b, arch)
+        for prompt in (PROMPTS[1], REPEATING):
+            ar = run(model, prompt, speculative=False, max_new_tokens=80)
+            for tree in ("tree_16", "dynamic:8", "none"):
+                for lookup in (2, 8):
+                    out = run(model, prompt, tree=tree, lookup=lookup, max_new_tokens=80)
+                    assert out.tokens == ar.tokens, (arch, tree, lookup, prompt)
+                    deepest = max(deepest, *out.accept_lengths)
+    assert counter.grafts > 50 and deepest > model.config.hydra_num_heads + 1, (counter.grafts, deepest)
+
+
+def test_tree_none_verifies_the_lookup_alone(monkeypatch, cycle_base):
+    """tree="none": the heads never run (no context, no proposal), steps without a lookup match are plain
+    steps, and the output is still plain greedy, decided in fewer forwards than tokens."""
+    def fail(*args):
+        raise AssertionError("the heads ran")
+
+    monkeypatch.setattr(gen_mod, "_context", fail)
+    for arch in ARCHS:
+        model = oracle_heads(cycle_base, arch)
+        ar = run(model, REPEATING, speculative=False, max_new_tokens=80)
+        out = run(model, REPEATING, tree="none", max_new_tokens=80)
+        assert out.tokens == ar.tokens and out.steps < len(out.tokens) * 0.8, (arch, out.steps)
+        assert run(model, REPEATING, tree="none", lookup=0, max_new_tokens=80).accept_lengths == [1] * 80
+
+
+def test_exact_sampling_with_prompt_lookup(monkeypatch):
+    """The lookup's guesses are a function of the context, like the heads' drafts, so the zero-and-renormalise
+    rule stays exact with them: here a first token x1 in {4, 2, 1, 5} (a third of p(x1); 4 -> x1 occurred in
+    the prompt) makes the second step's tree carry a lookup branch beside the heads' own children of the
+    root."""
+    counter = _GraftCounter(monkeypatch)
+    base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
+    prompt = [4, 4, 6, 4, 2, 1, 4, 1, 0, 4, 5, 15, 4]
+    assert_first_two_tokens_follow_base(oracle_heads(base, "hydra-mlp", num_heads=2), prompt,
+                                        [[0], [1], [2], [0, 0], [0, 1], [1, 0]], max_cell=0.3, lookup=2)
+    assert counter.grafts > 1000, counter.grafts  # of 5000 runs
+
+
 # --- stopping -----------------------------------------------------------------------------------------------
 def test_eos_cuts_output(cycle_base):
     model = oracle_heads(cycle_base, "hydra-mlp")
@@ -559,9 +626,11 @@ def test_max_steps(cycle_base):
     assert both.finish_reason == "max_new_tokens"
 
 
-@pytest.mark.parametrize("tree", ["chain_4", "tree_16", "mc_sim_7b_63", "dynamic:6:4:4:fixed"])
+@pytest.mark.parametrize("tree, lookup", [("chain_4", 0), ("tree_16", 0), ("mc_sim_7b_63", 0),
+                                          ("dynamic:6:4:4:fixed", 0), ("tree_8", 6), ("dynamic:6", 9),
+                                          ("none", 7)])
 @pytest.mark.parametrize("prompt_len", [1, 5, 23])
-def test_context_limit_stops_cleanly(tree, prompt_len):
+def test_context_limit_stops_cleanly(tree, lookup, prompt_len):
     """max_position_embeddings = 24: decoding stops with finish_reason "length" once every position is used
     (all emitted tokens but the last were fed at positions < 24), never overflows, and equals AR until then.
     The 64-node tree never fits next to the prompt and must fall back to one-token steps."""
@@ -571,12 +640,12 @@ def test_context_limit_stops_cleanly(tree, prompt_len):
     prompt = PROMPTS[2][:prompt_len] + list(range(30, 30 + max(0, prompt_len - 12)))
     assert len(prompt) == prompt_len
     ar = run(model, prompt, speculative=False, max_new_tokens=100)
-    out = run(model, prompt, tree=tree, max_new_tokens=100)
+    out = run(model, prompt, tree=tree, max_new_tokens=100, lookup=lookup)
     assert ar.finish_reason == out.finish_reason == "length"
     assert out.tokens == ar.tokens
     assert prompt_len + len(out.tokens) - 1 == context
     # A budget that ends exactly at the limit reports the budget.
-    exact = run(model, prompt, tree=tree, max_new_tokens=context - prompt_len + 1)
+    exact = run(model, prompt, tree=tree, max_new_tokens=context - prompt_len + 1, lookup=lookup)
     assert exact.tokens == ar.tokens and exact.finish_reason == "max_new_tokens"
 
 
@@ -612,6 +681,9 @@ def test_bad_input(base):
             run(model, [1, 2], speculative=speculative, temperature=-1.0)
         with pytest.raises(ValueError, match="sampling"):
             run(model, [1, 2], speculative=speculative, temperature=1.0, sampling="nucleus")
+        for bad in (-1, 1.5, True, "4"):
+            with pytest.raises(ValueError, match="lookup must be a number of tokens >= 0"):
+                run(model, [1, 2], speculative=speculative, lookup=bad)
         empty = run(model, [1, 2, 3], speculative=speculative, max_new_tokens=0)
         assert empty.tokens == [] and empty.steps == 0
         assert list(fn(model, [1, 2], DecodeConfig(tree=EXAMPLE, max_new_tokens=0))) == []

@@ -39,7 +39,7 @@ def read(path: Path) -> list[dict]:
 
 def test_answers_format_resume_and_greedy_equality(tiny, tmp_path):
     hyd, base = tmp_path / "hydra.jsonl", tmp_path / "baseline.jsonl"
-    assert run("hydra", tiny, hyd, "--tree", "tree_16", "--pace") == 0
+    assert run("hydra", tiny, hyd, "--tree", "tree_16", "--pace", "--lookup", "6") == 0
     assert run("baseline", tiny, base) == 0
     for path, method in ((hyd, "hydra"), (base, "baseline")):
         recs = read(path)
@@ -56,6 +56,7 @@ def test_answers_format_resume_and_greedy_equality(tiny, tmp_path):
                 if method == "baseline":
                     assert set(c["accept_lengths"][t]) == {1}
     assert read(hyd)[0]["decoding"]["tree"] == "tree_16" and read(hyd)[0]["decoding"]["pace"] is True
+    assert read(hyd)[0]["decoding"]["lookup"] == 6
     # Greedy speculative decoding is lossless: identical text through the identical harness.
     assert [r["choices"][0]["turns"] for r in read(hyd)] == [r["choices"][0]["turns"] for r in read(base)]
 

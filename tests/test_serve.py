@@ -351,6 +351,35 @@ def test_malformed_completions_and_unknown_routes(served):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+def test_lookup_reaches_every_request(served):
+    """`--lookup N` becomes each request's DecodeConfig.lookup (without it, DecodeConfig's default); greedy
+    replies stay the model's own greedy continuation."""
+    from fastapi.testclient import TestClient
+
+    from hydra.model.generate import DecodeConfig
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    engine = Engine(model, has_heads=True)
+    working, lookups = engine.steps, []
+
+    def capture(job):
+        lookups.append(job.config.lookup)
+        return working(job)
+
+    engine.steps = capture
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say it twice: one two three."}],
+            "max_tokens": 24, "temperature": 0}
+    prompt = chat_ids(model, "Say it twice: one two three.")
+    want = expected(model, prompt, speculative=False, max_new_tokens=24)[0]
+    for lookup in (7, None):
+        with TestClient(create_app(engine, MODEL, lookup=lookup)) as http:
+            reply = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+            assert reply == want
+    assert lookups == [7, DecodeConfig().lookup]
+
+
 def test_requests_are_paced_unless_seeded(served):
     """With pacing on (the server's default), requests are decoded paced by one Pacer that carries over from
     request to request, with the same greedy reply; a seeded request is not paced, so that its samples repeat."""

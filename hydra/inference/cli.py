@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", type=os.path.expanduser, default=None,
                    help="candidate tree: a name in hydra.model.trees, a JSON file, or "
                         "dynamic[:N[:DEPTH[:K]]][:fixed] (grown per step from the heads' confidence) (default: the heads' own)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="draft up to this many tokens per step by prompt lookup too, copied from where the "
+                        "conversation's last tokens occurred before (0: off; default: the engine's)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[hydra] note: no trained heads in hydra/{DEFAULT_HEADS_DIR.parent.name}/{DEFAULT_HEADS_DIR.name} "
               "and no --model given: plain autoregressive decoding", flush=True)
     optional = {"sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
-                "posterior_alpha": args.posterior_alpha}
+                "posterior_alpha": args.posterior_alpha, "lookup": args.lookup}
     kwargs = {k: v for k, v in optional.items() if v is not None}
     # One Pacer for the session: each reply starts from what the earlier ones measured.
     pace = Pacer() if not args.no_pace and args.seed is None else False

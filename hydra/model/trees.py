@@ -45,6 +45,8 @@ TREE_32 = [[0], [1], [2], [3], [4], [0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 
 
 # The tree when neither the caller nor the heads' config.json names one.
 DEFAULT_TREE = "mc_sim_7b_63"
+# No head nodes: the heads never run and a step verifies only its prompt-lookup branch (hydra.model.lookup).
+NO_TREE = "none"
 
 TREES: dict[str, list[list[int]]] = {
     "mc_sim_7b_63": MC_SIM_7B_63, "chain_4": CHAIN_4, "tree_8": TREE_8, "tree_16": TREE_16, "tree_32": TREE_32,
@@ -69,6 +71,8 @@ def resolve_tree(tree: str | list | None, heads_config,
     spec, num_heads = tree_spec(tree, heads_config), heads_config.hydra_num_heads
     if isinstance(spec, str) and spec.split(":")[0] == "dynamic":
         built = parse_dynamic_tree(spec, num_heads)
+    elif spec == NO_TREE:
+        built = root_only_tree(device)
     else:
         choices = get_tree(spec)
         key = (str(choices), str(device))
@@ -95,7 +99,7 @@ def get_tree(tree: str | list[list[int]]) -> list[list[int]]:
             return _read_tree_file(path)
     names = sorted(TREES) + sorted(p.stem for p in _TREE_DIR.glob("*.json"))
     raise ValueError(f"unknown tree {tree!r}; known trees: {names}, or a JSON file with a 'choices' list, or "
-                     "dynamic[:N[:DEPTH[:K]]][:fixed] (e.g. dynamic:8)")
+                     "dynamic[:N[:DEPTH[:K]]][:fixed] (e.g. dynamic:8), or \"none\" (prompt lookup alone)")
 
 
 def _read_tree_file(path: Path) -> list[list[int]]:
@@ -213,6 +217,13 @@ def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
                        rank, expand, topk)
 
 
+def root_only_tree(device: torch.device | str = "cpu") -> TreeBuffers:
+    """The tree `NO_TREE`: the root alone, with nothing for the heads to fill."""
+    root = torch.zeros(1, dtype=torch.long, device=device)
+    step = build_step_tree(root - 1, root)
+    return TreeBuffers(step.attn_mask, step.depth, step.retrieve, step.parent)
+
+
 def build_step_tree(parent: torch.Tensor, depth: torch.Tensor) -> StepTree:
     """Mask and root-to-leaf paths of a tree given as parent indices (root first, parents before children)
     and depths, with tensor ops only: one pass per depth level, never one per node."""
@@ -249,6 +260,29 @@ def select_step_tree(scores: torch.Tensor, parent: torch.Tensor, depth: torch.Te
     kept_parent = torch.where(keep > 0, local[parent[keep].clamp(min=0)], -1)
     return keep, build_step_tree(kept_parent, depth[keep])
 
+
+def graft_chain(tokens: torch.Tensor, tree: StepTree, chain: list[int]) -> tuple[torch.Tensor, StepTree]:
+    """Add `chain`, guesses for the tokens after the root, to a step's tree as a path from the root: it
+    follows the nodes whose tokens agree and goes on as new nodes (appended, so parents stay before children)
+    from where it leaves them. Siblings stay distinct tokens, as the acceptance rules expect. Returns the
+    tokens and tree unchanged when the tree already holds the whole chain."""
+    node_tokens, children = tokens.tolist(), tree.children
+    start, taken = 0, 0  # the deepest node on the chain's path so far, and the chain tokens it covers
+    while taken < len(chain):
+        child = next((c for c in children[start] if node_tokens[c] == chain[taken]), None)
+        if child is None:
+            break
+        start, taken = child, taken + 1
+    if taken == len(chain):
+        return tokens, tree
+    first, new = tree.size, len(chain) - taken
+    parent = torch.tensor([start, *range(first, first + new - 1)], dtype=tree.parent.dtype,
+                          device=tree.parent.device)
+    depth = torch.arange(1, new + 1, dtype=tree.depth.dtype, device=tree.depth.device)
+    depth += int(tree.depth[start])
+    grafted = torch.tensor(chain[taken:], dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([tokens, grafted]), build_step_tree(torch.cat([tree.parent, parent]),
+                                                         torch.cat([tree.depth, depth]))
 
 
 @dataclass(frozen=True)

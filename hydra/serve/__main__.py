@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", type=os.path.expanduser, default=None,
                    help="candidate tree: a name, a JSON file or dynamic[:N[:DEPTH[:K]]][:fixed] "
                         "(default: the heads' own)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="prompt-lookup tokens drafted per step besides the heads' tree (0: off; default: the "
+                        "engine's)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
@@ -87,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant,
                                       compile=args.compile)
-        if has_heads:  # a tree that does not fit the heads fails here, not at every request
-            hydra_generate(model, [0], DecodeConfig(tree=args.tree))
+        decoding = DecodeConfig(tree=args.tree, **({} if args.lookup is None else {"lookup": args.lookup}))
+        if has_heads:  # a bad tree or lookup fails here, not at every request
+            hydra_generate(model, [0], decoding)
         if args.compile:
             from hydra.model.compiled import warm_up
 
             print("[hydra] compiling the decoder ...", flush=True)
-            print(f"[hydra] compiled in {warm_up(model, DecodeConfig(tree=args.tree), has_heads):.0f} s", flush=True)
+            print(f"[hydra] compiled in {warm_up(model, decoding, has_heads):.0f} s", flush=True)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[hydra] note: no heads found; every reply uses plain autoregressive decoding", file=sys.stderr)
     name = args.served_model_name or (Path(args.model).name if args.model else "hydra")
     app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree,
-                     pace=not args.no_pace)
+                     pace=not args.no_pace, lookup=args.lookup)
     url = f"http://{args.host}:{args.port}"
     print(f"[hydra] serving {name!r} at {url}/v1 (web chat: {url}/)", flush=True)
     if args.open:  # the model is loaded; uvicorn binds the port well within this delay

@@ -87,9 +87,10 @@ def create_app(
     tree: str | None = None,
     max_body_bytes: int = 1 << 20,
     pace: bool = False,
+    lookup: int | None = None,
 ) -> FastAPI:
     """`pace`: rest the heads while they do not pay (hydra.model.pacing), except for seeded requests, whose
-    replies then repeat."""
+    replies then repeat. `lookup`: prompt-lookup tokens per step (None: DecodeConfig's default)."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
     pacer = Pacer() if pace else None  # one for the server: each request starts from what earlier ones measured
     context = context_length(engine.model)
@@ -174,7 +175,8 @@ def create_app(
         budget = getattr(req, "max_completion_tokens", None) or req.max_tokens or max_tokens
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         config = DecodeConfig(tree=tree, temperature=temperature, max_new_tokens=budget, seed=req.seed,
-                              pace=pacer if pacer is not None and req.seed is None else False)
+                              pace=pacer if pacer is not None and req.seed is None else False,
+                              **({} if lookup is None else {"lookup": lookup}))
         job = Job(ids, config, speculative=req.speculative and engine.has_heads, stop=req.stop_list())
         try:
             steps = engine.steps(job)
