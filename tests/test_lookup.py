@@ -123,3 +123,15 @@ def test_replay_counts_what_the_replies_confirm():
     tau, per_step, confirmed = replay([([1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 5, 6, 7])], 4, 2, 3)
     # [] 1 token; [3, 4, 5, 6] 2 (3 confirmed, 9 the bonus); [] 1; [] 1; (5, 6) -> [1, 2, 3, 9] 1 (7, bonus)
     assert (tau, per_step, confirmed) == (6 / 5, 8 / 5, 1 / 8)
+
+
+def test_graft_shapes_are_built_once_per_tree():
+    """Two chains leaving the tree at the same node with as many new tokens share one grafted tree (its shape
+    does not depend on the tokens); the tokens are each chain's own."""
+    tree = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0]])
+    first_tokens, first = graft_chain(EXAMPLE_TOKENS, tree, [10, 12, 7, 8])
+    second_tokens, second = graft_chain(EXAMPLE_TOKENS, tree, [10, 12, 3, 4])
+    assert second is first and list(tree.grafted) == [(3, 2)]
+    assert first_tokens[-2:].tolist() == [7, 8] and second_tokens[-2:].tolist() == [3, 4]
+    third_tokens, third = graft_chain(EXAMPLE_TOKENS, tree, [10, 12, 7])
+    assert third is not first and third.size == first.size - 1 and third_tokens[-1] == 7

@@ -72,7 +72,10 @@ def resolve_tree(tree: str | list | None, heads_config,
     if isinstance(spec, str) and spec.split(":")[0] == "dynamic":
         built = parse_dynamic_tree(spec, num_heads)
     elif spec == NO_TREE:
-        built = root_only_tree(device)
+        key = (NO_TREE, str(device))
+        if key not in _BUILT:
+            _BUILT[key] = root_only_tree(device)
+        built = _BUILT[key]
     else:
         choices = get_tree(spec)
         key = (str(choices), str(device))
@@ -141,6 +144,12 @@ class StepTree:
     @property
     def size(self) -> int:
         return self.attn_mask.shape[0]
+
+    @cached_property
+    def grafted(self) -> dict[tuple[int, int], StepTree]:
+        """Trees `graft_chain` made from this one, by (node grafted under, nodes added): their shape does not
+        depend on the tokens, so a static tree builds each one once per process."""
+        return {}
 
     @cached_property
     def children(self) -> list[list[int]]:
@@ -276,13 +285,15 @@ def graft_chain(tokens: torch.Tensor, tree: StepTree, chain: list[int]) -> tuple
     if taken == len(chain):
         return tokens, tree
     first, new = tree.size, len(chain) - taken
-    parent = torch.tensor([start, *range(first, first + new - 1)], dtype=tree.parent.dtype,
-                          device=tree.parent.device)
-    depth = torch.arange(1, new + 1, dtype=tree.depth.dtype, device=tree.depth.device)
-    depth += int(tree.depth[start])
-    grafted = torch.tensor(chain[taken:], dtype=tokens.dtype, device=tokens.device)
-    return torch.cat([tokens, grafted]), build_step_tree(torch.cat([tree.parent, parent]),
-                                                         torch.cat([tree.depth, depth]))
+    if (start, new) not in tree.grafted:
+        parent = torch.tensor([start, *range(first, first + new - 1)], dtype=tree.parent.dtype,
+                              device=tree.parent.device)
+        depth = torch.arange(1, new + 1, dtype=tree.depth.dtype, device=tree.depth.device)
+        depth += int(tree.depth[start])
+        tree.grafted[start, new] = build_step_tree(torch.cat([tree.parent, parent]),
+                                                   torch.cat([tree.depth, depth]))
+    added = torch.tensor(chain[taken:], dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([tokens, added]), tree.grafted[start, new]
 
 
 @dataclass(frozen=True)
