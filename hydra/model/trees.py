@@ -10,6 +10,9 @@ of head d conditioned on that node's own path, so every expanded node gets its o
 A dynamic tree (`"dynamic:N"`, `"dynamic:N:D:K"`) is grown anew at every step from the heads' own
 probabilities (EAGLE-2): expand depth by depth keeping the K best nodes by cumulative draft log-probability,
 then verify the N best nodes of everything proposed (`select_step_tree`).
+
+Every step's tree may also get a prompt-lookup branch (`graft_chain`, hydra.model.lookup); the tree "none"
+has no head nodes, so such a step verifies the lookup branch alone.
 """
 
 from __future__ import annotations
