@@ -127,9 +127,10 @@ def grow_tree(counts: Counter, size: int) -> tuple[list[list[int]], float]:
 
 def step_time(model: HydraModel, prompt: list[int], choices: list[list[int]] | None, steps: int) -> float:
     """Seconds per decoding step with this tree (None: plain AR), prefill excluded: the difference between
-    runs of 2 and 2 + `steps` forwards, with no stop tokens."""
+    runs of 2 and 2 + `steps` forwards, with no stop tokens. Without the prompt-lookup branch: it would add
+    tokens to some steps and not others, and the tree's own cost is what is being timed."""
     def timed(n: int) -> float:
-        cfg = DecodeConfig(tree=choices, max_new_tokens=10_000, max_steps=n, stop_token_ids=[])
+        cfg = DecodeConfig(tree=choices, max_new_tokens=10_000, max_steps=n, stop_token_ids=[], lookup=0)
         start = time.perf_counter()
         generate(model, prompt, cfg, speculative=choices is not None)
         return time.perf_counter() - start
