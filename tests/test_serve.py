@@ -351,6 +351,21 @@ def test_malformed_completions_and_unknown_routes(served):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+def engine_keeping_configs(model):
+    """An Engine over `model` that keeps the DecodeConfig of every job it runs."""
+    from hydra.serve.engine import Engine
+
+    engine = Engine(model, has_heads=True)
+    working, configs = engine.steps, []
+
+    def capture(job):
+        configs.append(job.config)
+        return working(job)
+
+    engine.steps = capture
+    return engine, configs
+
+
 def test_lookup_reaches_every_request(served):
     """`--lookup N` becomes each request's DecodeConfig.lookup (without it, DecodeConfig's default); greedy
     replies stay the model's own greedy continuation."""
@@ -358,17 +373,9 @@ def test_lookup_reaches_every_request(served):
 
     from hydra.model.generate import DecodeConfig
     from hydra.serve.app import create_app
-    from hydra.serve.engine import Engine
 
     _, model = served
-    engine = Engine(model, has_heads=True)
-    working, lookups = engine.steps, []
-
-    def capture(job):
-        lookups.append(job.config.lookup)
-        return working(job)
-
-    engine.steps = capture
+    engine, configs = engine_keeping_configs(model)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Say it twice: one two three."}],
             "max_tokens": 24, "temperature": 0}
     prompt = chat_ids(model, "Say it twice: one two three.")
@@ -377,7 +384,7 @@ def test_lookup_reaches_every_request(served):
         with TestClient(create_app(engine, MODEL, lookup=lookup)) as http:
             reply = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
             assert reply == want
-    assert lookups == [7, DecodeConfig().lookup]
+    assert [c.lookup for c in configs] == [7, DecodeConfig().lookup]
 
 
 def test_requests_are_paced_unless_seeded(served):
@@ -386,23 +393,16 @@ def test_requests_are_paced_unless_seeded(served):
     from fastapi.testclient import TestClient
 
     from hydra.serve.app import create_app
-    from hydra.serve.engine import Engine
 
     _, model = served
-    engine = Engine(model, has_heads=True)
-    working, paced = engine.steps, []
-
-    def capture(job):
-        paced.append(job.config.pace)
-        return working(job)
-
-    engine.steps = capture
+    engine, configs = engine_keeping_configs(model)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 24,
             "temperature": 0}
     with TestClient(create_app(engine, MODEL, pace=True)) as http:
         greedy = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert http.post("/v1/chat/completions", json={**body, "temperature": 1, "seed": 3}).status_code == 200
         assert http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == greedy
+    paced = [c.pace for c in configs]
     assert isinstance(paced[0], Pacer) and paced[1] is False and paced[2] is paced[0]
     assert paced[0].probes > 0  # the heads were timed (and the second unseeded request started from that)
     assert greedy == expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)[0]
