@@ -81,17 +81,18 @@ def replay(turns, max_tokens: int, min_ngram: int, max_ngram: int) -> tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--answers", type=lambda p: Path(os.path.expanduser(p)))
-    source.add_argument("--chats", type=lambda p: Path(os.path.expanduser(p)))
-    ap.add_argument("--question-file", type=lambda p: Path(os.path.expanduser(p)), default=QUESTIONS)
+    source.add_argument("--answers", type=os.path.expanduser)
+    source.add_argument("--chats", type=os.path.expanduser)
+    ap.add_argument("--question-file", type=os.path.expanduser, default=str(QUESTIONS))
     ap.add_argument("--num-chats", type=int, default=400)
-    ap.add_argument("--base-model", default=None, help="whose tokenizer (default: the default model)")
+    ap.add_argument("--base-model", type=os.path.expanduser, default=None,
+                    help="whose tokenizer (default: the default model)")
     ap.add_argument("--ngrams", nargs="*", default=["1-3", "2-3", "3-4"], help="min-max n-gram sizes tried")
     ap.add_argument("--tokens", nargs="*", type=int, default=[4, 8, 16], help="branch lengths")
     args = ap.parse_args()
     tokenizer = load_tokenizer(args.base_model)
-    turns = list(answer_turns(tokenizer, args.answers, args.question_file) if args.answers
-                 else chat_turns(tokenizer, args.chats, args.num_chats))
+    turns = list(answer_turns(tokenizer, Path(args.answers), Path(args.question_file)) if args.answers
+                 else chat_turns(tokenizer, Path(args.chats), args.num_chats))
     print(f"# {len(turns)} replies, {sum(len(r) for _, r in turns)} tokens")
     print("| n-grams | tokens | tau (lookup alone) | drafted per step | drafted and confirmed |")
     print("|---|---:|---:|---:|---:|")

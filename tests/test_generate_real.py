@@ -139,7 +139,9 @@ def test_greedy_lossless_long_acceptance(real, prompts, reference, monkeypatch):
     for ids, (want, reason) in list(zip(prompts, reference))[:3]:
         state["emitted"], state["truth"] = [], want
         steps = []
-        for step in hydra_generate(model, ids, DecodeConfig(tree=TREE, max_new_tokens=NEW_TOKENS)):
+        # lookup=0: the accepted paths are the oracle's own (a lookup branch would add deeper ones)
+        config = DecodeConfig(tree=TREE, max_new_tokens=NEW_TOKENS, lookup=0)
+        for step in hydra_generate(model, ids, config):
             state["emitted"] += step.tokens
             steps.append(step)
         assert state["emitted"] == want and steps[-1].finish_reason == reason
