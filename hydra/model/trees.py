@@ -74,16 +74,12 @@ def resolve_tree(tree: str | list | None, heads_config,
     spec, num_heads = tree_spec(tree, heads_config), heads_config.hydra_num_heads
     if isinstance(spec, str) and spec.split(":")[0] == "dynamic":
         built = parse_dynamic_tree(spec, num_heads)
-    elif spec == NO_TREE:
-        key = (NO_TREE, str(device))
-        if key not in _BUILT:
-            _BUILT[key] = root_only_tree(device)
-        built = _BUILT[key]
     else:
-        choices = get_tree(spec)
+        choices = None if spec == NO_TREE else get_tree(spec)
         key = (str(choices), str(device))
         if key not in _BUILT:
-            _BUILT[key] = build_tree_buffers(choices).to(device)
+            built = root_only_tree() if choices is None else build_tree_buffers(choices)
+            _BUILT[key] = built.to(device)
         built = _BUILT[key]
     if built.max_depth > num_heads:
         raise ValueError(f"tree depth {built.max_depth} exceeds the number of heads ({num_heads}); "
