@@ -7,7 +7,8 @@ through pacers with different averaging weights.
 
 Recording decodes prompts of data/train_prompts.jsonl.gz whose replies are in no self-distilled file (so no
 shipped head was trained on them; MT-Bench and the evaluation sets stay unseen) with the shipped heads and tree,
-speculating on three steps of every four; every step's time and decided tokens go into the trace.
+speculating on three steps of every four, with the prompt lookup off (a resting step is then a plain step, as
+the replay assumes); every step's time and decided tokens go into the trace.
 
 Replaying walks each reply token by token: a paced plain step costs the nearest recorded plain step's time
 and decides one token; a speculative step starting at a position a recorded step covered decides the rest of
@@ -49,7 +50,7 @@ class RecordingPacer(Pacer):
     def speculate(self) -> bool:
         return len(self.steps) % 4 != 0
 
-    def record(self, seconds: float, tokens: int, speculated: bool) -> None:
+    def record(self, seconds: float, tokens: int, speculated: bool, verified: int = 1) -> None:
         self.steps.append((seconds, tokens, speculated))
 
 
@@ -76,7 +77,9 @@ def record(args: argparse.Namespace) -> None:
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=False)
         pacer = RecordingPacer()
-        generate(model, ids, DecodeConfig(tree=args.tree, max_new_tokens=args.max_new_tokens, pace=pacer))
+        # The lookup off: replaying models a resting step as a plain step.
+        generate(model, ids, DecodeConfig(tree=args.tree, max_new_tokens=args.max_new_tokens, pace=pacer,
+                                          lookup=0))
         traces.append(pacer.steps)
         print(f"[hydra] {len(traces)}/{args.num_prompts}: {len(pacer.steps)} steps", flush=True)
     Path(args.record).parent.mkdir(parents=True, exist_ok=True)

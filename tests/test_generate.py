@@ -460,6 +460,31 @@ def test_pacing_rests_heads_that_do_not_pay(monkeypatch, base, cycle_base, tree)
         assert share > 0.7 if most else share < 0.35, (tree, most, share)
 
 
+def test_resting_steps_verify_the_lookup_branch(monkeypatch, cycle_base):
+    """Heads that lose (random, costing half a forward) rest; with the lookup on, resting steps verify the
+    lookup branch alone, so on the cycle model (whose output comes round again after its 64 tokens) the reply
+    takes far fewer forwards than with the lookup off, where resting steps are plain. Plain greedy either
+    way."""
+    _Clock(monkeypatch, heads=0.5)
+    counter = _GraftCounter(monkeypatch)
+    model = random_heads(cycle_base, "hydra-mlp")
+    spy = _Spy(monkeypatch, model)
+    ar = run(model, REPEATING, speculative=False, max_new_tokens=160).tokens
+    forwards, resting_grafts, grafts = {}, {}, {}
+    for lookup in (8, 0):
+        counter.grafts = 0
+        steps = spy.consume(hydra_generate(model, REPEATING, DecodeConfig(tree="tree_16", max_new_tokens=160,
+                                                                            lookup=lookup, stop_token_ids=[],
+                                                                            pace=True)))
+        assert [t for s in steps for t in s.tokens] == ar
+        rested = len(steps) - 1 - len(spy.proposals)
+        assert rested > 0.6 * (len(steps) - 1), (lookup, rested, len(steps))
+        forwards[lookup], grafts[lookup] = len(steps), counter.grafts
+        resting_grafts[lookup] = counter.grafts - len(spy.proposals)  # at most one graft per heads' step
+    assert resting_grafts[8] >= 5 and grafts[0] == 0, (resting_grafts, grafts)
+    assert forwards[8] < 0.7 * forwards[0], forwards
+
+
 # --- exact sampling end to end ------------------------------------------------------------------------------
 @pytest.mark.parametrize("tree", [[[0], [1], [2], [0, 0], [0, 1], [1, 0]], "dynamic:5:2:3"])
 def test_exact_sampling_matches_base_distribution(tree):

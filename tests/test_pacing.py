@@ -9,19 +9,29 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
+
 from hydra.model.pacing import MAX_REST, PROBE_SHARE, REMEASURE_EVERY, Pacer
 
 
-def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0) -> tuple[list[bool], float]:
+def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0,
+          lookup=None) -> tuple[list[bool], float]:
     """Run `steps` steps, a plain one taking 1 s and a speculative one `spec_cost` s and deciding
-    `spec_tokens(rng)` tokens. Returns which steps speculated and the tokens per second (plain decoding: 1)."""
+    `spec_tokens(rng)` tokens. `lookup(rng)`: a resting step that may look up finds a branch, (cost, tokens),
+    or None (a plain step). Returns which steps speculated and the tokens per second (plain decoding: 1)."""
     rng = random.Random(seed)
     decisions, tokens, seconds = [], 0, 0.0
     for _ in range(steps):
         speculated = pacer.speculate()
         decisions.append(speculated)
-        n, dt = (spec_tokens(rng), spec_cost) if speculated else (1, 1.0)
-        pacer.record(dt, n, speculated)
+        branch = lookup(rng) if lookup is not None and not speculated and pacer.may_look_up else None
+        if speculated:
+            n, dt, verified = spec_tokens(rng), spec_cost, 4
+        elif branch is not None:
+            (dt, n), verified = branch, 9
+        else:
+            n, dt, verified = 1, 1.0, 1
+        pacer.record(dt, n, speculated, verified)
         tokens, seconds = tokens + n, seconds + dt
     return decisions, tokens / seconds
 
@@ -130,6 +140,39 @@ def test_heads_that_paid_last_reply_speculate_after_its_first_step():
     drive(kept, 100, 1.2, lambda rng: 2)
     kept.start_reply()
     assert drive(kept, 5, 1.2, lambda rng: 2)[0] == [False, True, True, True, True]
+
+
+def test_heads_that_beat_plain_steps_but_not_the_lookup_rest():
+    """With prompt lookup, resting steps verify the lookup branch: here it matches on 60% of them and then
+    decides 3 tokens for 1.3 plain-step times (resting: ~1.7x plain decoding). Heads deciding 1.6 tokens in
+    1.2 plain-step times (1.33x plain, but with a lookup branch of their own) lose to resting: they mostly rest
+    and decoding runs near the resting speed (1.86x; always speculating: 1.33x). Heads deciding 3 tokens in
+    1.2 beat it and keep speculating."""
+    def lookup(rng):
+        return (1.3, 3) if rng.random() < 0.6 else None
+
+    for seed in range(4):
+        pacer = Pacer()
+        decisions, speed = drive(pacer, 400, 1.2, lambda rng: 1 + (rng.random() < 0.6), seed, lookup)
+        assert sum(decisions[100:]) < 0.15 * 300 and speed > 1.6, (sum(decisions[100:]), speed)
+        assert 1.1 < pacer.rest_cost < 1.3 and 1.8 < pacer.rest_tokens < 2.6  # 1.18, 2.2 expected
+        decisions, speed = drive(Pacer(), 400, 1.2, lambda rng: 3, seed, lookup)
+        assert sum(decisions) > 0.9 * 400 and speed > 2.3
+
+
+def test_resting_steps_look_up_only_after_a_plain_step_of_the_reply():
+    """The first step of every reply is plain (it sets the unit the other steps are timed in), even when the
+    lookup would find a branch; a resting step that looks up does not change the plain-step time."""
+    pacer = Pacer()
+    assert not pacer.may_look_up
+    pacer.speculate()
+    pacer.record(1.0, 1, speculated=False)
+    assert pacer.may_look_up
+    pacer.record(5.0, 4, speculated=False, verified=9)
+    # a running mean with the prior (1, 1) counting as one step: (1 + 1 + 5) / 3 and (1 + 1 + 4) / 3
+    assert pacer.plain_seconds == 1.0 and pacer.rest_cost == pytest.approx(7 / 3) and pacer.rest_tokens == 2.0
+    pacer.start_reply()
+    assert not pacer.may_look_up
 
 
 def test_replay_walks_recorded_steps_by_token_position():

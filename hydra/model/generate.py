@@ -206,14 +206,17 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             accepted, bonus = run.accept(logits, draft.tokens, draft.tree)
             pending = _compact(run, draft, accepted, hidden) + [bonus]
             if run.pacer is not None:
-                run.pacer.record(perf_counter() - start, len(pending), speculated=draft.tree is not run.plain)
+                run.pacer.record(perf_counter() - start, len(pending), speculated=draft.speculated,
+                                 verified=draft.tokens.numel())
 
 
 @dataclass
 class Draft:
-    """The tokens one verification forward checks (root first) and the tree they form."""
+    """The tokens one verification forward checks (root first) and the tree they form; `speculated`: what the
+    pacer judges ran (see `_draft`), rather than a resting step."""
     tokens: torch.Tensor
     tree: StepTree
+    speculated: bool = False
 
 
 class _Run:
@@ -305,21 +308,26 @@ def _prefill(run: _Run, ids: torch.Tensor) -> int:
 
 
 def _draft(run: _Run, root: int) -> Draft:
-    """This step's tree: the heads' proposal with any prompt-lookup branch, or just the root (no heads, no
-    room, or the heads resting)."""
+    """This step's tree: the heads' proposal with any prompt-lookup branch; while the heads rest, the lookup
+    branch alone; just the root when there is no tree, no room, or nothing to graft."""
     root_t = torch.tensor([root], device=run.device)
     if run.tree is None or run.n + run.step_size > run.capacity:
         return Draft(root_t, run.plain)
-    if run.pacer is not None and not run.pacer.speculate():
+    resting = run.pacer is not None and not run.pacer.speculate()
+    if resting and not (run.heads_draft and run.pacer.may_look_up):
         return Draft(root_t, run.plain)
-    if not run.heads_draft:
+    if resting or not run.heads_draft:  # the heads rest (the lookup branch alone), or there are none
         draft = Draft(root_t, run.plain)
     elif isinstance(run.tree, TreeBuffers):
         draft = Draft(_propose(run.model, run.tree, _context(run, root_t), root), run.tree)
     else:
         draft = Draft(*_propose_dynamic(run.model, run.tree, _context(run, root_t), root))
     chain = run.lookup.draft() if run.lookup is not None else None
-    return Draft(*graft_chain(draft.tokens, draft.tree, chain)) if chain else draft
+    if chain:
+        draft = Draft(*graft_chain(draft.tokens, draft.tree, chain))
+    # What the pacer judges: the heads' steps, or for the tree "none" the steps with a lookup branch.
+    draft.speculated = not resting and (run.heads_draft or bool(chain))
+    return draft
 
 
 def _context(run: _Run, root: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,14 @@ its averages instead of the priors, so heads known to lose on this machine rest 
 are not re-learned at the price of a few probes per reply (a 128-token reply of a 4-bit base on translation
 spent about 5% of its time on them). `pace=True` takes a fresh pacer for the one call.
 
+With prompt lookup on, a resting step is not a plain step but a lookup-alone step (the lookup branch grafted
+onto the root; a plain step where the lookup finds nothing). The heads are then judged against what resting
+achieves: the pacer also averages resting steps (cost in plain-step times, tokens), and a speculative step
+loses `cost - tokens * rest_cost / rest_tokens` plain-step times. A one-token resting step counts as cost 1,
+1 token (it is what defines the unit), so without a lookup the rule is the plain-step one above. The forced
+resting step every `REMEASURE_EVERY` speculative steps keeps the resting average current while the heads pay;
+a reply's first step stays plain, to time one at the reply's context (`may_look_up`).
+
 Which steps speculate depends on timing and on earlier steps, never on what the current step draws, so greedy
 output is unchanged (identical to plain greedy where the numerics allow, as without pacing) and exact
 sampling stays exact; but bf16 rounding and seeded samples can differ between runs. `DecodeConfig.pace`
@@ -53,30 +61,53 @@ class Pacer:
         self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
         self.cost = START_COST  # average speculative step time in plain-step times
         self.tokens = START_TOKENS  # average tokens a speculative step decides (bonus included)
-        self.rest = 1  # plain steps left before the heads try again (the first step times a plain step)
-        self.since_plain = 0  # speculative steps since the last plain step
+        self.rest = 1  # resting steps left before the heads try again (the first step times a plain step)
+        self.since_rest = 0  # speculative steps since the last resting step
         self.probes = 0  # speculative steps timed so far
+        # Resting steps (the lookup branch alone, or plain): average cost in plain-step times and tokens. Plain
+        # resting steps count as exactly (1, 1), so without a lookup these stay at (1, 1).
+        self.rest_cost, self.rest_tokens, self.rests = 1.0, 1.0, 0
+        self.time_plain = True  # the next resting step is plain, to time one (set at each reply's start)
 
     def start_reply(self) -> None:
         """A new reply begins: its first step is plain (the context, and with it a step's time, starts short
         again); the averages carry over, so heads known to lose go on resting after it."""
-        self.since_plain = 0
-        self.rest = 1 + self._rest_after(self.cost - self.tokens)
+        self.since_rest = 0
+        self.time_plain = True
+        self.rest = 1 + self._rest_after(self._loss(self.cost, self.tokens))
+
+    @property
+    def may_look_up(self) -> bool:
+        """Whether a resting step may verify the lookup branch: not before a plain step of this reply has set
+        the unit."""
+        return not self.time_plain
 
     def speculate(self) -> bool:
         """Whether the next step runs the heads (call once per step that could run them)."""
         if self.rest > 0:
             self.rest -= 1
             return False
-        return self.since_plain < REMEASURE_EVERY
+        return self.since_rest < REMEASURE_EVERY
 
-    def record(self, seconds: float, tokens: int, speculated: bool) -> None:
-        """A step took `seconds` and decided `tokens` (bonus included)."""
+    def record(self, seconds: float, tokens: int, speculated: bool, verified: int = 1) -> None:
+        """A step took `seconds`, verified `verified` tokens (1: a plain step) and decided `tokens` (bonus
+        included); `speculated`: the heads ran."""
         if not speculated:
-            self.plain_seconds = _average(self.plain_seconds, seconds, PLAIN_WEIGHT)
-            self.since_plain = 0
+            self.since_rest = 0
+            if verified == 1:
+                self.time_plain = False
+                self.plain_seconds = _average(self.plain_seconds, seconds, PLAIN_WEIGHT)
+                cost = 1.0
+            elif self.plain_seconds is None:
+                return
+            else:
+                cost = seconds / max(self.plain_seconds, 1e-9)
+            self.rests += 1
+            weight = max(self.weight, 1 / (self.rests + 1))
+            self.rest_cost = _average(self.rest_cost, cost, weight)
+            self.rest_tokens = _average(self.rest_tokens, tokens, weight)
             return
-        self.since_plain += 1
+        self.since_rest += 1
         if self.plain_seconds is None:  # no plain step timed yet: nothing to compare with
             return
         self.probes += 1
@@ -85,13 +116,18 @@ class Pacer:
         cost = seconds / max(self.plain_seconds, 1e-9)
         self.cost = _average(self.cost, cost, weight)
         self.tokens = _average(self.tokens, tokens, weight)
-        loss = self.cost - self.tokens  # plain-step times one speculative step loses against plain steps
-        won = tokens > cost  # this step by itself beat plain steps: try the heads again at once
-        self.rest = 0 if won else self._rest_after(loss)
+        won = self._loss(cost, tokens) < 0  # this step by itself beat resting: try the heads again at once
+        self.rest = 0 if won else self._rest_after(self._loss(self.cost, self.tokens))
+
+    def _loss(self, cost: float, tokens: float) -> float:
+        """Plain-step times a speculative step of this cost and these tokens loses against resting steps
+        deciding the same tokens (negative: it gains)."""
+        return cost - tokens * self.rest_cost / self.rest_tokens
 
     def _rest_after(self, loss: float) -> int:
-        """Plain steps to take after a probe that loses `loss` plain-step times (none if it does not lose).
-        Capped at 2^probes, so a few noisy early steps cannot bench good heads for long."""
+        """Resting steps to take after a probe that loses `loss` plain-step times (none if it does not lose),
+        so that probing costs at most PROBE_SHARE of the time. Capped at 2^probes, so a few noisy early steps
+        cannot bench good heads for long."""
         if loss <= 0:
             return 0
-        return min(MAX_REST, 1 << min(self.probes, 16), math.ceil(loss / PROBE_SHARE))
+        return min(MAX_REST, 1 << min(self.probes, 16), math.ceil(loss / (PROBE_SHARE * self.rest_cost)))
