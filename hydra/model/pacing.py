@@ -64,8 +64,8 @@ class Pacer:
         self.rest = 1  # resting steps left before the heads try again (the first step times a plain step)
         self.since_rest = 0  # speculative steps since the last resting step
         self.probes = 0  # speculative steps timed so far
-        # Resting steps (the lookup branch alone, or plain): average cost in plain-step times and tokens. Plain
-        # resting steps count as exactly (1, 1), so without a lookup these stay at (1, 1).
+        # Resting steps (the lookup branch alone, or plain): average cost in plain-step times and tokens.
+        # Plain resting steps count as exactly (1, 1), so without a lookup these stay at (1, 1).
         self.rest_cost, self.rest_tokens, self.rests = 1.0, 1.0, 0
         self.time_plain = True  # the next resting step is plain, to time one (set at each reply's start)
 
