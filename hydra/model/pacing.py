@@ -11,9 +11,9 @@ plain-step times, and the heads rest for enough plain steps that probing costs a
 time (at most `MAX_REST` steps, and at most 2^probes so far: the averages start from priors, and a few
 noisy early steps must not bench good heads for long); a probe that by itself decided more tokens than its
 cost is followed by another speculative step at once, so text that turns easy is taken up after one winning
-probe rather than after the averages have caught up. Plain steps keep the plain-step time current (with a larger weight: it
-changes only with the context); one is forced after `REMEASURE_EVERY` speculative steps, and the first step
-of a reply is plain to time one.
+probe rather than after the averages have caught up. Plain steps keep the plain-step time current (with a
+larger weight: it changes only with the context); a resting step is forced after `REMEASURE_EVERY`
+speculative steps, and the first step of a reply is plain to time one.
 
 What a pacer has measured outlives a reply: pass the same `Pacer` as `DecodeConfig.pace` to successive calls
 (the chat CLI, the server, the answer scripts and the benchmark each keep one) and the next reply starts from
@@ -91,7 +91,8 @@ class Pacer:
 
     def record(self, seconds: float, tokens: int, speculated: bool, verified: int = 1) -> None:
         """A step took `seconds`, verified `verified` tokens (1: a plain step) and decided `tokens` (bonus
-        included); `speculated`: the heads ran."""
+        included); `speculated`: the step ran what the pacer judges (the heads; for the tree "none", a lookup
+        branch), not a resting step."""
         if not speculated:
             self.since_rest = 0
             if verified == 1:
@@ -101,9 +102,9 @@ class Pacer:
             elif self.plain_seconds is None:
                 return
             else:
-                cost = seconds / max(self.plain_seconds, 1e-9)
+                cost = self._in_plain_steps(seconds)
             self.rests += 1
-            weight = max(self.weight, 1 / (self.rests + 1))
+            weight = self._weight(self.rests)
             self.rest_cost = _average(self.rest_cost, cost, weight)
             self.rest_tokens = _average(self.rest_tokens, tokens, weight)
             return
@@ -111,13 +112,20 @@ class Pacer:
         if self.plain_seconds is None:  # no plain step timed yet: nothing to compare with
             return
         self.probes += 1
-        # A running mean (the prior counting as one step) until the averages' own weight takes over.
-        weight = max(self.weight, 1 / (self.probes + 1))
-        cost = seconds / max(self.plain_seconds, 1e-9)
+        weight = self._weight(self.probes)
+        cost = self._in_plain_steps(seconds)
         self.cost = _average(self.cost, cost, weight)
         self.tokens = _average(self.tokens, tokens, weight)
         won = self._loss(cost, tokens) < 0  # this step by itself beat resting: try the heads again at once
         self.rest = 0 if won else self._rest_after(self._loss(self.cost, self.tokens))
+
+    def _weight(self, samples: int) -> float:
+        """The newest of `samples` steps' weight: a running mean (the prior counting as one step) until the
+        averages' own weight takes over."""
+        return max(self.weight, 1 / (samples + 1))
+
+    def _in_plain_steps(self, seconds: float) -> float:
+        return seconds / max(self.plain_seconds, 1e-9)
 
     def _loss(self, cost: float, tokens: float) -> float:
         """Plain-step times a speculative step of this cost and these tokens loses against resting steps
