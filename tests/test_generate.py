@@ -21,14 +21,16 @@ EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
 DYNAMIC = ["dynamic:4", "dynamic:16", "dynamic:8:4:4:fixed", "dynamic:3:2:2:fixed"]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
-# Every head type, plus Hydra++ whose prefix layer also reads the next token (prefix_reads_next_token).
-NEXT = "prefix-mlp+next"
-ARCHS = [*HEAD_ARCHS, NEXT]
+# Every head type, plus Hydra++ whose prefix layer also reads the next token (prefix_reads_next_token) and
+# Hydra++ with two prefix decoder layers (prefix_num_layers; the second cached and run like the first).
+NEXT, DEEP = "prefix-mlp+next", "prefix-mlp+deep"
+ARCHS = [*HEAD_ARCHS, NEXT, DEEP]
 
 
 def arch_config(arch: str) -> tuple[str, dict]:
     """(hydra_head_arch, further HydraConfig fields) for an entry of ARCHS."""
-    return ("prefix-mlp", {"prefix_reads_next_token": True}) if arch == NEXT else (arch, {})
+    variants = {NEXT: {"prefix_reads_next_token": True}, DEEP: {"prefix_num_layers": 2}}
+    return ("prefix-mlp", variants[arch]) if arch in variants else (arch, {})
 
 
 # --- tiny models ------------------------------------------------------------------------------------------

@@ -359,9 +359,35 @@ def test_prefix_reads_next_token(tiny_base, randomize):
         HydraConfig(hydra_head_arch="hydra-mlp", prefix_reads_next_token=True)
 
 
-def test_prefix_layer_cache_matches_full_pass(tiny_base, randomize):
+def test_prefix_extra_layers_start_as_the_identity(tiny_base, randomize):
+    """prefix_num_layers=2: the second decoder layer starts with zero output projections, so heads loaded
+    from one-layer heads give exactly their outputs; once it is trained, the heads change."""
+    vocab, d = tiny_base.config.vocab_size, tiny_base.config.hidden_size
+    plain = _heads(tiny_base, "prefix-mlp", randomize)
+    config = HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch="prefix-mlp",
+                         prefix_num_layers=2)
+    deep = HydraModel(tiny_base, config).eval()
+    assert len(deep.heads.prefix.extra_layers) == 1 and not plain.heads.prefix.extra_layers
+    assert not any(k.startswith("prefix.extra_layers.") for k in plain.heads.state_dict())
+    missing, unexpected = deep.heads.load_state_dict(plain.heads.state_dict(), strict=False)
+    assert missing and all(k.startswith("prefix.extra_layers.0.") for k in missing) and not unexpected
+    embed = tiny_base.get_input_embeddings()
+    ids = _ids(vocab)
+    hidden = torch.randn(B, S, d, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(deep.heads(hidden, ids, embed), plain.heads(hidden, ids, embed))
+        randomize(deep.heads.prefix.extra_layers)
+        assert not torch.allclose(deep.heads(hidden, ids, embed), plain.heads(hidden, ids, embed))
+    with pytest.raises(ValueError, match="prefix_num_layers needs hydra_head_arch 'prefix-mlp'"):
+        HydraConfig(hydra_head_arch="hydra-mlp", prefix_num_layers=2)
+    with pytest.raises(ValueError, match="prefix_num_layers must be >= 1"):
+        HydraConfig(hydra_head_arch="prefix-mlp", prefix_num_layers=0)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_prefix_layer_cache_matches_full_pass(tiny_base, randomize, num_layers):
     """Feeding the prefix layer chunk by chunk through its own cache == one pass over the whole prefix."""
-    layer = randomize(PrefixLayer(tiny_base.config))
+    layer = randomize(PrefixLayer(tiny_base.config, num_layers=num_layers))
     d = tiny_base.config.hidden_size
     hidden = torch.randn(1, S, d, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

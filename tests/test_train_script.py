@@ -255,6 +255,28 @@ def test_prefix_reads_next_token_continues_heads_saved_without_it(tiny_setup, tm
     assert model.config.prefix_reads_next_token and model.heads.context_reads_next_token
 
 
+def test_prefix_num_layers_continues_heads_with_fewer(tiny_setup, tmp_path):
+    """--prefix_num_layers 2 with --init_heads from one-layer Hydra++ heads: the new layer starts as the
+    identity, so the first evaluation equals the init heads' own; training moves it (its output projections
+    leave zero), and the saved heads load with two prefix layers."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, lm_loss_weight=0.0)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(_args(model_dir, data, first, **flags)) == 0
+    assert not any(k.startswith("prefix.extra_layers.") for k in _weights(first))
+    assert train.main(_args(model_dir, data, second, init_heads=first, prefix_num_layers=2, **flags)) == 0
+    evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
+    assert evals(second)[0]["step"] == 0
+    assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
+    assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
+    weights = _weights(second)
+    assert weights["prefix.extra_layers.0.self_attn.o_proj.weight"].abs().max() > 0
+    assert weights["prefix.extra_layers.0.mlp.down_proj.weight"].abs().max() > 0
+    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
+    assert model.config.prefix_num_layers == 2 and len(model.heads.prefix.extra_layers) == 1
+
+
 def test_prefix_reads_next_token_needs_a_prefix_layer(tiny_setup, tmp_path, capsys):
     model_dir, data = tiny_setup
     with pytest.raises(SystemExit):
@@ -342,15 +364,16 @@ def test_pipeline_train_dtype(tmp_path, flag, bf16):
     for name in ("features", "train"):
         cmd = by_name[name]
         assert cmd[cmd.index("--bf16") + 1] == bf16
-        assert "--prefix_reads_next_token" not in cmd
+        assert "--prefix_reads_next_token" not in cmd and "--prefix_num_layers" not in cmd
 
 
-def test_pipeline_prefix_reads_next_token(tmp_path):
+def test_pipeline_prefix_options(tmp_path):
     from hydra.train.pipeline import parse_args, stages
 
-    argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token"]
+    argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token", "--prefix-num-layers", "2"]
     cmd = {s.name: s.cmd for s in stages(parse_args(argv))}["train"]
     assert cmd[cmd.index("--prefix_reads_next_token") + 1] == "True"
+    assert cmd[cmd.index("--prefix_num_layers") + 1] == "2"
 
 
 @pytest.mark.slow

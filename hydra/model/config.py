@@ -9,7 +9,8 @@ from hydra.model.base_model import DEFAULT_BASE_MODEL
 # mlp        Medusa heads: head i reads only the base hidden state h_t (ungrounded).
 # hydra-mlp  Hydra heads: head i reads [h_t, e(x_{t+1}), ..., e(x_{t+i+1})] (grounded, sequentially dependent).
 # prefix-mlp Hydra++: one extra decoder layer over the base hidden states, then grounded MLP heads.
-#            With prefix_reads_next_token, that layer's input at t is h_t + W rms_norm(e(x_{t+1})).
+#            With prefix_reads_next_token, that layer's input at t is h_t + W rms_norm(e(x_{t+1})); with
+#            prefix_num_layers > 1, more decoder layers follow it.
 HEAD_ARCHS = ("mlp", "hydra-mlp", "prefix-mlp")
 
 
@@ -35,6 +36,9 @@ class HydraConfig(PretrainedConfig):
             position t instead of h_t, so its attention over earlier positions knows the token that follows
             each of them (the pairing EAGLE's draft layer reads); W starts at zero, so heads trained without
             it continue unchanged. x_{t+1} is always known: the accepted token after t, or the step's root.
+        prefix_num_layers: "prefix-mlp" only. Decoder layers in the prefix (the paper's Hydra++: 1). Layers
+            after the first start as the identity (zero output projections), so heads trained with fewer
+            continue unchanged.
     """
 
     model_type = "hydra"
@@ -53,6 +57,7 @@ class HydraConfig(PretrainedConfig):
         vocab_size: int | None = None,
         tree: str | None = None,
         prefix_reads_next_token: bool = False,
+        prefix_num_layers: int = 1,
         **kwargs,
     ):
         if hydra_head_arch not in HEAD_ARCHS:
@@ -67,6 +72,11 @@ class HydraConfig(PretrainedConfig):
         if prefix_reads_next_token and hydra_head_arch != "prefix-mlp":
             raise ValueError("prefix_reads_next_token needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads "
                              f"have a prefix layer), not {hydra_head_arch!r}")
+        if prefix_num_layers != 1 and hydra_head_arch != "prefix-mlp":
+            raise ValueError("prefix_num_layers needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads have a "
+                             f"prefix layer), not {hydra_head_arch!r}")
+        if prefix_num_layers < 1:
+            raise ValueError(f"prefix_num_layers must be >= 1, got {prefix_num_layers}")
         if hydra_num_heads < 1 or hydra_num_layers < 1:
             raise ValueError("hydra_num_heads and hydra_num_layers must be >= 1")
         if not 0.0 <= dropout_rate < 1.0:
@@ -83,5 +93,6 @@ class HydraConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.tree = tree
         self.prefix_reads_next_token = bool(prefix_reads_next_token)
+        self.prefix_num_layers = int(prefix_num_layers)
         kwargs.pop("tie_word_embeddings", None)
         super().__init__(**kwargs)

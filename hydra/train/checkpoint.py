@@ -91,8 +91,12 @@ def load_heads(checkpoint: str | Path, model) -> None:
     heads = model.heads
     with torch.no_grad():
         own = heads.state_dict()
-        # Weights that start at zero may be absent: heads saved before them start from exactly themselves.
-        optional = {f"prefix.{name}" for name in PrefixLayer.ZERO_INIT}
+        # Parameter groups that start as a no-op may be absent (all of a group or none): heads saved without
+        # them then start from exactly themselves.
+        optional = set()
+        for group in (f"prefix.{name}" for name in PrefixLayer.STARTS_AS_NO_OP):
+            if not any(k.startswith(group) for k in state):
+                optional |= {k for k in own if k.startswith(group)}
         missing = sorted(set(own) - set(state) - optional)
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:

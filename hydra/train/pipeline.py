@@ -61,6 +61,8 @@ def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
              "--hidden_cache_dir", str(a.workdir / "features"), "--draft_vocab", str(a.draft_vocab)]
     if a.prefix_reads_next_token:
         flags += ["--prefix_reads_next_token", "True"]
+    if a.prefix_num_layers != 1:
+        flags += ["--prefix_num_layers", str(a.prefix_num_layers)]
     if a.device == "cpu":
         flags += ["--use_cpu", "True"]
     if a.base_model:
@@ -153,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-reads-next-token", action="store_true",
                    help="train.py --prefix_reads_next_token True: the prefix layer also reads x_{t+1} "
                         "(README, Head types; not the shipped heads' recipe)")
+    p.add_argument("--prefix-num-layers", type=int, default=1,
+                   help="train.py --prefix_num_layers: decoder layers in the prefix (README, Head types)")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")

@@ -125,6 +125,9 @@ class TrainingArguments:
     prefix_reads_next_token: bool = field(default=False, metadata={
         "help": "prefix-mlp only: the prefix layer reads h_t + W rms_norm(e(x_{t+1})) (W starts at zero, so "
                 "--init_heads from heads without it continue exactly)"})
+    prefix_num_layers: int = field(default=1, metadata={
+        "help": "prefix-mlp only: decoder layers in the prefix; layers after the first start as the identity, "
+                "so --init_heads from heads with fewer continue exactly"})
     lm_loss_weight: float = 1.0
     teacher_loss_weight: float = 0.0
     dropout_rate: float = 0.0
@@ -173,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if args.prefix_reads_next_token and args.hydra_head_arch != "prefix-mlp":
         parser.error("--prefix_reads_next_token needs --hydra_head_arch prefix-mlp "
                      "(only Hydra++ has a prefix layer)")
+    if args.prefix_num_layers != 1 and args.hydra_head_arch != "prefix-mlp":
+        parser.error("--prefix_num_layers needs --hydra_head_arch prefix-mlp (only Hydra++ has a prefix layer)")
+    if args.prefix_num_layers < 1:
+        parser.error(f"--prefix_num_layers must be >= 1, got {args.prefix_num_layers}")
     if args.head_init not in HEAD_INITS:
         parser.error(f"--head_init must be one of {HEAD_INITS}")
     if args.fill_hidden_cache not in FILL_MODES:
@@ -350,7 +357,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         hydra_head_arch=args.hydra_head_arch, grounded_heads=args.grounded_heads,
         dropout_rate=args.dropout_rate,
         share_lm_head=args.share_lm_head, hidden_state_offset=args.hidden_state_offset,
-        prefix_reads_next_token=args.prefix_reads_next_token,
+        prefix_reads_next_token=args.prefix_reads_next_token, prefix_num_layers=args.prefix_num_layers,
         base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL)
     torch.manual_seed(args.seed)  # same initial heads on every rank
     model = HydraModel(base, config, tokenizer)

@@ -29,7 +29,7 @@ class DraftHeads(nn.Module):
         self.num_heads = config.hydra_num_heads
         self.grounded = config.grounded_heads
         self.hidden_size = d
-        self.prefix = (PrefixLayer(base_config, config.prefix_reads_next_token)
+        self.prefix = (PrefixLayer(base_config, config.prefix_reads_next_token, config.prefix_num_layers)
                        if config.hydra_head_arch == "prefix-mlp" else None)
         self.mlps = nn.ModuleList(
             HeadMLP((i + 2) * d if self.grounded else d, d, config.hydra_num_layers, config.dropout_rate)

@@ -1,5 +1,6 @@
 """Hydra++'s prefix layer: one extra decoder layer (the base architecture, its own weights) that reads the
-base model's hidden states and feeds every head. It keeps its own KV cache while decoding.
+base model's hidden states and feeds every head. It keeps its own KV cache while decoding. Optionally more
+decoder layers follow the first (`HydraConfig.prefix_num_layers`); they start as the identity.
 
 The layer is the base family's own: a one-layer copy of the base model's decoder (transformers' AutoModel
 for its config), so its decoder-layer class, attention details (Qwen3's q/k norms, Qwen2's biases, Mistral's
@@ -17,19 +18,22 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 
 class PrefixLayer(nn.Module):
-    # Weights that start at zero, so heads saved without them load as an exact starting point.
-    ZERO_INIT = ("next_token_proj.weight",)
+    # Parameter groups (name prefixes) that start as a no-op, so heads saved without them load as an exact
+    # starting point: the zero W of reads_next_token, and the extra layers (zero output projections).
+    STARTS_AS_NO_OP = ("next_token_proj.", "extra_layers.")
 
-    def __init__(self, base_config: PretrainedConfig, reads_next_token: bool = False):
+    def __init__(self, base_config: PretrainedConfig, reads_next_token: bool = False, num_layers: int = 1):
         super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a prefix layer needs at least one decoder layer, got num_layers={num_layers}")
         config = copy.deepcopy(base_config)
-        config.num_hidden_layers = 1
+        config.num_hidden_layers = num_layers
         config.use_cache = True
         # The prefix layer reads hidden states, never token ids: a one-row embedding saves allocating and
         # initialising a vocabulary-sized one that would be dropped at once.
         config.vocab_size, config.pad_token_id = 1, None
         if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[-1:]  # the kind of layer it follows: the base's top layer
+            config.layer_types = config.layer_types[-1:] * num_layers  # the kind of the base's top layer
         family = getattr(config, "model_type", type(config).__name__)
         decoder = AutoModel.from_config(config)
         if not all(hasattr(decoder, a) for a in ("layers", "norm", "rotary_emb")):
@@ -40,16 +44,24 @@ class PrefixLayer(nn.Module):
         # Registered under the names the checkpoints use (prefix.layer.*, prefix.norm.*); the one-layer
         # decoder that runs them is kept outside the module tree so it adds nothing to the state dict.
         self.layer = decoder.layers[0]
+        self.extra_layers = nn.ModuleList(decoder.layers[1:])  # no state-dict entries when there are none
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
         self.__dict__["_decoder"] = decoder
         # Fresh init like the paper's code (HF normal init, std = initializer_range), norms at one.
         std = getattr(config, "initializer_range", 0.02)
-        for module in self.layer.modules():
+        for module in decoder.layers.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        # An extra layer writes nothing to the residual stream until trained (zero attention and MLP output
+        # projections), so heads gain depth from exactly where they were; its other weights get gradients
+        # once the output projections move off zero, after the first step.
+        for extra in self.extra_layers:
+            for name, module in extra.named_modules():
+                if isinstance(module, nn.Linear) and name.endswith(("o_proj", "down_proj")):
+                    nn.init.zeros_(module.weight)
         # Optional W of the input h_t + W rms_norm(e(x_{t+1})) (HydraConfig.prefix_reads_next_token).
         self.next_token_proj = None
         if reads_next_token:
