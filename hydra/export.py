@@ -62,6 +62,9 @@ def _load_heads(folder: Path) -> tuple[HydraConfig, dict[str, torch.Tensor]]:
     if config.hidden_state_offset:
         raise ValueError(f"these heads read hidden_states[-{config.hidden_state_offset + 1}] "
                          "(hidden_state_offset > 0); serving engines feed Medusa heads the final hidden state only")
+    if config.feature_layers:
+        raise ValueError(f"these heads also read hidden_states{config.feature_layers} (feature_layers); "
+                         "serving engines feed Medusa heads the final hidden state only")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         legacy = " (legacy hydra_lm_head.pt files hold grounded heads)" if (folder / LEGACY_WEIGHTS_NAME).exists() else ""

@@ -64,16 +64,21 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     import random
     import statistics
 
+    from hydra.model.hydra_model import reads_all_hidden_states
     from hydra.model.kv_cache import TreeKVCache
+    from hydra.model.quant import attention_dtype
 
     device = next(model.parameters()).device
     ids = torch.tensor(prompt, device=device)
     n = ids.numel()
-    cache = TreeKVCache(model.base_model.config.num_hidden_layers, n + 64)
+    base_config = model.base_model.config
+    cache = TreeKVCache(base_config.num_hidden_layers, n + 64, attention_dtype(base_config))
     d_model = model.config.hidden_size
     with torch.inference_mode():
-        out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
-        ctx = out.last_hidden_state[0, -1]
+        out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True,
+                            output_hidden_states=reads_all_hidden_states(model.config))
+        heads_in = model.heads_input(out)[:, -1:]  # what the heads read at the last position
+        ctx = (heads_in if model.heads.fuse is None else model.heads.fuse(heads_in))[0, -1]  # d wide
 
         def verify(t: int) -> None:  # a plain step (t = 1) runs without a mask, as in decoding
             mask = torch.ones(1, 1, t, n + t, dtype=torch.bool, device=device).tril_(n) if t > 1 else None
@@ -94,7 +99,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
                 cache_p = model.heads.prefix.new_cache()
                 next_embeds = model.embed_tokens(ids[None, -1:])  # read only by a prefix that reads x_{t+1}
                 position = torch.tensor([[n - 1]], device=device)
-                model.heads.context(out.last_hidden_state[:, -1:], position, cache_p, next_embeds)
+                model.heads.context(heads_in, position, cache_p, next_embeds)
 
         jobs = [(f"verify T={t}", lambda t=t: verify(t)) for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24)]
         jobs += [(f"head call R={r}", lambda r=r: head(r)) for r in (1, 4, 8, 16)]

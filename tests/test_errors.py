@@ -92,7 +92,8 @@ def test_truncated_base_model_weights(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("field, value", [
     ("hydra_num_heads", "4"), ("hydra_num_heads", True), ("dropout_rate", "0.1"), ("share_lm_head", 1),
-    ("hydra_head_arch", 3), ("tree", ["not", "a", "name"]),
+    ("hydra_head_arch", 3), ("tree", ["not", "a", "name"]), ("feature_layers", [2, "15"]),
+    ("feature_layers", 2), ("feature_layers", [True]),
 ])
 def test_wrong_value_types_in_heads_config(tiny, tmp_path, capsys, field, value):
     heads = tmp_path / "heads"

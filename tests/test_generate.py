@@ -21,16 +21,18 @@ EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees
 TREES = ["chain_4", "tree_8", "tree_16", "mc_sim_7b_63", EXAMPLE, [[0], [1], [2]]]
 DYNAMIC = ["dynamic:4", "dynamic:16", "dynamic:8:4:4:fixed", "dynamic:3:2:2:fixed"]
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
-# Every head type, plus Hydra++ whose prefix layer also reads the next token (prefix_reads_next_token) and
-# Hydra++ with two prefix decoder layers (prefix_num_layers; the second cached and run like the first).
-NEXT, DEEP = "prefix-mlp+next", "prefix-mlp+deep"
-ARCHS = [*HEAD_ARCHS, NEXT, DEEP]
+# Every head type, plus Hydra++ whose prefix layer also reads the next token (prefix_reads_next_token),
+# Hydra++ with two prefix decoder layers (prefix_num_layers; the second cached and run like the first) and
+# Hydra heads that also read the base's earlier layers (feature_layers; the decoder returns all its states).
+NEXT, DEEP, FUSED = "prefix-mlp+next", "prefix-mlp+deep", "hydra-mlp+fused"
+ARCHS = [*HEAD_ARCHS, NEXT, DEEP, FUSED]
 
 
 def arch_config(arch: str) -> tuple[str, dict]:
     """(hydra_head_arch, further HydraConfig fields) for an entry of ARCHS."""
-    variants = {NEXT: {"prefix_reads_next_token": True}, DEEP: {"prefix_num_layers": 2}}
-    return ("prefix-mlp", variants[arch]) if arch in variants else (arch, {})
+    variants = {NEXT: {"prefix_reads_next_token": True}, DEEP: {"prefix_num_layers": 2},
+                FUSED: {"feature_layers": [0, 1]}}
+    return (arch.split("+")[0], variants[arch]) if arch in variants else (arch, {})
 
 
 # --- tiny models ------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def test_proposals_and_context_match_unvectorised_reference(monkeypatch, cycle_b
                 assert tokens.tolist() == _reference_proposal(model, buffers.choices, ctx, root)
                 assert emitted[-1] == root  # the root is the last decided token, not yet in the cache
                 seq = torch.tensor([prompt + emitted[:-1]])
-                hidden = model.base_model.model(input_ids=seq).last_hidden_state
+                hidden = model.base_hidden_states(seq)  # with fused features: all that the heads read
                 positions = torch.arange(seq.shape[1])[None]
                 next_embeds = model.embed_tokens(torch.tensor([prompt + emitted])[:, 1:])
                 # the prefix layer without a cache (reading x_{t+1}, the last one the root, if it does)

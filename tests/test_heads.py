@@ -384,6 +384,36 @@ def test_prefix_extra_layers_start_as_the_identity(tiny_base, randomize):
         HydraConfig(hydra_head_arch="prefix-mlp", prefix_num_layers=0)
 
 
+@pytest.mark.parametrize("arch", ["hydra-mlp", "prefix-mlp"])
+def test_feature_fusion_starts_as_the_identity(tiny_base, randomize, arch):
+    """feature_layers: the heads read [h_final, h_0, h_1] fused by W = [I | 0 | 0] at first, so heads loaded
+    from heads without fusion give exactly their outputs; once W reads the earlier layers, they matter. The
+    base model's forward hands the heads exactly those states (heads_input)."""
+    from hydra.model.hydra_model import heads_input
+
+    vocab, d = tiny_base.config.vocab_size, tiny_base.config.hidden_size
+    plain = _heads(tiny_base, arch, randomize)
+    config = HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch=arch, feature_layers=[0, 1])
+    fused = HydraModel(tiny_base, config).eval()
+    missing, unexpected = fused.heads.load_state_dict(plain.heads.state_dict(), strict=False)
+    assert missing == ["fuse.proj.weight"] and not unexpected
+    embed = tiny_base.get_input_embeddings()
+    ids = _ids(vocab)
+    with torch.no_grad():
+        out = fused.decoder(input_ids=ids, output_hidden_states=True)
+        feats, final = fused.base_features(ids)
+        assert feats.shape == (B, S, 3 * d) and torch.equal(final, out.last_hidden_state)
+        assert torch.equal(feats, heads_input(out, config))
+        assert torch.equal(feats[..., d:2 * d], out.hidden_states[0])  # the input embeddings
+        torch.testing.assert_close(fused.heads(feats, ids, embed), plain.heads(final, ids, embed))
+        fused.heads.fuse.proj.weight[:, d:].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        assert not torch.allclose(fused.heads(feats, ids, embed), plain.heads(final, ids, embed))
+    with pytest.raises(ValueError, match=r"feature_layers \[2\] are not inside the base model"):
+        HydraModel(tiny_base, HydraConfig(hydra_head_arch=arch, feature_layers=[0, 2]))
+    with pytest.raises(ValueError, match="feature_layers must be distinct layer indices"):
+        HydraConfig(feature_layers=[1, 1])
+
+
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_prefix_layer_cache_matches_full_pass(tiny_base, randomize, num_layers):
     """Feeding the prefix layer chunk by chunk through its own cache == one pass over the whole prefix."""

@@ -28,6 +28,21 @@ def _kv(n: int, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- unit semantics ------------------------------------------------------------------------------------
+def test_storage_dtype_keeps_values_exactly():
+    """dtype=float32 stores bf16 keys/values exactly (a float32 cache for the fp32 attention of quantized
+    bases) and returns float32 views; keep() moves rows the same way."""
+    cache = TreeKVCache(num_layers=1, max_len=8, dtype=torch.float32)
+    k, v = _kv(4, start=0.5)
+    keys, values = cache.update(k.bfloat16(), v.bfloat16(), 0)
+    assert keys.dtype == values.dtype == torch.float32
+    assert torch.equal(keys, k.bfloat16().float()) and torch.equal(values, v.bfloat16().float())
+    cache.keep(1, torch.tensor([3]))
+    assert cache.get_seq_length() == 2
+    assert torch.equal(cache.layers[0].buf_k[0, 0, :2, 0], torch.tensor([0.5, 3.5]))
+    default = TreeKVCache(num_layers=1, max_len=4)
+    assert default.update(k.bfloat16(), v.bfloat16(), 0)[0].dtype == torch.bfloat16
+
+
 def test_update_appends_into_preallocated_buffer():
     cache = TreeKVCache(num_layers=2, max_len=10)
     assert cache.get_seq_length() == 0

@@ -17,6 +17,7 @@ from hydra.model.quant import (
     Int4Linear,
     Int8Linear,
     Q8Int4Linear,
+    attention_dtype,
     int4_from_weight,
     q4_1_blocks,
     q8_0_blocks,
@@ -114,6 +115,28 @@ def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factor
             for tree in TREES:
                 out = generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=30, stop_token_ids=[]))
                 assert out.tokens == ar.tokens, (quant, arch, tree, prompt)
+
+
+def test_fp32_attention_reads_a_float32_cache_with_the_same_logits(tiny_base_factory, randomize):
+    """A bf16 int4 base with fp32 attention: decoding stores its KV cache in float32 (`attention_dtype`),
+    which holds the bf16 keys/values exactly, so prefill and one-token logits equal those of a bf16 cache
+    cast per forward."""
+    from hydra.model.kv_cache import TreeKVCache
+
+    base = randomize(tiny_base_factory(seed=5), seed=5, scale=0.3)
+    quantize_model(base, "int4")
+    base.to(torch.bfloat16)
+    assert attention_dtype(base.config) is None
+    use_fp32_attention(base)
+    assert attention_dtype(base.config) == torch.float32
+    caches = [TreeKVCache(base.config.num_hidden_layers, 32, dtype) for dtype in (None, torch.float32)]
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.inference_mode():
+        for step in range(4):
+            logits = [base(input_ids=ids, past_key_values=c, use_cache=True).logits for c in caches]
+            assert torch.equal(logits[0], logits[1]), step
+            ids = logits[0][:, -1:].argmax(-1)
+    assert [c.layers[0].keys.dtype for c in caches] == [torch.bfloat16, torch.float32]
 
 
 def test_gguf_q4_1_output_layer_keeps_the_heads_weight(tiny_base_factory, randomize):

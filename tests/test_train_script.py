@@ -54,7 +54,7 @@ def _args(model_dir, data, out, **flags) -> list[str]:
     base.update(flags)
     out_args = []
     for k, v in base.items():
-        out_args += [f"--{k}", str(v)]
+        out_args += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
     return out_args
 
 
@@ -184,13 +184,15 @@ def test_deepspeed_zero2_matches_plain(tiny_setup, tmp_path):
     _assert_same_weights(plain, ds, atol=1e-4)
 
 
-def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path):
+@pytest.mark.parametrize("reads", [{}, {"feature_layers": [0, 1]}, {"hidden_state_offset": 1}])
+def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path, reads):
     """--cache_hidden_states over ~3 epochs (with evaluations reading cached val rows) gives the same heads as
     recomputing the base model every time; a later run on the same data reuses the same cache folder, and
-    --fill_hidden_cache only completes it."""
+    --fill_hidden_cache only completes it. Also for heads that read fused earlier layers or an earlier layer
+    alone (more arrays per token)."""
     model_dir, data = tiny_setup
     flags = dict(max_steps=8, per_device_train_batch_size=4, eval_steps=4, hydra_head_arch="prefix-mlp",
-                 teacher_loss_weight=1.0, bf16=True)
+                 teacher_loss_weight=1.0, bf16=True, **reads)
     plain, cached, features = tmp_path / "plain", tmp_path / "cached", tmp_path / "features"
     assert train.main(_args(model_dir, data, plain, **flags)) == 0
     cache_flags = dict(cache_hidden_states=True, hidden_cache_dir=features, **flags)
@@ -275,6 +277,27 @@ def test_prefix_num_layers_continues_heads_with_fewer(tiny_setup, tmp_path):
     assert weights["prefix.extra_layers.0.mlp.down_proj.weight"].abs().max() > 0
     model = HydraModel.from_pretrained(second, base_model=str(model_dir))
     assert model.config.prefix_num_layers == 2 and len(model.heads.prefix.extra_layers) == 1
+
+
+def test_feature_layers_continue_heads_saved_without_them(tiny_setup, tmp_path):
+    """--feature_layers with --init_heads from heads that read the final hidden state alone: fusion starts as
+    the identity, so the first evaluation equals the init heads' own; training moves the fusion weights of
+    the earlier layers off zero, and the saved heads load with the option."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, lm_loss_weight=0.0)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(_args(model_dir, data, first, **flags)) == 0
+    assert not any(k.startswith("fuse.") for k in _weights(first))
+    assert train.main(_args(model_dir, data, second, init_heads=first, feature_layers=[0, 1], **flags)) == 0
+    evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
+    assert evals(second)[0]["step"] == 0
+    assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
+    assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
+    d = _weights(first)["prefix.layer.self_attn.o_proj.weight"].shape[0]
+    assert _weights(second)["fuse.proj.weight"][:, d:].abs().max() > 0
+    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
+    assert model.config.feature_layers == [0, 1] and model.heads.fuse is not None
 
 
 def test_prefix_reads_next_token_needs_a_prefix_layer(tiny_setup, tmp_path, capsys):
@@ -364,16 +387,19 @@ def test_pipeline_train_dtype(tmp_path, flag, bf16):
     for name in ("features", "train"):
         cmd = by_name[name]
         assert cmd[cmd.index("--bf16") + 1] == bf16
-        assert "--prefix_reads_next_token" not in cmd and "--prefix_num_layers" not in cmd
+        assert not {"--prefix_reads_next_token", "--prefix_num_layers", "--feature_layers"} & set(cmd)
 
 
 def test_pipeline_prefix_options(tmp_path):
     from hydra.train.pipeline import parse_args, stages
 
-    argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token", "--prefix-num-layers", "2"]
+    argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token", "--prefix-num-layers", "2",
+            "--feature-layers", "2", "15"]
     cmd = {s.name: s.cmd for s in stages(parse_args(argv))}["train"]
     assert cmd[cmd.index("--prefix_reads_next_token") + 1] == "True"
     assert cmd[cmd.index("--prefix_num_layers") + 1] == "2"
+    i = cmd.index("--feature_layers")
+    assert cmd[i + 1:i + 3] == ["2", "15"]
 
 
 @pytest.mark.slow
@@ -410,15 +436,19 @@ def test_feature_cache_key_follows_the_base_weights():
     changed at the same name (re-converted, fine-tuned) gets a new cache instead of stale hidden states."""
     from helpers import make_tiny_base
 
+    from hydra.model import HydraConfig
     from hydra.train.hidden_cache import cache_key_parts, weights_fingerprint
 
-    rows = [{"input_ids": [1, 2, 3]}]
+    rows, config = [{"input_ids": [1, 2, 3]}], HydraConfig()
     a, b = make_tiny_base(seed=0), make_tiny_base(seed=0)
-    key = cache_key_parts("same/name", rows, 0, weights_fingerprint(a))
-    assert key == cache_key_parts("same/name", rows, 0, weights_fingerprint(b))
+    key = cache_key_parts("same/name", rows, config, weights_fingerprint(a))
+    assert key == cache_key_parts("same/name", rows, config, weights_fingerprint(b))
+    # caches written before feature_layers existed keep their keys; fused features get their own
+    assert set(key) == {"model", "weights", "rows", "offset"}
+    assert key != cache_key_parts("same/name", rows, HydraConfig(feature_layers=[0]), weights_fingerprint(a))
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight.mul_(1.01)
-    assert key != cache_key_parts("same/name", rows, 0, weights_fingerprint(b))
+    assert key != cache_key_parts("same/name", rows, config, weights_fingerprint(b))
 
 
 def test_feature_cache_key_of_a_large_weight():

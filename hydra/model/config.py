@@ -36,6 +36,11 @@ class HydraConfig(PretrainedConfig):
             position t instead of h_t, so its attention over earlier positions knows the token that follows
             each of them (the pairing EAGLE's draft layer reads); W starts at zero, so heads trained without
             it continue unchanged. x_{t+1} is always known: the accepted token after t, or the step's root.
+        feature_layers: indices into the base's `hidden_states` (0 = the input embeddings, i = the residual
+            stream after decoder layer i, i < num_hidden_layers) whose states the heads read besides the final
+            hidden state, fused into one d-wide input (EAGLE-3's low/mid/high features; heads.fusion). Empty:
+            the final hidden state alone, as in the paper. Fusion starts as the identity on the final state,
+            so heads trained without it continue unchanged.
         prefix_num_layers: "prefix-mlp" only. Decoder layers in the prefix (the paper's Hydra++: 1). Layers
             after the first start as the identity (zero output projections), so heads trained with fewer
             continue unchanged.
@@ -58,6 +63,7 @@ class HydraConfig(PretrainedConfig):
         tree: str | None = None,
         prefix_reads_next_token: bool = False,
         prefix_num_layers: int = 1,
+        feature_layers: list[int] | None = None,
         **kwargs,
     ):
         if hydra_head_arch not in HEAD_ARCHS:
@@ -77,6 +83,9 @@ class HydraConfig(PretrainedConfig):
                              f"prefix layer), not {hydra_head_arch!r}")
         if prefix_num_layers < 1:
             raise ValueError(f"prefix_num_layers must be >= 1, got {prefix_num_layers}")
+        feature_layers = [int(i) for i in feature_layers or ()]
+        if any(i < 0 for i in feature_layers) or len(set(feature_layers)) != len(feature_layers):
+            raise ValueError(f"feature_layers must be distinct layer indices >= 0, got {feature_layers}")
         if hydra_num_heads < 1 or hydra_num_layers < 1:
             raise ValueError("hydra_num_heads and hydra_num_layers must be >= 1")
         if not 0.0 <= dropout_rate < 1.0:
@@ -94,5 +103,6 @@ class HydraConfig(PretrainedConfig):
         self.tree = tree
         self.prefix_reads_next_token = bool(prefix_reads_next_token)
         self.prefix_num_layers = int(prefix_num_layers)
+        self.feature_layers = feature_layers
         kwargs.pop("tie_word_embeddings", None)
         super().__init__(**kwargs)

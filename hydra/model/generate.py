@@ -21,10 +21,11 @@ import torch
 from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
-from hydra.model.hydra_model import HydraModel
+from hydra.model.hydra_model import HydraModel, reads_all_hidden_states
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
+from hydra.model.quant import attention_dtype
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
     DynamicTree,
@@ -232,7 +233,7 @@ class _Run:
         self.step_size = tree.size + config.lookup if tree is not None else 1
         self.capacity = min(base.config.max_position_embeddings,
                             prompt_len + config.max_new_tokens + self.step_size)
-        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity)
+        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity, attention_dtype(base.config))
         # Whether the heads run at all: the tree "none" verifies the lookup branch alone.
         self.heads_draft = tree is not None and tree.max_depth > 0
         has_prefix = self.heads_draft and model.heads.prefix is not None
@@ -241,7 +242,7 @@ class _Run:
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.accept = _acceptance_rule(config, generator)
         self.bool_mask = base.config._attn_implementation == "sdpa"
-        self.all_hidden = model.config.hidden_state_offset > 0
+        self.all_hidden = reads_all_hidden_states(model.config)
         self.n = 0  # tokens in the cache
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it),
         # and, for a prefix layer that reads x_{t+1} too, those positions' tokens.
@@ -280,7 +281,7 @@ def _emit(pending: list[int], stop_ids: set[int], budget: int) -> tuple[list[int
 
 
 def _forward(run: _Run, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
-    """One base-model forward over new tokens: (output-layer input, what the heads read), both (T, d)."""
+    """One base-model forward over new tokens: (output-layer input (T, d), what the heads read (T, ...))."""
     out = run.model.decoder(input_ids=tokens[None], position_ids=positions[None], past_key_values=run.cache,
                             use_cache=True, output_hidden_states=run.all_hidden, attention_mask=mask)
     return out.last_hidden_state[0], run.model.heads_input(out)[0]

@@ -34,11 +34,21 @@ class HydraTrainOutput:
     head_hidden: torch.Tensor  # (H, B, S, d) every head's hidden state at every position
 
 
-def heads_input(decoder_output, hidden_state_offset: int) -> torch.Tensor:
-    """The one rule for which base hidden state the heads read, from a decoder output: the final (post-norm)
-    hidden state for offset 0, else hidden_states[-(k+1)] (the decoder must run with output_hidden_states)."""
-    k = hidden_state_offset
-    return decoder_output.last_hidden_state if k == 0 else decoder_output.hidden_states[-(k + 1)]
+def reads_all_hidden_states(config: HydraConfig) -> bool:
+    """Whether the heads read more than the decoder's final hidden state (the decoder must then run with
+    output_hidden_states)."""
+    return config.hidden_state_offset > 0 or bool(config.feature_layers)
+
+
+def heads_input(decoder_output, config: HydraConfig) -> torch.Tensor:
+    """The one rule for which base hidden states the heads read, from a decoder output: the final (post-norm)
+    hidden state for hidden_state_offset 0, else hidden_states[-(k+1)]; then, with feature_layers, the
+    states hidden_states[i] for each listed i, concatenated after it (B, S, (1 + len(feature_layers)) * d)."""
+    k = config.hidden_state_offset
+    main = decoder_output.last_hidden_state if k == 0 else decoder_output.hidden_states[-(k + 1)]
+    if not config.feature_layers:
+        return main
+    return torch.cat([main, *(decoder_output.hidden_states[i] for i in config.feature_layers)], dim=-1)
 
 
 class HydraModel(nn.Module):
@@ -62,6 +72,11 @@ class HydraModel(nn.Module):
                 raise ValueError(f"these heads were built for a base model with {field}={want}, but "
                                  f"{base_cfg.name_or_path or 'the base model'} has {field}={have}")
         config.hidden_size, config.vocab_size = base_cfg.hidden_size, base_cfg.vocab_size
+        too_deep = [i for i in config.feature_layers if i >= base_cfg.num_hidden_layers]
+        if too_deep:
+            n = base_cfg.num_hidden_layers
+            raise ValueError(f"feature_layers {too_deep} are not inside the base model: it has {n} decoder "
+                             f"layers, so indices run 0..{n - 1} (its final hidden state is always read)")
         self.config = config
         self.tokenizer = tokenizer
         base_model.requires_grad_(False)
@@ -95,21 +110,22 @@ class HydraModel(nn.Module):
         return self
 
     def heads_input(self, decoder_output) -> torch.Tensor:
-        return heads_input(decoder_output, self.config.hidden_state_offset)
+        return heads_input(decoder_output, self.config)
 
     def base_hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """The hidden states the heads read (see `heads_input`)."""
-        out = self.decoder(input_ids=input_ids, output_hidden_states=self.config.hidden_state_offset > 0,
+        out = self.decoder(input_ids=input_ids, output_hidden_states=reads_all_hidden_states(self.config),
                            **kwargs)
         return self.heads_input(out)
 
     @torch.no_grad()
     def base_features(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what the heads read, the final hidden state), both (B, S, d), from one frozen base forward. The
+        """(what the heads read (`heads_input`), the final hidden state (B, S, d)) from one frozen base forward.
+        The
         teacher's logits are base_logits(final hidden state), also when the heads read an earlier layer."""
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                           use_cache=False, output_hidden_states=self.config.hidden_state_offset > 0)
+                           use_cache=False, output_hidden_states=reads_all_hidden_states(self.config))
         return self.heads_input(out), out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -231,11 +247,13 @@ def load_hydra_config(path: Path) -> HydraConfig:
 
 
 def _json_fits(value, hint) -> bool:
-    """Whether a JSON value fits a simple annotation (int, float, str, bool, X | None); a bool is not a
-    number."""
+    """Whether a JSON value fits a simple annotation (int, float, str, bool, list[int], X | None); a bool is
+    not a number."""
     allowed = typing.get_args(hint) or (hint,)
     if value is None:
         return type(None) in allowed
+    if isinstance(value, list):
+        return list[int] in allowed and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if isinstance(value, bool):
         return bool in allowed
     if isinstance(value, int) and float in allowed:

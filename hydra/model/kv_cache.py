@@ -5,6 +5,8 @@ Each layer preallocates (B, kv_heads, max_len, head_dim) once. A forward over T 
 slots [n, n+T) and attends over the view [0, n+T): no torch.cat reallocation per step (DynamicCache) and no
 attention over unused slots (StaticCache). After verification `keep(n, path)` moves the accepted tree rows to
 slots n, n+1, ... and drops the rest by moving the length back: rejected rows are simply overwritten later.
+A cache may store keys and values in another dtype than the model computes them in (`dtype`): a quantized base
+attends in float32, and a float32 cache saves casting every cached row on every forward.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from transformers.cache_utils import DynamicLayer
 
 
 class PositionIndexedLayer(DynamicLayer):
-    def __init__(self, max_len: int):
+    def __init__(self, max_len: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.max_len = max_len
         self.length = 0
+        self.storage_dtype = dtype  # None: the dtype of the first keys written
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.buf_k = key_states.new_zeros(b, h, self.max_len, d)
-        self.buf_v = value_states.new_zeros(b, h, self.max_len, value_states.shape[-1])
+        self.dtype, self.device = self.storage_dtype or key_states.dtype, key_states.device
+        self.buf_k = key_states.new_zeros(b, h, self.max_len, d, dtype=self.dtype)
+        self.buf_v = value_states.new_zeros(b, h, self.max_len, value_states.shape[-1], dtype=self.dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -62,10 +65,11 @@ class PositionIndexedLayer(DynamicLayer):
 
 
 class TreeKVCache(Cache):
-    """`Cache` of `PositionIndexedLayer`s; `keep` compacts the accepted path after each verification."""
+    """`Cache` of `PositionIndexedLayer`s; `keep` compacts the accepted path after each verification.
+    dtype: what keys and values are stored (and returned) in; default the model's own."""
 
-    def __init__(self, num_layers: int, max_len: int):
-        super().__init__(layers=[PositionIndexedLayer(max_len) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, max_len: int, dtype: torch.dtype | None = None):
+        super().__init__(layers=[PositionIndexedLayer(max_len, dtype) for _ in range(num_layers)])
         self.max_len = max_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -254,7 +254,7 @@ def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]]
 def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
     """transformers' own SDPA attention, computed in float32 and returned in the query's dtype. On CPU torch's
     bf16 SDPA kernel is ~10x slower than its fp32 kernel for one query token (README, Quantized base model);
-    the cast costs one pass over the keys and values."""
+    the cast costs one pass over the keys and values, nothing for a float32 KV cache (`attention_dtype`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None and attention_mask.is_floating_point():
@@ -262,6 +262,12 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
     out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                           **kwargs)
     return out.to(query.dtype), weights
+
+
+def attention_dtype(config) -> torch.dtype | None:
+    """The dtype a model's attention reads keys and values in when it differs from its activations' (float32
+    for the fp32 attention of quantized bases), else None: the dtype its KV cache should store."""
+    return torch.float32 if getattr(config, "_attn_implementation", None) == FP32_ATTENTION else None
 
 
 def use_fp32_attention(model: nn.Module) -> None:

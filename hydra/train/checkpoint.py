@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from hydra.model.heads import PrefixLayer
+from hydra.model.heads import DraftHeads
 from hydra.model.hydra_model import WEIGHTS_NAME
 
 STATE_NAME = "trainer_state.json"
@@ -94,7 +94,7 @@ def load_heads(checkpoint: str | Path, model) -> None:
         # Parameter groups that start as a no-op may be absent (all of a group or none): heads saved without
         # them then start from exactly themselves.
         optional = set()
-        for group in (f"prefix.{name}" for name in PrefixLayer.STARTS_AS_NO_OP):
+        for group in DraftHeads.STARTS_AS_NO_OP:
             if not any(k.startswith(group) for k in state):
                 optional |= {k for k in own if k.startswith(group)}
         missing = sorted(set(own) - set(state) - optional)

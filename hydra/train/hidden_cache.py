@@ -8,10 +8,12 @@ final hidden state (so no teacher log-probs are stored). Rows live in one flat m
 are written the first time a step needs them (`--fill_hidden_cache lazy`), so training starts at once and
 epochs 2+ skip the base forward; `first` fills every missing row before training, `only` fills and exits
 (the feature-cache stage of scripts/train_default_heads.sh). A killed fill resumes with the rows not yet
-flagged. Disk: tokens x hidden_size x 2 bytes in bf16 (1,152 bytes per token for SmolLM2-135M), doubled when
-hidden_state_offset > 0 since the teacher still needs the final hidden state.
+flagged. Disk: tokens x hidden_size x 2 bytes in bf16 (1,152 bytes per token for SmolLM2-135M), once more per
+entry of feature_layers, and once more when hidden_state_offset > 0 since the teacher still needs the final
+hidden state (`cache_arrays`).
 
-The key is a hash of the rows' token ids, the model, dtype and offset, so every run on the same data file,
+The key is a hash of the rows' token ids, the model, dtype, offset and feature layers, so every run on the
+same data file,
 model_max_length and base model finds the same folder (default `~/.cache/hydra/hidden_cache`, see
 `hydra.model.base_model.cache_dir`). Every process memory-maps the same files; each row is written by the
 one process that first computes it and flagged after its data, so a kill never leaves a row flagged but
@@ -101,28 +103,45 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key_parts(model_name: str, rows: list[dict], hidden_state_offset: int, weights: str = "") -> dict:
+def cache_arrays(config) -> int:
+    """d-wide arrays per token: what the heads read (1 + len(feature_layers)), plus the final hidden state
+    when the heads read an earlier one instead (hidden_state_offset > 0)."""
+    return 1 + len(config.feature_layers) + (config.hidden_state_offset > 0)
+
+
+def cache_key_parts(model_name: str, rows: list[dict], config, weights: str = "") -> dict:
     digest = hashlib.sha256(torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32)
                             .numpy().tobytes()).hexdigest()
-    return {"model": model_name, "weights": weights, "rows": digest, "offset": hidden_state_offset}
+    parts = {"model": model_name, "weights": weights, "rows": digest, "offset": config.hidden_state_offset}
+    if config.feature_layers:  # only then: caches written before the option keep their keys
+        parts["layers"] = list(config.feature_layers)
+    return parts
 
 
 def cached_features(model, cache: HiddenCache, row_ids: list[int], batch: dict[str, torch.Tensor]):
     """model.base_features through the cache: the base model runs only if one of the rows is missing."""
     cached = [cache.get(r) for r in row_ids]
     S = batch["input_ids"].shape[1]
+    # Array layout per token: what the heads read in d-wide parts, then the final hidden state if that is
+    # not already its first part (hidden_state_offset > 0).
+    separate_final = model.config.hidden_state_offset > 0
     if any(c is None for c in cached):
         feats, final = model.base_features(batch["input_ids"], batch["position_ids"])
-        both = torch.stack([feats, final], dim=2)[:, :, :cache.arrays]  # (B, S, arrays, d)
+        parts = [feats.unflatten(-1, (-1, cache.d))] + ([final[:, :, None]] if separate_final else [])
+        arrays = torch.cat(parts, dim=2)  # (B, S, arrays, d)
+        if arrays.shape[2] != cache.arrays:
+            raise ValueError(f"the feature cache holds {cache.arrays} arrays per token, the heads read "
+                             f"{arrays.shape[2]}")
         for j, r in enumerate(row_ids):
             if cached[j] is None:
-                cache.put(r, both[j, :cache.lengths[r]])
+                cache.put(r, arrays[j, :cache.lengths[r]])
         return feats, final
     out = torch.zeros(len(row_ids), S, cache.arrays, cache.d, dtype=cached[0].dtype)
     for j, c in enumerate(cached):
         out[j, :c.shape[0]] = c  # padding positions: zeros (never scored, never attended to by real tokens)
     out = out.to(batch["input_ids"].device, non_blocking=True)
-    return out[:, :, 0], out[:, :, -1]
+    feats = out[:, :, :cache.arrays - separate_final].flatten(2)
+    return feats, out[:, :, -1] if separate_final else out[:, :, 0]
 
 
 def fill(model, cache: HiddenCache, row_ids: list[int], make_batch: Callable[[list[int]], dict],

@@ -63,6 +63,8 @@ def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
         flags += ["--prefix_reads_next_token", "True"]
     if a.prefix_num_layers != 1:
         flags += ["--prefix_num_layers", str(a.prefix_num_layers)]
+    if a.feature_layers:
+        flags += ["--feature_layers", *map(str, a.feature_layers)]
     if a.device == "cpu":
         flags += ["--use_cpu", "True"]
     if a.base_model:
@@ -157,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(README, Head types; not the shipped heads' recipe)")
     p.add_argument("--prefix-num-layers", type=int, default=1,
                    help="train.py --prefix_num_layers: decoder layers in the prefix (README, Head types)")
+    p.add_argument("--feature-layers", type=int, nargs="+", default=[],
+                   help="train.py --feature_layers: earlier base layers the heads also read "
+                        "(README, Head types)")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")

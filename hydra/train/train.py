@@ -125,6 +125,10 @@ class TrainingArguments:
     prefix_reads_next_token: bool = field(default=False, metadata={
         "help": "prefix-mlp only: the prefix layer reads h_t + W rms_norm(e(x_{t+1})) (W starts at zero, so "
                 "--init_heads from heads without it continue exactly)"})
+    feature_layers: list[int] = field(default_factory=list, metadata={
+        "help": "hidden_states indices (0 = embeddings, i = after decoder layer i) the heads read besides "
+                "the final hidden state, fused (EAGLE-3 style; e.g. 2 15 27 on a 30-layer base). Fusion "
+                "starts as the identity, so --init_heads from heads without it continue exactly"})
     prefix_num_layers: int = field(default=1, metadata={
         "help": "prefix-mlp only: decoder layers in the prefix; layers after the first start as the identity, "
                 "so --init_heads from heads with fewer continue exactly"})
@@ -358,6 +362,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         dropout_rate=args.dropout_rate,
         share_lm_head=args.share_lm_head, hidden_state_offset=args.hidden_state_offset,
         prefix_reads_next_token=args.prefix_reads_next_token, prefix_num_layers=args.prefix_num_layers,
+        feature_layers=args.feature_layers,
         base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL)
     torch.manual_seed(args.seed)  # same initial heads on every rank
     model = HydraModel(base, config, tokenizer)
@@ -392,9 +397,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         cache = hidden_cache.HiddenCache(
             args.hidden_cache_dir or cache_dir() / "hidden_cache",
             hidden_cache.cache_key_parts(model_args.model_name_or_path or DEFAULT_BASE_MODEL, all_rows,
-                                         config.hidden_state_offset, hidden_cache.weights_fingerprint(base)),
+                                         config, hidden_cache.weights_fingerprint(base)),
             [len(r["input_ids"]) for r in all_rows], base.config.hidden_size,
-            1 if config.hidden_state_offset == 0 else 2, next(base.parameters()).dtype, create=d.is_main)
+            hidden_cache.cache_arrays(config), next(base.parameters()).dtype, create=d.is_main)
         d.barrier()
         cache.open()
         log.info(f"hidden-state cache {cache.folder} ({cache.nbytes / 2**30:.2f} GiB, "

@@ -9,18 +9,24 @@ from transformers import DynamicCache, PretrainedConfig
 
 from hydra.model.config import HydraConfig
 from hydra.model.heads.dropout import Dropout
+from hydra.model.heads.fusion import FeatureFusion
 from hydra.model.heads.prefix_layer import PrefixLayer
 from hydra.model.heads.resblock import HeadMLP
 
 
 class DraftHeads(nn.Module):
+    # Parameter groups (state-dict name prefixes) that start as a no-op, so heads saved without one load as
+    # an exact starting point (hydra.train.checkpoint.load_heads): the zero W of prefix_reads_next_token,
+    # extra prefix layers (zero output projections), feature fusion ([I | 0]).
+    STARTS_AS_NO_OP = ("prefix.next_token_proj.", "prefix.extra_layers.", "fuse.")
+
     """Head i guesses token x_{t+i+2} at position t.
 
     Ungrounded (Medusa) head i reads c_t only; grounded (Hydra) head i reads
     [c_t, e(x_{t+1}), ..., e(x_{t+i+1})], the embeddings of the tokens already on its tree path, where
-    e is the frozen base input embedding. c_t is the base hidden state h_t, or for Hydra++ the prefix layer's
-    output over h_{<=t}. The base embedding and output layer are passed in at call time, never stored here,
-    so a checkpoint holds head weights only.
+    e is the frozen base input embedding. c_t is the base hidden state h_t (fused with earlier layers' states
+    if `feature_layers`), or for Hydra++ the prefix layer's output over those. The base embedding and output
+    layer are passed in at call time, never stored here, so a checkpoint holds head weights only.
     """
 
     def __init__(self, config: HydraConfig, base_config: PretrainedConfig):
@@ -29,6 +35,7 @@ class DraftHeads(nn.Module):
         self.num_heads = config.hydra_num_heads
         self.grounded = config.grounded_heads
         self.hidden_size = d
+        self.fuse = FeatureFusion(len(config.feature_layers), d) if config.feature_layers else None
         self.prefix = (PrefixLayer(base_config, config.prefix_reads_next_token, config.prefix_num_layers)
                        if config.hydra_head_arch == "prefix-mlp" else None)
         self.mlps = nn.ModuleList(
@@ -56,8 +63,11 @@ class DraftHeads(nn.Module):
 
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: DynamicCache | None = None, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """c_t from base hidden states (B, S, d); the prefix layer (if any) appends to `cache`.
+        """c_t from what the heads read of the base (B, S, d), or (B, S, (1 + len(feature_layers)) * d) with
+        fused features; the prefix layer (if any) appends to `cache`.
         next_embeds: (B, S, d) e(x_{t+1}) per position, read only if `context_reads_next_token`."""
+        if self.fuse is not None:
+            hidden = self.fuse(hidden)
         if self.prefix is None:
             return hidden
         if position_ids is None:

@@ -18,10 +18,6 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 
 class PrefixLayer(nn.Module):
-    # Parameter groups (name prefixes) that start as a no-op, so heads saved without them load as an exact
-    # starting point: the zero W of reads_next_token, and the extra layers (zero output projections).
-    STARTS_AS_NO_OP = ("next_token_proj.", "extra_layers.")
-
     def __init__(self, base_config: PretrainedConfig, reads_next_token: bool = False, num_layers: int = 1):
         super().__init__()
         if num_layers < 1:
