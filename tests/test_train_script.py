@@ -236,67 +236,47 @@ def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
     assert ev[fp32] == pytest.approx(ev[amp], rel=2e-2)
 
 
-def test_prefix_reads_next_token_continues_heads_saved_without_it(tiny_setup, tmp_path):
-    """--prefix_reads_next_token with --init_heads from Hydra++ heads that lack it: W starts at zero, so the
-    first evaluation equals the init heads' own, training moves W, and the saved heads load with the
-    option."""
+def _continue_with_option(tiny_setup, tmp_path, new_weights: str, **option):
+    """Train Hydra++ heads without `option`, then continue them with it (--init_heads). The option's weights
+    (names starting with `new_weights`) start as a no-op, so the second run's first evaluation equals the first
+    run's last; its last differs (training moved them). Returns (second run's weights, its loaded model)."""
     model_dir, data = tiny_setup
     flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
                  teacher_loss_weight=1.0, lm_loss_weight=0.0)
     first, second = tmp_path / "first", tmp_path / "second"
     assert train.main(_args(model_dir, data, first, **flags)) == 0
-    assert "prefix.next_token_proj.weight" not in _weights(first)
-    assert train.main(_args(model_dir, data, second, init_heads=first, prefix_reads_next_token=True,
-                            **flags)) == 0
+    assert not any(k.startswith(new_weights) for k in _weights(first))
+    assert train.main(_args(model_dir, data, second, init_heads=first, **option, **flags)) == 0
     evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
     assert evals(second)[0]["step"] == 0
     assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
     assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
-    assert _weights(second)["prefix.next_token_proj.weight"].abs().max() > 0
-    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
+    return _weights(second), HydraModel.from_pretrained(second, base_model=str(model_dir))
+
+
+def test_prefix_reads_next_token_continues_heads_saved_without_it(tiny_setup, tmp_path):
+    """--prefix_reads_next_token from heads that lack it: W starts at zero; training moves it."""
+    weights, model = _continue_with_option(tiny_setup, tmp_path, "prefix.next_token_proj.",
+                                           prefix_reads_next_token=True)
+    assert weights["prefix.next_token_proj.weight"].abs().max() > 0
     assert model.config.prefix_reads_next_token and model.heads.context_reads_next_token
 
 
 def test_prefix_num_layers_continues_heads_with_fewer(tiny_setup, tmp_path):
-    """--prefix_num_layers 2 with --init_heads from one-layer Hydra++ heads: the new layer starts as the
-    identity, so the first evaluation equals the init heads' own; training moves it (its output projections
-    leave zero), and the saved heads load with two prefix layers."""
-    model_dir, data = tiny_setup
-    flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
-                 teacher_loss_weight=1.0, lm_loss_weight=0.0)
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert train.main(_args(model_dir, data, first, **flags)) == 0
-    assert not any(k.startswith("prefix.extra_layers.") for k in _weights(first))
-    assert train.main(_args(model_dir, data, second, init_heads=first, prefix_num_layers=2, **flags)) == 0
-    evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
-    assert evals(second)[0]["step"] == 0
-    assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
-    assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
-    weights = _weights(second)
+    """--prefix_num_layers 2 from one-layer heads: the new layer starts as the identity; training moves its
+    output projections off zero."""
+    weights, model = _continue_with_option(tiny_setup, tmp_path, "prefix.extra_layers.", prefix_num_layers=2)
     assert weights["prefix.extra_layers.0.self_attn.o_proj.weight"].abs().max() > 0
     assert weights["prefix.extra_layers.0.mlp.down_proj.weight"].abs().max() > 0
-    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
     assert model.config.prefix_num_layers == 2 and len(model.heads.prefix.extra_layers) == 1
 
 
 def test_feature_layers_continue_heads_saved_without_them(tiny_setup, tmp_path):
-    """--feature_layers with --init_heads from heads that read the final hidden state alone: fusion starts as
-    the identity, so the first evaluation equals the init heads' own; training moves the fusion weights of
-    the earlier layers off zero, and the saved heads load with the option."""
-    model_dir, data = tiny_setup
-    flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
-                 teacher_loss_weight=1.0, lm_loss_weight=0.0)
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert train.main(_args(model_dir, data, first, **flags)) == 0
-    assert not any(k.startswith("fuse.") for k in _weights(first))
-    assert train.main(_args(model_dir, data, second, init_heads=first, feature_layers=[0, 1], **flags)) == 0
-    evals = lambda out: [e for e in _events(out) if "eval_loss" in e]  # noqa: E731
-    assert evals(second)[0]["step"] == 0
-    assert evals(second)[0]["eval_loss"] == pytest.approx(evals(first)[-1]["eval_loss"], rel=1e-6)
-    assert evals(second)[-1]["eval_loss"] != evals(first)[-1]["eval_loss"]
-    d = _weights(first)["prefix.layer.self_attn.o_proj.weight"].shape[0]
-    assert _weights(second)["fuse.proj.weight"][:, d:].abs().max() > 0
-    model = HydraModel.from_pretrained(second, base_model=str(model_dir))
+    """--feature_layers from heads that read the final hidden state alone: fusion starts as [I | 0]; training
+    moves the earlier layers' columns off zero."""
+    weights, model = _continue_with_option(tiny_setup, tmp_path, "fuse.", feature_layers=[0, 1])
+    d = weights["prefix.layer.self_attn.o_proj.weight"].shape[0]
+    assert weights["fuse.proj.weight"][:, d:].abs().max() > 0
     assert model.config.feature_layers == [0, 1] and model.heads.fuse is not None
 
 
