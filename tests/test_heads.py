@@ -384,6 +384,21 @@ def test_prefix_extra_layers_start_as_the_identity(tiny_base, randomize):
         HydraConfig(hydra_head_arch="prefix-mlp", prefix_num_layers=0)
 
 
+@pytest.mark.parametrize("option", [dict(feature_layers=[0, 1]), dict(prefix_reads_next_token=True)])
+def test_options_that_start_as_no_ops_leave_the_other_weights_init_alone(tiny_base, option):
+    """With the same seed, fresh heads with and without such an option start from the same other weights, so
+    an A/B of the option from scratch differs in the option only."""
+    def fresh(**extra):
+        torch.manual_seed(0)
+        config = HydraConfig(hydra_num_heads=H, hydra_num_layers=L, hydra_head_arch="prefix-mlp", **extra)
+        return HydraModel(tiny_base, config).heads.state_dict()
+
+    plain, with_option = fresh(), fresh(**option)
+    assert set(plain) < set(with_option)
+    for name, value in plain.items():
+        assert torch.equal(value, with_option[name]), name
+
+
 @pytest.mark.parametrize("arch", ["hydra-mlp", "prefix-mlp"])
 def test_feature_fusion_starts_as_the_identity(tiny_base, randomize, arch):
     """feature_layers: the heads read [h_final, h_0, h_1] fused by W = [I | 0 | 0] at first, so heads loaded

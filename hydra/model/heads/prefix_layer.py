@@ -61,7 +61,8 @@ class PrefixLayer(nn.Module):
         # Optional W of the input h_t + W rms_norm(e(x_{t+1})) (HydraConfig.prefix_reads_next_token).
         self.next_token_proj = None
         if reads_next_token:
-            self.next_token_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            with torch.random.fork_rng(devices=[]):  # off the global RNG, as FeatureFusion's W
+                self.next_token_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
             nn.init.zeros_(self.next_token_proj.weight)
 
     def new_cache(self) -> DynamicCache:
