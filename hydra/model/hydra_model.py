@@ -122,8 +122,7 @@ class HydraModel(nn.Module):
     def base_features(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(what the heads read (`heads_input`), the final hidden state (B, S, d)) from one frozen base forward.
-        The
-        teacher's logits are base_logits(final hidden state), also when the heads read an earlier layer."""
+        The teacher's logits are base_logits(final hidden state), also when the heads read an earlier layer."""
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=False, output_hidden_states=reads_all_hidden_states(self.config))
         return self.heads_input(out), out.last_hidden_state

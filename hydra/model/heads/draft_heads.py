@@ -15,11 +15,6 @@ from hydra.model.heads.resblock import HeadMLP
 
 
 class DraftHeads(nn.Module):
-    # Parameter groups (state-dict name prefixes) that start as a no-op, so heads saved without one load as
-    # an exact starting point (hydra.train.checkpoint.load_heads): the zero W of prefix_reads_next_token,
-    # extra prefix layers (zero output projections), feature fusion ([I | 0]).
-    STARTS_AS_NO_OP = ("prefix.next_token_proj.", "prefix.extra_layers.", "fuse.")
-
     """Head i guesses token x_{t+i+2} at position t.
 
     Ungrounded (Medusa) head i reads c_t only; grounded (Hydra) head i reads
@@ -28,6 +23,11 @@ class DraftHeads(nn.Module):
     if `feature_layers`), or for Hydra++ the prefix layer's output over those. The base embedding and output
     layer are passed in at call time, never stored here, so a checkpoint holds head weights only.
     """
+
+    # Parameter groups (state-dict name prefixes) that start as a no-op, so heads saved without one load as
+    # an exact starting point (hydra.train.checkpoint.load_heads): the zero W of prefix_reads_next_token,
+    # extra prefix layers (zero output projections), feature fusion ([I | 0]).
+    STARTS_AS_NO_OP = ("prefix.next_token_proj.", "prefix.extra_layers.", "fuse.")
 
     def __init__(self, config: HydraConfig, base_config: PretrainedConfig):
         super().__init__()
