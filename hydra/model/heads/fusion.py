@@ -20,11 +20,9 @@ class FeatureFusion(nn.Module):
     def __init__(self, num_extra: int, hidden_size: int):
         super().__init__()
         d = hidden_size
-        # Built off the global RNG (its default init is overwritten anyway), so that with the same seed the
-        # heads' other weights start the same with or without fusion: an A/B of the option compares like with
-        # like.
-        with torch.random.fork_rng(devices=[]):
-            self.proj = nn.Linear((1 + num_extra) * d, d, bias=False)
+        # skip_init: the default init would be overwritten below, and skipping it leaves the global RNG alone,
+        # so with one seed the heads' other weights start the same with or without fusion (a fair A/B).
+        self.proj = nn.utils.skip_init(nn.Linear, (1 + num_extra) * d, d, bias=False)
         with torch.no_grad():
             self.proj.weight.zero_()
             self.proj.weight[:, :d].copy_(torch.eye(d))

@@ -61,8 +61,8 @@ class PrefixLayer(nn.Module):
         # Optional W of the input h_t + W rms_norm(e(x_{t+1})) (HydraConfig.prefix_reads_next_token).
         self.next_token_proj = None
         if reads_next_token:
-            with torch.random.fork_rng(devices=[]):  # off the global RNG, as FeatureFusion's W
-                self.next_token_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            # skip_init leaves the global RNG alone, as FeatureFusion's W
+            self.next_token_proj = nn.utils.skip_init(nn.Linear, config.hidden_size, config.hidden_size, bias=False)
             nn.init.zeros_(self.next_token_proj.weight)
 
     def new_cache(self) -> DynamicCache:
