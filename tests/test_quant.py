@@ -191,3 +191,32 @@ def test_default_model_int4_is_the_gguf_blocks():
                 torch.testing.assert_close(ref, converted, rtol=0, atol=1e-6 * scale)
     assert isinstance(model.lm_head, Q8Int4Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config._attn_implementation == FP32_ATTENTION
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_fp32_attention_with_a_tree_mask_equals_transformers_sdpa(mask_kind, monkeypatch):
+    """With a mask and grouped key/value heads `_sdpa_fp32` calls torch's kernel with `enable_gqa` instead of
+    transformers' repeated keys and values: the same output, in the query's dtype."""
+    from types import SimpleNamespace
+
+    from transformers.integrations import sdpa_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hydra.model.quant import _sdpa_fp32
+
+    gen = torch.Generator().manual_seed(0)
+    t, n = 4, 12  # 4 tree rows after 8 cached ones
+    query = torch.randn(1, 6, t, 16, generator=gen).to(torch.bfloat16)
+    key, value = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
+    allowed = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+    allowed[2, n - t + 1] = False  # a tree row that does not see its left neighbour
+    mask = allowed if mask_kind == "bool" else torch.zeros(t, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    want, _ = sdpa_attention_forward(module, query.float(), key, value, mask[None, None], dropout=0.0, scaling=0.25)
+
+    def no_copy(*args):
+        raise AssertionError("keys and values repeated per query head")
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", no_copy)
+    got, _ = _sdpa_fp32(module, query, key, value, mask[None, None], dropout=0.0, scaling=0.25)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, t, 6, 16)
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)
