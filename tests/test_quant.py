@@ -210,13 +210,14 @@ def test_fp32_attention_with_a_tree_mask_equals_transformers_sdpa(mask_kind, mon
     key, value = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
     allowed = torch.ones(t, n, dtype=torch.bool).tril(n - t)
     allowed[2, n - t + 1] = False  # a tree row that does not see its left neighbour
-    mask = allowed if mask_kind == "bool" else torch.zeros(t, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    additive = torch.zeros(t, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = (allowed if mask_kind == "bool" else additive)[None, None]
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
-    want, _ = sdpa_attention_forward(module, query.float(), key, value, mask[None, None], dropout=0.0, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query.float(), key, value, mask, dropout=0.0, scaling=0.25)
 
     def no_copy(*args):
         raise AssertionError("keys and values repeated per query head")
     monkeypatch.setattr(sdpa_attention, "repeat_kv", no_copy)
-    got, _ = _sdpa_fp32(module, query, key, value, mask[None, None], dropout=0.0, scaling=0.25)
+    got, _ = _sdpa_fp32(module, query, key, value, mask, dropout=0.0, scaling=0.25)
     assert got.dtype == torch.bfloat16 and got.shape == (1, t, 6, 16)
     torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)

@@ -264,8 +264,8 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
         # of 3x the cached rows per layer on SmolLM2, because CUDA's kernels take no mask with grouped heads;
         # torch's CPU kernel does, with the same result (README, Quantized base model).
         out = torch.nn.functional.scaled_dot_product_attention(
-            query.float(), key.float(), value.float(), attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
-            scale=kwargs.get("scaling"), enable_gqa=True)
+            query.float(), key.float(), value.float(), attn_mask=attention_mask,
+            dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=True)
         return out.transpose(1, 2).contiguous().to(query.dtype), None
     out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                           **kwargs)
