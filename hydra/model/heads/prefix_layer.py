@@ -62,7 +62,8 @@ class PrefixLayer(nn.Module):
         self.next_token_proj = None
         if reads_next_token:
             # skip_init leaves the global RNG alone, as FeatureFusion's W
-            self.next_token_proj = nn.utils.skip_init(nn.Linear, config.hidden_size, config.hidden_size, bias=False)
+            d = config.hidden_size
+            self.next_token_proj = nn.utils.skip_init(nn.Linear, d, d, bias=False)
             nn.init.zeros_(self.next_token_proj.weight)
 
     def new_cache(self) -> DynamicCache:
