@@ -26,11 +26,11 @@ from collections import defaultdict
 
 import torch
 
+from hydra.inference.loading import load_model
 from hydra.model import generate as gen_mod
 from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, generate
 from hydra.model.trees import tree_spec
-from hydra.inference.loading import load_model
 
 
 class PhaseTimer:
@@ -64,9 +64,9 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     import random
     import statistics
 
+    from hydra.model.attention import attention_dtype
     from hydra.model.hydra_model import reads_all_hidden_states
     from hydra.model.kv_cache import TreeKVCache
-    from hydra.model.quant import attention_dtype
 
     device = next(model.parameters()).device
     ids = torch.tensor(prompt, device=device)

@@ -10,19 +10,17 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from hydra.model import HydraConfig, HydraModel
+from hydra.model.attention import FP32_ATTENTION, attention_dtype, use_fp32_attention
 from hydra.model.generate import DecodeConfig, generate
 from hydra.model.quant import (
-    FP32_ATTENTION,
     GROUP,
     Int4Linear,
     Int8Linear,
     Q8Int4Linear,
-    attention_dtype,
     int4_from_weight,
     q4_1_blocks,
     q8_0_blocks,
     quantize_model,
-    use_fp32_attention,
 )
 
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
@@ -192,32 +190,3 @@ def test_default_model_int4_is_the_gguf_blocks():
     assert isinstance(model.lm_head, Q8Int4Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config._attn_implementation == FP32_ATTENTION
 
-
-@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_fp32_attention_with_a_tree_mask_equals_transformers_sdpa(mask_kind, monkeypatch):
-    """With a mask and grouped key/value heads `_sdpa_fp32` calls torch's kernel with `enable_gqa` instead of
-    transformers' repeated keys and values: the same output, in the query's dtype."""
-    from types import SimpleNamespace
-
-    from transformers.integrations import sdpa_attention
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from hydra.model.quant import _sdpa_fp32
-
-    gen = torch.Generator().manual_seed(0)
-    t, n = 4, 12  # 4 tree rows after 8 cached ones
-    query = torch.randn(1, 6, t, 16, generator=gen).to(torch.bfloat16)
-    key, value = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
-    allowed = torch.ones(t, n, dtype=torch.bool).tril(n - t)
-    allowed[2, n - t + 1] = False  # a tree row that does not see its left neighbour
-    additive = torch.zeros(t, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    mask = (allowed if mask_kind == "bool" else additive)[None, None]
-    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
-    want, _ = sdpa_attention_forward(module, query.float(), key, value, mask, dropout=0.0, scaling=0.25)
-
-    def no_copy(*args):
-        raise AssertionError("keys and values repeated per query head")
-    monkeypatch.setattr(sdpa_attention, "repeat_kv", no_copy)
-    got, _ = _sdpa_fp32(module, query, key, value, mask, dropout=0.0, scaling=0.25)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, t, 6, 16)
-    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)

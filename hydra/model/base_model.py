@@ -147,7 +147,8 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
 
 
 def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
-    from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model, use_fp32_attention
+    from hydra.model.attention import use_fp32_attention
+    from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model
 
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")

@@ -19,13 +19,13 @@ from time import perf_counter
 import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
+from hydra.model.attention import BOOL_MASK_ATTENTION, attention_dtype
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel, reads_all_hidden_states
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
-from hydra.model.quant import attention_dtype
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
     DynamicTree,
@@ -241,7 +241,7 @@ class _Run:
         self.stop_ids = stop_token_ids(model, config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.accept = _acceptance_rule(config, generator)
-        self.bool_mask = base.config._attn_implementation == "sdpa"
+        self.bool_mask = base.config._attn_implementation in BOOL_MASK_ATTENTION
         self.all_hidden = reads_all_hidden_states(model.config)
         self.n = 0  # tokens in the cache
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it),

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hydra.model.attention import use_grouped_sdpa
 from hydra.model.base_model import load_base_model, to_dtype
 from hydra.model.config import HydraConfig
 from hydra.model.families import check_tree_attention
@@ -80,6 +81,7 @@ class HydraModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         base_model.requires_grad_(False)
+        use_grouped_sdpa(base_model)  # tree masks without repeated keys and values (hydra.model.attention)
         self.base_model = base_model
         param = next(base_model.parameters())
         self.heads = DraftHeads(config, base_cfg).to(device=param.device, dtype=param.dtype)

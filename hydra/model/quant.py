@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 QUANT_CHOICES = ("int4", "int8")
-FP32_ATTENTION = "sdpa_fp32"  # the attention implementation quantized bases run with (`use_fp32_attention`)
 GROUP = 32  # weights per scale/zero group: the GGUF block size and torch's q_group_size
 OUTPUT_CHOICES = ("int8", "q8_0")
 
@@ -248,42 +247,3 @@ def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]]
     if swapped == 0:
         raise ValueError("the GGUF file has no Q4_1 / Q8_0 tensors matching this model")
     return model
-
-
-# --- attention -------------------------------------------------------------------------------------------
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' own SDPA attention, computed in float32 and returned in the query's dtype. On CPU torch's
-    bf16 SDPA kernel is ~10x slower than its fp32 kernel for one query token (README, Quantized base model);
-    the cast costs one pass over the keys and values, nothing for a float32 KV cache (`attention_dtype`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    if attention_mask is not None and key.shape[1] != query.shape[1]:
-        # With a mask (tree verification) transformers repeats the keys and values to every query head, a copy
-        # of 3x the cached rows per layer on SmolLM2, because CUDA's kernels take no mask with grouped heads;
-        # torch's CPU kernel does, with the same result (README, Quantized base model).
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.float(), key.float(), value.float(), attn_mask=attention_mask,
-            dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=True)
-        return out.transpose(1, 2).contiguous().to(query.dtype), None
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                          **kwargs)
-    return out.to(query.dtype), weights
-
-
-def attention_dtype(config) -> torch.dtype | None:
-    """The dtype a model's attention reads keys and values in when it differs from its activations' (float32
-    for the fp32 attention of quantized bases), else None: the dtype its KV cache should store."""
-    return torch.float32 if getattr(config, "_attn_implementation", None) == FP32_ATTENTION else None
-
-
-def use_fp32_attention(model: nn.Module) -> None:
-    """Run `model`'s attention through `_sdpa_fp32`, registered with transformers' attention interfaces
-    (its masks are SDPA's; generate.py passes tree masks in additive form for any implementation but sdpa)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(FP32_ATTENTION)
