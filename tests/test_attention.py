@@ -1,6 +1,6 @@
-"""The attention functions decoding registers with transformers (`hydra.model.attention`): with a tree mask and
-grouped key/value heads they call torch's kernel with `enable_gqa` instead of transformers' repeated keys and
-values, and give the same numbers; every HydraModel switches an SDPA base to the grouped function."""
+"""The attention functions decoding registers with transformers (`hydra.model.attention`): with a tree mask
+and grouped key/value heads they call torch's kernel with `enable_gqa` instead of transformers' repeated keys
+and values, and give the same numbers; every HydraModel switches an SDPA base to the grouped function."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hydra.model.kv_cache import TreeKVCache
 
 
 def _tree_rows(dtype: torch.dtype, mask_kind: str = "bool"):
-    """Query (1, 6, 4, 16) for 4 tree rows after 8 cached ones, keys/values of 2 grouped heads, a tree mask."""
+    """Query (1, 6, 4, 16): 4 tree rows after 8 cached ones; keys/values of 2 grouped heads; a tree mask."""
     gen = torch.Generator().manual_seed(0)
     t, n = 4, 12
     query = torch.randn(1, 6, t, 16, generator=gen).to(dtype)

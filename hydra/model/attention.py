@@ -1,5 +1,5 @@
-"""The attention functions a base model decodes with, registered with transformers' `AttentionInterface`, so the
-model's own modeling code calls them (no patched modeling files).
+"""The attention functions a base model decodes with, registered with transformers' `AttentionInterface`, so
+the model's own modeling code calls them (no patched modeling files).
 
 - `GROUPED_SDPA` ("sdpa_grouped"): transformers' SDPA, except that on a CPU a forward with a mask (tree
   verification) and grouped key/value heads calls torch's kernel with `enable_gqa`. transformers repeats the
@@ -20,8 +20,8 @@ from torch import nn
 
 GROUPED_SDPA = "sdpa_grouped"
 FP32_ATTENTION = "sdpa_fp32"
-# Implementations whose tree masks generate.py passes as booleans, as transformers' SDPA takes them; the others
-# (eager, and sdpa_fp32, which casts a float mask to float32) get the additive form.
+# Implementations whose tree masks generate.py passes as booleans, as transformers' SDPA takes them; the
+# others (eager, and sdpa_fp32, which casts a float mask to float32) get the additive form.
 BOOL_MASK_ATTENTION = ("sdpa", GROUPED_SDPA)
 
 

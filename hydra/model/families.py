@@ -15,7 +15,8 @@ from transformers import PretrainedConfig
 from hydra.model.attention import FP32_ATTENTION, GROUPED_SDPA
 
 TREE_MASK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# flash-attention kernels take no arbitrary 4D mask; sdpa_grouped and sdpa_fp32 are SDPA (hydra.model.attention)
+# flash-attention kernels take no arbitrary 4D mask; sdpa_grouped and sdpa_fp32 are SDPA
+# (hydra.model.attention)
 TREE_MASK_ATTENTION = ("sdpa", "eager", GROUPED_SDPA, FP32_ATTENTION)
 
 
