@@ -129,6 +129,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.gguf.expanduser().is_file():
         raise SystemExit(f"[hydra] error: --gguf {args.gguf}: no such file")
+    if not 0 < args.context <= 2048 - max(SIZES):
+        raise SystemExit(f"[hydra] error: --context {args.context}: choose 1..{2048 - max(SIZES)}")
     try:
         llm = LlamaCpp(args.gguf.expanduser(), args.threads)
     except ImportError:
@@ -138,8 +140,6 @@ def main() -> None:
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                      tokenize=True, return_dict=False)
     plain = check_tree(llm, prompt)
-    if not 0 < args.context <= 2048 - max(SIZES):
-        raise SystemExit(f"[hydra] error: --context {args.context}: choose 1..{2048 - max(SIZES)}")
     context = (prompt * (args.context // len(prompt) + 1))[:args.context]
     ms = time_batches(llm, context, plain, args.reps)
     print(f"# llama.cpp, {args.threads} threads, {len(context)}-token context, medians of {args.reps}")
