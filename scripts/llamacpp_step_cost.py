@@ -18,6 +18,7 @@ steps.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -120,19 +121,21 @@ def time_batches(llm: LlamaCpp, prompt: list[int], tokens: list[int], reps: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gguf", type=Path, required=True, help="a GGUF file, e.g. the default model's")
-    ap.add_argument("--base-model", default=None, help="the model whose tokenizer encodes the prompt "
+    ap.add_argument("--gguf", type=lambda p: Path(os.path.expanduser(p)), required=True,
+                    help="a GGUF file, e.g. the default model's")
+    ap.add_argument("--base-model", type=os.path.expanduser, default=None,
+                    help="the model whose tokenizer encodes the prompt "
                     "(default: the default model, SmolLM2-135M-Instruct)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--context", type=int, default=400, help="cached tokens before the timed batches")
     args = ap.parse_args()
-    if not args.gguf.expanduser().is_file():
+    if not args.gguf.is_file():
         raise SystemExit(f"[hydra] error: --gguf {args.gguf}: no such file")
     if not 0 < args.context <= 2048 - max(SIZES):
         raise SystemExit(f"[hydra] error: --context {args.context}: choose 1..{2048 - max(SIZES)}")
     try:
-        llm = LlamaCpp(args.gguf.expanduser(), args.threads)
+        llm = LlamaCpp(args.gguf, args.threads)
     except ImportError:
         raise SystemExit("[hydra] error: this script needs llama-cpp-python: "
                          "pip install '.[llamacpp]'") from None
