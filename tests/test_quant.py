@@ -189,4 +189,3 @@ def test_default_model_int4_is_the_gguf_blocks():
                 torch.testing.assert_close(ref, converted, rtol=0, atol=1e-6 * scale)
     assert isinstance(model.lm_head, Q8Int4Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config._attn_implementation == FP32_ATTENTION
-

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 GROUPED_SDPA = "sdpa_grouped"
 FP32_ATTENTION = "sdpa_fp32"
@@ -26,8 +29,6 @@ BOOL_MASK_ATTENTION = ("sdpa", GROUPED_SDPA)
 
 
 def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if attention_mask is not None and key.shape[1] != query.shape[1] and query.device.type == "cpu":
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
@@ -46,9 +47,6 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register(name: str, fn) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(name, fn)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)  # the masks these take are SDPA's
 
