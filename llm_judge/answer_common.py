@@ -11,8 +11,8 @@ plus per-turn speed data:
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
-     "decoding": {method, tree, lookup, temperature, sampling, max_new_token, dtype, quant, compile, pace,
-                  device, heads, base_model}}
+     "decoding": {method, tree, lookup, temperature, sampling, max_new_token, dtype, quant, heads_quant,
+                  compile, pace, device, heads, base_model}}
 
 tau = tokens decided per verification step with each turn's prefill step left out (with --pace the plain
 steps count as verification steps of one token)
@@ -66,6 +66,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
+    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="CPU only: the draft heads' weights in int8 or int4 (auto: int8 with --quant, else "
+                        "float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder (the untimed warm-up runs compile it)")
     p.add_argument("--warmup", type=int, default=1,
@@ -203,7 +206,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
 
     try:
         model, has_heads = load_model(args.model_path, args.base_model, args.dtype, args.device,
-                                      heads_required=method == "hydra", quant=args.quant, compile=args.compile)
+                                      heads_required=method == "hydra", quant=args.quant,
+                                      compile=args.compile, heads_quant=args.heads_quant)
     except (OSError, ValueError) as e:
         raise SystemExit(f"[hydra] error: {e}") from None
     torch.manual_seed(args.seed)
@@ -221,7 +225,9 @@ def main(method: str, argv: list[str] | None = None) -> int:
     generate = hydra_generate if method == "hydra" else ar_generate
     device = next(model.parameters()).device
     decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,
-                "dtype": args.dtype, "quant": args.quant, "compile": args.compile, "device": str(device), "threads": torch.get_num_threads(),
+                "dtype": args.dtype, "quant": args.quant,
+                "heads_quant": model.heads.quant[0] if has_heads and model.heads.quant else None,
+                "compile": args.compile, "device": str(device), "threads": torch.get_num_threads(),
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":

@@ -16,11 +16,12 @@ looking at MT-Bench). For every configuration it prints tokens/s, tau (mean toke
 forward, bonus token included; AR = 1) and speedup over AR. With --hf it also times transformers' `generate`
 (plain greedy, and prompt-lookup decoding) and adds a column relative to it (the first base model's), the
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
-(hydra.model.quant); --compile off on runs each base eager and with its decoder compiled (hydra.model.compiled;
-compilation happens in the untimed warm-up); --pace off on runs every tree with the heads on every step and
-paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs every tree without and with
-a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the engine's, 8); --llama-cpp
-adds llama.cpp's own greedy decoding of a GGUF file.
+(hydra.model.quant); --compile off on runs each base eager and with its decoder compiled
+(hydra.model.compiled; compilation happens in the untimed warm-up); --heads-quant none int8 runs each head set
+with float and with int8 weights (default auto: int8 on a quantized base); --pace off on runs every tree with
+the heads on every step and paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs
+every tree without and with a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the
+engine's, 8); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -45,6 +46,7 @@ from hydra.model import HydraConfig, HydraModel, load_base_model
 from hydra.model.compiled import compile_decoder
 from hydra.model.generate import DecodeConfig, generate, stop_token_ids
 from hydra.model.pacing import Pacer
+from hydra.model.quant import HEADS_QUANT_CHOICES
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
+    ap.add_argument("--heads-quant", nargs="*", default=["auto"], choices=HEADS_QUANT_CHOICES,
+                    help="each head set with each of these weights (auto: int8 on a quantized base)")
     ap.add_argument("--compile", nargs="*", default=["off"], choices=("off", "on"),
                     help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
     ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),
@@ -184,7 +188,12 @@ def main() -> None:
             base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
-                models = {h: HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer) for h in args.heads}
+                models = {}
+                for h, kind in itertools.product(args.heads, args.heads_quant):
+                    model = HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer,
+                                                       heads_quant=kind)
+                    kind = model.heads.quant[0] if model.heads.quant else "float"
+                    models[h if len(args.heads_quant) == 1 else f"{h} ({kind} heads)"] = model
             else:
                 models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
                           for arch in ("mlp", "hydra-mlp", "prefix-mlp")}

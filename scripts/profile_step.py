@@ -7,6 +7,7 @@ compaction, Python), compared with one plain autoregressive step, on the same pr
     python scripts/profile_step.py --threads 1 --costs      # verify cost vs tree size, head call vs rows
     python scripts/profile_step.py --quant int4            # the same on the 4-bit base
     python scripts/profile_step.py --quant int4 --compile  # ... with the base decoder compiled
+    python scripts/profile_step.py --quant int4 --heads-quant none   # ... with float heads
 
 `--costs` times the pieces a dynamic tree's size rule trades off, interleaved in random order on one
 400-token context: a verification forward (decoder + output layer) over T = 1..24 tokens, one head call
@@ -30,6 +31,7 @@ from hydra.inference.loading import load_model
 from hydra.model import generate as gen_mod
 from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, generate
+from hydra.model.quant import HEADS_QUANT_CHOICES
 from hydra.model.trees import tree_spec
 
 
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quant", choices=["int4", "int8"], default=None, help="quantized base (README: 4-bit base)")
+    ap.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
+                    help="the heads' weights (auto: int8 on a quantized base, else float)")
     ap.add_argument("--compile", action="store_true", help="compile the base decoder (hydra.model.compiled)")
     ap.add_argument("--costs", action="store_true", help="time verification vs tree size and head calls")
     ap.add_argument("--reps", type=int, default=20, help="repetitions per piece with --costs")
@@ -143,7 +147,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.heads, args.base_model, dtype=args.dtype, device="cpu", heads_required=True,
-                          quant=args.quant)
+                          quant=args.quant, heads_quant=args.heads_quant)
     if args.compile:
         compile_decoder(model)
     prompts = load_prompts(model.tokenizer, QUESTIONS, args.num_prompts)

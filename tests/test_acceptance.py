@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hydra.model.acceptance import exact_accept, greedy_accept, tempered_probs, typical_accept
+from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, tempered_probs, typical_accept
 from hydra.model.trees import MC_SIM_7B_63, build_tree_buffers
 
 from helpers import assert_matches, chi2_pvalue, chi2_quantile
@@ -100,6 +100,30 @@ def test_greedy_matches_brute_force_on_mc_sim():
         got, nxt = greedy_accept(logits, tokens, tree)
         assert tuple(got.tolist()) in ok and len(got) == best
         assert nxt == int(pred[got[-1]])
+
+
+def test_greedy_walk_equals_greedy_accept_reading_only_the_path():
+    """The walk (siblings distinct, as every proposal and graft makes them) accepts what greedy_accept does
+    and reads the logits of the root and the accepted nodes only."""
+    tree = build_tree_buffers(MC_SIM_7B_63)
+    gen = torch.Generator().manual_seed(1)
+    v = 12  # more than any node's children, few enough that long matches happen
+    lengths = set()
+    for _ in range(200):
+        tokens = torch.zeros(tree.size, dtype=torch.long)
+        for kids in tree.children:
+            tokens[kids] = torch.randperm(v, generator=gen)[:len(kids)]
+        logits = torch.randn(tree.size, v, generator=gen)
+        for u, kids in enumerate(tree.children):  # steer half the argmaxes onto a child
+            if kids and torch.rand((), generator=gen) < 0.5:
+                logits[u, tokens[kids[0]]] = 10.0
+        read: list[int] = []
+        got, nxt = greedy_walk(lambda i: read.append(i) or logits[i], tokens, tree)
+        want, want_next = greedy_accept(logits, tokens, tree)
+        assert got.tolist() == want.tolist() and nxt == want_next
+        assert read == got.tolist()
+        lengths.add(len(got))
+    assert len(lengths) >= 3  # short and long paths both walked
 
 
 # --- typical ----------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ quantized base reproduces plain greedy decoding of that same quantized base."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,127 @@ def test_default_model_int4_is_the_gguf_blocks():
                 torch.testing.assert_close(ref, converted, rtol=0, atol=1e-6 * scale)
     assert isinstance(model.lm_head, Q8Int4Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config._attn_implementation == FP32_ATTENTION
+
+
+# --- quantized draft heads ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["mlp", "hydra-mlp", "prefix-mlp"])
+def test_quantized_heads_draft_nearly_as_float_heads_and_decode_losslessly(tiny_base_factory, arch, kind):
+    """Weight-only heads (`quantize_heads`): every linear layer of the trunks and the prefix layer, and the
+    projection onto the draft vocabulary, run the int8 / int4 kernel; their hidden states stay within
+    quantisation error of the float heads' (random weights, so int4's error is large); verification is the
+    base's, so greedy speculative decoding still equals plain greedy decoding."""
+    from hydra.model.quant import quantize_heads
+    from tests.helpers import make_heads
+
+    base = tiny_base_factory(seed=3, scale=0.3, hidden_size=64)  # int4 groups need inputs of 32s
+    model = make_heads(base, arch=arch, num_layers=2)
+    model.heads.set_draft_vocab(torch.arange(0, 96, 2))  # 48 rows: whole int4 groups of 16
+    ctx, path = torch.randn(3, 64), torch.randn(3, 64)
+
+    def head_hidden() -> torch.Tensor:
+        with torch.inference_mode():
+            context = model.heads.context(ctx[None])[0]
+            return model.heads.head_hidden(0, context, path if arch != "mlp" else None)
+
+    want = head_hidden()
+    quantize_heads(model.heads, kind)
+    linear = Int8Linear if kind == "int8" else Int4Linear
+    swapped = [m for m in model.heads.modules() if isinstance(m, linear)]
+    assert not any(type(m) is torch.nn.Linear for m in model.heads.modules())
+    # trunks, first blocks' residual products, the prefix layer's 7
+    assert len(swapped) == 2 * 4 + 4 * (arch != "mlp") + 7 * (arch == "prefix-mlp")
+    assert model.heads.dtype == torch.float32 and model.heads.quant == (kind, torch.float32)
+    got = head_hidden()
+    error = float((got - want).norm() / want.norm())
+    assert 0 < error < (0.05 if kind == "int8" else 0.4), error  # measured: <= 0.023 / 0.27
+    assert isinstance(model.heads._projection(0, model.lm_head), linear)
+    with torch.inference_mode():
+        assert (model.heads.draft_topk_logprobs(0, got, model.lm_head, 5)[1] % 2 == 0).all()  # draft vocab
+    for prompt in PROMPTS:
+        ar = generate(model, prompt, DecodeConfig(max_new_tokens=20, stop_token_ids=[]), speculative=False)
+        for tree in ("chain_4", "dynamic:6"):
+            out = generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=20, stop_token_ids=[]))
+            assert out.tokens == ar.tokens, (arch, kind, tree, prompt)
+
+
+def test_heads_quant_auto_follows_the_base(tiny_base_factory, tmp_path):
+    """One rule (`heads_quant_for`): auto = int8 heads on a quantized base, float on a float one; none /
+    int8 / int4 as asked; a bad kind is one clear error. `from_pretrained` applies it; quantized heads
+    refuse to be saved (their weights are no longer the checkpoint's)."""
+    from hydra.model.quant import heads_quant_for
+    from tests.helpers import make_heads
+
+    base = tiny_base_factory(seed=3, scale=0.3, hidden_size=64)
+    make_heads(base, arch="prefix-mlp").save_pretrained(tmp_path / "heads")
+    assert heads_quant_for(base) is None and heads_quant_for(base, "int4") == "int4"
+    assert HydraModel.from_pretrained(tmp_path / "heads", base_model=base).heads.quant is None
+    quantize_model(base, "int8")
+    assert heads_quant_for(base) == "int8" and heads_quant_for(base, "none") is None
+    assert heads_quant_for(base, None) is None
+    model = HydraModel.from_pretrained(tmp_path / "heads", base_model=base)
+    assert model.heads.quant == ("int8", torch.float32)
+    float_heads = HydraModel.from_pretrained(tmp_path / "heads", base_model=base, heads_quant="none")
+    assert float_heads.heads.quant is None
+    with pytest.raises(ValueError, match="unknown heads quantization 'int3'"):
+        heads_quant_for(base, "int3")
+    with pytest.raises(ValueError, match=r"quantized \(int8\) for decoding"):
+        model.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_heads_quant_flag_is_the_same_everywhere():
+    """The chat CLI, the server and the answer scripts offer the heads' kinds `heads_quant_for` knows."""
+    from hydra.inference.cli import build_parser as cli_parser
+    from hydra.model.quant import HEADS_QUANT_CHOICES
+    from hydra.serve.__main__ import build_parser as serve_parser
+    from llm_judge.answer_common import build_parser as answer_parser
+
+    for parser in (cli_parser(), serve_parser(), answer_parser("hydra")):
+        action = next(a for a in parser._actions if a.dest == "heads_quant")
+        assert tuple(action.choices) == HEADS_QUANT_CHOICES and action.default == "auto"
+
+
+def test_greedy_walk_on_an_int4_output_layer_reads_only_path_rows(tiny_base_factory, monkeypatch):
+    """On an int4-kernel output layer (Q8 blocks, vocabulary a multiple of 16), greedy decoding computes the
+    output layer for the nodes it accepts only (`_Run.walk`), one row at a time: same tokens and same accepted
+    lengths as computing every node's logits, and greedy speculative == plain greedy decoding (fp32)."""
+    import hydra.model.generate as generate_module
+    from tests.helpers import make_heads
+
+    base = tiny_base_factory(vocab_size=96, seed=3, scale=0.3)
+    quantize_model(base, "int4")
+    assert isinstance(base.lm_head, Q8Int4Linear)
+    model = make_heads(base, arch="prefix-mlp", num_layers=2)
+    monkeypatch.setattr(generate_module, "WALK_ABOVE", 1)  # every tree walks (the default walks > 4 nodes)
+    rows_per_call = []
+    forward = base.lm_head.forward
+    monkeypatch.setattr(base.lm_head, "forward", lambda x: rows_per_call.append(x.shape) or forward(x))
+    for prompt in PROMPTS:
+        config = DecodeConfig(max_new_tokens=24, stop_token_ids=[], lookup=4)
+        ar = generate(model, prompt, config, speculative=False)
+        for tree in ("tree_16", "dynamic:6"):
+            rows_per_call.clear()
+            walked = generate(model, prompt, replace(config, tree=tree))
+            assert walked.tokens == ar.tokens, (tree, prompt)
+            assert all(len(shape) == 1 for shape in rows_per_call[1:])  # after the prefill: one row a call
+            assert len(rows_per_call) - 1 == sum(walked.accept_lengths[1:])  # tau rows, not T
+            with monkeypatch.context() as m:
+                m.setattr(generate_module, "Int4Linear", type(None))  # every node's logits at once
+                batched = generate(model, prompt, replace(config, tree=tree))
+            assert (batched.tokens, batched.accept_lengths) == (walked.tokens, walked.accept_lengths)
+
+
+def test_int4_heads_without_a_draft_vocabulary_project_in_int8_where_int4_cannot(tiny_base_factory):
+    """Without a draft vocabulary the heads project onto the whole vocabulary; 100 rows are no multiple
+    of the int4 kernel's 16, so that projection falls back to int8 (the trunks stay int4); decoding runs."""
+    from hydra.model.quant import quantize_heads
+    from tests.helpers import make_heads
+
+    model = make_heads(tiny_base_factory(seed=3, scale=0.3, hidden_size=64), arch="hydra-mlp")
+    quantize_heads(model.heads, "int4")
+    assert isinstance(model.heads._projection(0, model.lm_head), Int8Linear)
+    assert isinstance(model.heads.mlps[0].blocks[0].linear, Int4Linear)
+    ar = generate(model, PROMPTS[2], DecodeConfig(max_new_tokens=12, stop_token_ids=[]), speculative=False)
+    out = generate(model, PROMPTS[2], DecodeConfig(tree="tree_16", max_new_tokens=12, stop_token_ids=[]))
+    assert out.tokens == ar.tokens

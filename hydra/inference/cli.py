@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
                         "GGUF file's own); see README, Quantized base model")
+    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="CPU only: the draft heads' weights in int8 or int4 (auto: int8 with --quant, else "
+                        "float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder: faster replies after a start-up compilation of a few "
                         "minutes on a CPU; see README, Compiled decoder")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[hydra] loading ...", flush=True)
     try:
         model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant,
-                                      compile=args.compile)
+                                      compile=args.compile, heads_quant=args.heads_quant)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[hydra] compiled in {warm_up(model, config, speculative):.0f} s", flush=True)
     cfg = model.config
     device = next(model.parameters()).device
-    what = (f"{cfg.hydra_num_heads} {cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
+    heads_kind = f"{model.heads.quant[0]} " if model.heads.quant else ""
+    what = (f"{cfg.hydra_num_heads} {heads_kind}{cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             if speculative else "plain autoregressive decoding")
     print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)

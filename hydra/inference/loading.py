@@ -25,9 +25,11 @@ def default_device() -> str:
 
 def load_model(heads: str | Path | None = None, base_model: str | None = None, dtype: str = "bfloat16",
                device: str | None = None, heads_required: bool = False,
-               quant: str | None = None, compile: bool = False) -> tuple[HydraModel, bool]:
+               quant: str | None = None, compile: bool = False,
+               heads_quant: str | None = "auto") -> tuple[HydraModel, bool]:
     """Load heads (folder or Hub id; None: the shipped heads) on their base model. `compile`: compile the base
-    decoder (`hydra.model.compiled`; the first forwards then take minutes, see `warm_up`).
+    decoder (`hydra.model.compiled`; the first forwards then take minutes, see `warm_up`). `heads_quant`:
+    the heads' weights ("auto": int8 on a quantized base, else float; `HydraModel.from_pretrained`).
 
     Returns (model, has_heads). With no heads given and none shipped, returns the base model wrapped in a
     HydraModel with an unused placeholder head (enough for `ar_generate`) and has_heads=False, unless
@@ -46,7 +48,8 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
                              base_model_name_or_path=base_model or DEFAULT_BASE_MODEL)
         model, has_heads = HydraModel(base, config, tokenizer).eval(), False
     else:
-        model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device, quant=quant)
+        model = HydraModel.from_pretrained(heads, base_model=base_model, dtype=dtype, device=device,
+                                           quant=quant, heads_quant=heads_quant)
         model, has_heads = model.eval(), True
     if compile:
         from hydra.model.compiled import compile_decoder

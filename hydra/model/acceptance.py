@@ -5,6 +5,8 @@ the accepted node indices (root first, a root-to-node path) plus the next token 
 model decided after the last accepted node).
 
 - greedy: keep the longest path whose tokens equal the base model's argmax at each parent. Exact.
+  `greedy_walk` gives the same result from the logits of the nodes it walks through only (siblings are
+  distinct tokens, so at most one child matches), for output layers whose cost grows with the rows.
 - typical: Medusa/Hydra typical acceptance. A child x of node u is accepted iff
   p_u(x) > min(threshold, alpha * exp(-H(p_u))) with p_u = softmax(logits_u / temperature); ties between
   equally long paths go to the larger summed log-probability; the next token is the argmax. Deterministic and
@@ -17,9 +19,11 @@ model decided after the last accepted node).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from hydra.model.trees import TreeBuffers
+from hydra.model.trees import StepTree, TreeBuffers
 
 
 def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,6 +47,21 @@ def greedy_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers)
     best = int(lengths.argmax())
     accepted = paths[best, : int(lengths[best]) + 1]
     return accepted, int(pred[accepted[-1]])
+
+
+def greedy_walk(row_logits: Callable[[int], torch.Tensor], tokens: torch.Tensor,
+                tree: StepTree) -> tuple[torch.Tensor, int]:
+    """`greedy_accept` asking `row_logits(i)` for node i's logits (V,) only at the root and at each node it
+    accepts: tau rows instead of T."""
+    token_list, children = tokens.tolist(), tree.children
+    node, path = 0, [0]
+    while True:
+        best = int(row_logits(node).argmax())
+        child = next((c for c in children[node] if token_list[c] == best), None)
+        if child is None:
+            return torch.tensor(path, device=tokens.device), best
+        path.append(child)
+        node = child
 
 
 def typical_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,

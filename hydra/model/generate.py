@@ -18,7 +18,7 @@ from time import perf_counter
 
 import torch
 
-from hydra.model.acceptance import exact_accept, greedy_accept, typical_accept
+from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, typical_accept
 from hydra.model.attention import BOOL_MASK_ATTENTION, attention_dtype
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
@@ -26,6 +26,7 @@ from hydra.model.hydra_model import HydraModel, reads_all_hidden_states
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
+from hydra.model.quant import Int4Linear
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
     DynamicTree,
@@ -37,6 +38,12 @@ from hydra.model.trees import (  # noqa: F401
     select_step_tree,
     worth_expanding,
 )
+
+
+# Tree sizes up to which the output layer runs over every node at once even where it could walk
+# (`_Run.walk`): on the default model's int4 output layer 1/2/3/4/6/8 rows took 2.3/2.9/3.4/4.0/6.7/7.4 ms,
+# and a greedy walk reads tau rows (~1.5-1.8 on the shipped heads), one call each.
+WALK_ABOVE = 4
 
 
 @dataclass
@@ -203,8 +210,8 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             if run.lookup is not None:
                 run.lookup.extend(pending)
             draft = _draft(run, root=pending[-1])
-            logits, hidden = _verify(run, draft)
-            accepted, bonus = run.accept(logits, draft.tokens, draft.tree)
+            last, hidden = _verify(run, draft)
+            accepted, bonus = _accept(run, last, draft)
             pending = _compact(run, draft, accepted, hidden) + [bonus]
             if run.pacer is not None:
                 run.pacer.record(perf_counter() - start, len(pending), speculated=draft.speculated,
@@ -241,6 +248,11 @@ class _Run:
         self.stop_ids = stop_token_ids(model, config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self.accept = _acceptance_rule(config, generator)
+        # Greedy decoding can compute the output layer for the nodes it accepts only, a row per call. On
+        # torch's int4 kernel (the quantized bases' output layer) rows cost nearly linearly from 3 rows on, so
+        # for trees of more than WALK_ABOVE tokens that pays; a float output layer costs about the same for 1
+        # and 8 rows, so never there (README, Quantized base model).
+        self.walk = config.temperature == 0 and isinstance(model.lm_head, Int4Linear)
         self.bool_mask = base.config._attn_implementation in BOOL_MASK_ATTENTION
         self.all_hidden = reads_all_hidden_states(model.config)
         self.n = 0  # tokens in the cache
@@ -346,13 +358,22 @@ def _context(run: _Run, root: torch.Tensor) -> torch.Tensor:
 
 
 def _verify(run: _Run, draft: Draft) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the tree: base logits (T, V) and the heads' hidden states (T, d) at every node."""
+    """One forward over the tree: the output layer's input (T, d) and the heads' hidden states (T, d) at
+    every node."""
     tree = draft.tree
     base = run.model.base_model
     mask = (tree_attention_mask(tree.attn_mask, run.n, base.dtype, run.bool_mask, base.config, tree.depth)
             if tree.size > 1 else None)
-    last, hidden = _forward(run, draft.tokens, run.n + tree.depth, mask)
-    return run.model.lm_head(last), hidden
+    return _forward(run, draft.tokens, run.n + tree.depth, mask)
+
+
+def _accept(run: _Run, last: torch.Tensor, draft: Draft) -> tuple[torch.Tensor, int]:
+    """The accepted nodes (root first) and the bonus token, from the output layer over the tree's nodes: all
+    of them, or for `run.walk` on a tree of more than WALK_ABOVE tokens only those the greedy walk reads."""
+    lm_head = run.model.lm_head
+    if run.walk and draft.tokens.numel() > WALK_ABOVE:
+        return greedy_walk(lambda i: lm_head(last[i]), draft.tokens, draft.tree)
+    return run.accept(lm_head(last), draft.tokens, draft.tree)
 
 
 def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tensor) -> list[int]:

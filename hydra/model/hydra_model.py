@@ -22,6 +22,7 @@ from hydra.model.base_model import load_base_model, to_dtype
 from hydra.model.config import HydraConfig
 from hydra.model.families import check_tree_attention
 from hydra.model.heads.draft_heads import DraftHeads
+from hydra.model.quant import heads_quant_for, quantize_heads
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -176,6 +177,9 @@ class HydraModel(nn.Module):
     # --- persistence -----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> None:
         """Write config.json + heads-only model.safetensors (optionally cast, e.g. to bfloat16)."""
+        if self.heads.quant is not None:
+            raise ValueError(f"these heads are quantized ({self.heads.quant[0]}) for decoding; save heads "
+                             "loaded with heads_quant='none'")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", to_dtype(dtype) if dtype else v.dtype).contiguous()
@@ -188,7 +192,8 @@ class HydraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, heads: str | Path, base_model: str | PreTrainedModel | None = None,
                         dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                        tokenizer: PreTrainedTokenizerBase | None = None, quant: str | None = None) -> HydraModel:
+                        tokenizer: PreTrainedTokenizerBase | None = None, quant: str | None = None,
+                        heads_quant: str | None = "auto") -> HydraModel:
         """Load heads from a folder or Hub repo id and put them on a base model.
 
         Args:
@@ -198,6 +203,8 @@ class HydraModel(nn.Module):
                 base_model_name_or_path, or None to use the config's.
             dtype, device: for the base model (when loaded here) and the heads.
             quant: None, "int4" or "int8" for the base model when loaded here (see `load_base_model`).
+            heads_quant: "auto" (int8 heads on a quantized base, else float), "none", "int8" or "int4":
+                weight-only heads for decoding on a CPU (`hydra.model.quant.heads_quant_for`).
         """
         folder = _resolve_heads_folder(heads)
         config = load_hydra_config(folder / CONFIG_NAME)
@@ -223,6 +230,9 @@ class HydraModel(nn.Module):
             if ids is None or ids.dim() != 1 or (ids.numel() and int(ids.max()) >= config.vocab_size):
                 raise ValueError(f"{folder / DRAFT_VOCAB_NAME} does not hold 1-D token_ids within the vocabulary")
             model.heads.set_draft_vocab(ids.to(next(model.heads.parameters()).device))
+        kind = heads_quant_for(base, heads_quant)
+        if kind is not None:
+            quantize_heads(model.heads, kind)
         return model
 
 

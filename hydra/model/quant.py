@@ -7,10 +7,12 @@
   stored in the activation dtype (bf16 on the fast path), the one rounding this path adds.
 - `quantize_model(model, "int4" | "int8")`: re-quantises any float Llama-family model: int4 with asymmetric
   groups of 32 (min/max, as the GGUF's Q4_1), int8 with one symmetric scale per output row.
+- `quantize_heads(heads, "int8" | "int4")`: the draft heads the same way, for decoding; `heads_quant_for`
+  holds the rule for when (by default: int8 heads on a quantized base).
 
 Only `(batch, K) @ (K, N)` products change; norms, attention, RoPE and the embedding lookup stay in the
 model's dtype. The output layer keeps its float `weight` next to its packed form, because the draft heads
-project with that weight (they stay in bf16, see `hydra.model.heads.draft_heads`).
+take their draft vocabulary's rows from that weight (and quantize those rows when they are quantized).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 QUANT_CHOICES = ("int4", "int8")
+HEADS_QUANT_CHOICES = ("auto", "none", "int8", "int4")  # --heads-quant (heads_quant_for)
 GROUP = 32  # weights per scale/zero group: the GGUF block size and torch's q_group_size
 OUTPUT_CHOICES = ("int8", "q8_0")
 
@@ -141,7 +145,7 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     for parent in list(model.get_decoder().modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and _fits(child.weight, quant):
-                parent.set_submodule(name, _quantized(child.weight, quant, dtype, child.bias))
+                parent.set_submodule(name, quantized_linear(child.weight, quant, dtype, child.bias))
     out = model.get_output_embeddings()
     if type(out) is nn.Linear and _fits(out.weight, "int8"):
         if out.bias is None and _fits(out.weight, "int4"):
@@ -157,8 +161,70 @@ def _fits(weight: torch.Tensor, quant: str) -> bool:
                                                                   and weight.shape[0] % 16 == 0))
 
 
-def _quantized(weight: torch.Tensor, quant: str, dtype: torch.dtype, bias: torch.Tensor | None) -> nn.Module:
+def quantized_linear(weight: torch.Tensor, quant: str, dtype: torch.dtype,
+                     bias: torch.Tensor | None) -> nn.Module:
+    """`weight` (N, K) as an int4 (groups of 32) or int8 (per row) layer computing in `dtype`."""
     return int4_from_weight(weight, dtype, bias) if quant == "int4" else int8_from_weight(weight, dtype, bias)
+
+
+def projection_rows(weight: torch.Tensor, bias: torch.Tensor | None,
+                    quant: tuple[str, torch.dtype] | None) -> nn.Module:
+    """Rows of another layer (e.g. a draft vocabulary's rows of the output layer) as a layer of their own:
+    float, or for `quant` = (kind, activation dtype) weight-only int8 / int4 (int8 where the int4 kernel
+    cannot take the shape)."""
+    if quant is None:
+        return FloatRows(weight.contiguous(), None if bias is None else bias.contiguous())
+    kind, dtype = quant
+    return quantized_linear(weight, kind if _fits(weight, kind) else "int8", dtype, bias)
+
+
+class FloatRows(nn.Module):
+    """y = x W^T + b with float weights that belong to another layer (e.g. a draft vocabulary's rows of the
+    output layer): the float counterpart of the quantized layers above, not registered as parameters."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# --- the draft heads ----------------------------------------------------------------------------------------
+def heads_quant_for(base_model: nn.Module, heads_quant: str | None = "auto") -> str | None:
+    """The one rule for the heads' kind: "auto" is int8 on a quantized base (its linear layers are this
+    module's) and float otherwise, so the bf16 and fp32 paths keep their float heads (README, Quantized base
+    model); None or "none" is float; "int8" / "int4" as asked."""
+    if heads_quant == "auto":
+        return "int8" if any(isinstance(m, Int4Linear | Int8Linear) for m in base_model.modules()) else None
+    if heads_quant in (None, "none"):
+        return None
+    if heads_quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown heads quantization {heads_quant!r}; choose auto, none, int8 or int4")
+    return heads_quant
+
+
+def quantize_heads(heads: nn.Module, quant: str) -> None:
+    """Swap the draft heads' linear layers (head trunks, Hydra++ prefix layer, feature fusion) for int8 or
+    int4 weight-only ones, in place, for decoding on a CPU (a layer the int4 kernel cannot take stays float);
+    their projection onto the draft vocabulary follows (`DraftHeads._projection`). The heads' own output
+    layers, if any, stay float: that projection quantizes their rows. Training and saving need float heads
+    (`HydraModel.save_pretrained` refuses these)."""
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown heads quantization {quant!r}; choose one of {QUANT_CHOICES}")
+    if heads.quant is not None:
+        raise ValueError(f"the heads are already quantized ({heads.quant[0]})")
+    device = next(heads.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"quantized heads use torch's CPU kernels; the heads are on {device.type}")
+    dtype = heads.dtype
+    own_output = set(heads.lm_heads.modules()) if heads.lm_heads is not None else set()
+    for parent in list(heads.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child not in own_output and _fits(child.weight, quant):
+                parent.set_submodule(name, quantized_linear(child.weight, quant, dtype, child.bias))
+    heads.quant = (quant, dtype)
+    heads.set_draft_vocab(heads.draft_vocab)  # rebuild the projection in the new kind
 
 
 # --- the GGUF file's own blocks -----------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
+    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="CPU only: the draft heads' weights in int8 or int4 (auto: int8 with --quant, else "
+                        "float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder (compiled before serving: minutes on a CPU)")
     p.add_argument("--no-pace", action="store_true",
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         model, has_heads = load_model(args.model, args.base_model, args.dtype, args.device, quant=args.quant,
-                                      compile=args.compile)
+                                      compile=args.compile, heads_quant=args.heads_quant)
         decoding = DecodeConfig(tree=args.tree, **({} if args.lookup is None else {"lookup": args.lookup}))
         if has_heads:  # a bad tree or lookup fails here, not at every request
             hydra_generate(model, [0], decoding)

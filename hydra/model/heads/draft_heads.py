@@ -12,6 +12,7 @@ from hydra.model.heads.dropout import Dropout
 from hydra.model.heads.fusion import FeatureFusion
 from hydra.model.heads.prefix_layer import PrefixLayer
 from hydra.model.heads.resblock import HeadMLP
+from hydra.model.quant import projection_rows
 
 
 class DraftHeads(nn.Module):
@@ -48,12 +49,15 @@ class DraftHeads(nn.Module):
         # Optional reduced draft vocabulary (token ids), used only to pick candidates while decoding (see
         # draft_topk). Not part of state_dict: it lives in its own file next to the heads.
         self.draft_vocab: torch.Tensor | None = None
-        self._draft_weights: dict[int, tuple] = {}
+        self._projections: dict[int, tuple] = {}
+        # Weight-only int8 / int4 linear layers for decoding on a CPU (`hydra.model.quant.quantize_heads`):
+        # (kind, the activation dtype), or None for float heads.
+        self.quant: tuple[str, torch.dtype] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the heads' weights."""
-        return self.mlps[0].blocks[0].linear.weight.dtype
+        """The dtype of the heads' weights (of their activations, once quantized)."""
+        return self.quant[1] if self.quant else self.mlps[0].blocks[0].linear.weight.dtype
 
     # --- building blocks -------------------------------------------------------------------------------
     @property
@@ -93,43 +97,46 @@ class DraftHeads(nn.Module):
 
     def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
         self.draft_vocab = None if token_ids is None else token_ids.to(torch.long)
-        self._draft_weights.clear()
+        self._projections.clear()
 
     def draft_topk(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module, k: int) -> torch.Tensor:
         """Head i's k best token ids. With a draft vocabulary, only its rows of the output layer are read:
         at batch size 1 projecting onto the full vocabulary is memory-bound, and the heads do it once per
         tree depth, so a smaller candidate vocabulary cuts the proposal cost (README, Trees). Verification
         still uses the full vocabulary, so outputs are unchanged; a token outside it just cannot be drafted."""
-        if self.draft_vocab is None:
-            return self.head_logits(i, hidden, base_lm_head).topk(k, dim=-1).indices
-        weight, bias = self._draft_projection(i, base_lm_head)
-        return self.draft_vocab[F.linear(hidden, weight, bias).topk(k, dim=-1).indices]
+        top = self._draft_logits(i, hidden, base_lm_head).topk(k, dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
 
     def draft_topk_logprobs(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module,
                             k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Head i's k best token ids and their log-probabilities (fp32; normalised over the draft vocabulary
         when there is one), for trees grown from the heads' own confidence."""
-        if self.draft_vocab is None:
-            logits = self.head_logits(i, hidden, base_lm_head).float()
-        else:
-            weight, bias = self._draft_projection(i, base_lm_head)
-            logits = F.linear(hidden, weight, bias).float()
+        logits = self._draft_logits(i, hidden, base_lm_head).float()
         top = logits.topk(k, dim=-1)
         ids = top.indices if self.draft_vocab is None else self.draft_vocab[top.indices]
         return top.values - logits.logsumexp(-1, keepdim=True), ids
 
-    def _draft_projection(self, i: int, base_lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draft_logits(self, i: int, hidden: torch.Tensor, base_lm_head: nn.Module) -> torch.Tensor:
+        """Head i's logits while decoding: over the draft vocabulary if there is one, else the whole one."""
+        if self.draft_vocab is None and self.quant is None:
+            return self.head_logits(i, hidden, base_lm_head)
+        return self._projection(i, base_lm_head)(hidden)
+
+    def _projection(self, i: int, base_lm_head: nn.Module) -> nn.Module:
+        """The output layer's rows a head drafts from (the draft vocabulary's, else all), gathered once and
+        kept while the layer's weight is unchanged; in the heads' weight-only kind if they are quantized."""
         layer = base_lm_head if self.lm_heads is None else self.lm_heads[i]
         key = 0 if self.lm_heads is None else i
         stamp = (layer.weight.data_ptr(), layer.weight._version)
-        cached = self._draft_weights.get(key)
+        cached = self._projections.get(key)
         if cached is None or cached[0] != stamp:
-            ids = self.draft_vocab.to(layer.weight.device)
-            self.draft_vocab = ids
-            bias = getattr(layer, "bias", None)
-            cached = (stamp, layer.weight[ids].contiguous(), None if bias is None else bias[ids].contiguous())
-            self._draft_weights[key] = cached
-        return cached[1], cached[2]
+            weight, bias = layer.weight, getattr(layer, "bias", None)
+            if self.draft_vocab is not None:
+                ids = self.draft_vocab = self.draft_vocab.to(weight.device)
+                weight, bias = weight[ids], None if bias is None else bias[ids]
+            rows = projection_rows(weight, bias, self.quant)
+            cached = self._projections[key] = (stamp, rows)
+        return cached[1]
 
     # --- training ----------------------------------------------------------------------------------------
     def forward(self, base_hidden: torch.Tensor, input_ids: torch.Tensor, embed_tokens: nn.Module,
