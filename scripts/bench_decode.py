@@ -18,7 +18,7 @@ forward, bonus token included; AR = 1) and speedup over AR. With --hf it also ti
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
 (hydra.model.quant); --compile off on runs each base eager and with its decoder compiled
 (hydra.model.compiled; compilation happens in the untimed warm-up); --heads-quant none int8 runs each head set
-with float and with int8 weights (default auto: int8 on a quantized base); --pace off on runs every tree with
+with float and with int8 weights (default auto: the base's own kind); --pace off on runs every tree with
 the heads on every step and paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs
 every tree without and with a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the
 engine's, 8); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--heads-quant", nargs="*", default=["auto"], choices=HEADS_QUANT_CHOICES,
-                    help="each head set with each of these weights (auto: int8 on a quantized base)")
+                    help="each head set with each of these weights (auto: the base's kind)")
     ap.add_argument("--compile", nargs="*", default=["off"], choices=("off", "on"),
                     help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
     ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quant", choices=["int4", "int8"], default=None, help="quantized base (README: 4-bit base)")
     ap.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
-                    help="the heads' weights (auto: int8 on a quantized base, else float)")
+                    help="the heads' weights (auto: the base's kind, else float)")
     ap.add_argument("--compile", action="store_true", help="compile the base decoder (hydra.model.compiled)")
     ap.add_argument("--costs", action="store_true", help="time verification vs tree size and head calls")
     ap.add_argument("--reps", type=int, default=20, help="repetitions per piece with --costs")

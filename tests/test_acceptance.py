@@ -8,6 +8,7 @@ of the code under test.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -102,6 +103,11 @@ def test_greedy_matches_brute_force_on_mc_sim():
         assert nxt == int(pred[got[-1]])
 
 
+def _logged_row(logits: torch.Tensor, read: list[int], i: int) -> torch.Tensor:
+    read.append(i)
+    return logits[i]
+
+
 def test_greedy_walk_equals_greedy_accept_reading_only_the_path():
     """The walk (siblings distinct, as every proposal and graft makes them) accepts what greedy_accept does
     and reads the logits of the root and the accepted nodes only."""
@@ -118,7 +124,7 @@ def test_greedy_walk_equals_greedy_accept_reading_only_the_path():
             if kids and torch.rand((), generator=gen) < 0.5:
                 logits[u, tokens[kids[0]]] = 10.0
         read: list[int] = []
-        got, nxt = greedy_walk(lambda i: read.append(i) or logits[i], tokens, tree)
+        got, nxt = greedy_walk(partial(_logged_row, logits, read), tokens, tree)
         want, want_next = greedy_accept(logits, tokens, tree)
         assert got.tolist() == want.tolist() and nxt == want_next
         assert read == got.tolist()

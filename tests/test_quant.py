@@ -236,17 +236,20 @@ def test_quantized_heads_draft_nearly_as_float_heads_and_decode_losslessly(tiny_
 
 
 def test_heads_quant_auto_follows_the_base(tiny_base_factory, tmp_path):
-    """One rule (`heads_quant_for`): auto = int8 heads on a quantized base, float on a float one; none /
-    int8 / int4 as asked; a bad kind is one clear error. `from_pretrained` applies it; quantized heads
+    """One rule (`heads_quant_for`): auto = the kind of a quantized base, float heads on a float one; none
+    / int8 / int4 as asked; a bad kind is one clear error. `from_pretrained` applies it; quantized heads
     refuse to be saved (their weights are no longer the checkpoint's)."""
     from hydra.model.quant import heads_quant_for
     from tests.helpers import make_heads
 
-    base = tiny_base_factory(seed=3, scale=0.3, hidden_size=64)
+    base = tiny_base_factory(vocab_size=96, seed=3, scale=0.3, hidden_size=64)
     make_heads(base, arch="prefix-mlp").save_pretrained(tmp_path / "heads")
     assert heads_quant_for(base) is None and heads_quant_for(base, "int4") == "int4"
+    int4_base = quantize_model(tiny_base_factory(vocab_size=96, seed=3, scale=0.3, hidden_size=64), "int4")
+    assert heads_quant_for(int4_base) == "int4"
     assert HydraModel.from_pretrained(tmp_path / "heads", base_model=base).heads.quant is None
     quantize_model(base, "int8")
+    assert isinstance(base.lm_head, Q8Int4Linear)  # an int4-kernel output layer on an int8 base: not counted
     assert heads_quant_for(base) == "int8" and heads_quant_for(base, "none") is None
     assert heads_quant_for(base, None) is None
     model = HydraModel.from_pretrained(tmp_path / "heads", base_model=base)

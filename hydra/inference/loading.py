@@ -29,7 +29,7 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
                heads_quant: str | None = "auto") -> tuple[HydraModel, bool]:
     """Load heads (folder or Hub id; None: the shipped heads) on their base model. `compile`: compile the base
     decoder (`hydra.model.compiled`; the first forwards then take minutes, see `warm_up`). `heads_quant`:
-    the heads' weights ("auto": int8 on a quantized base, else float; `HydraModel.from_pretrained`).
+    the heads' weights ("auto": the kind of a quantized base, else float; `HydraModel.from_pretrained`).
 
     Returns (model, has_heads). With no heads given and none shipped, returns the base model wrapped in a
     HydraModel with an unused placeholder head (enough for `ar_generate`) and has_heads=False, unless

@@ -39,7 +39,6 @@ from hydra.model.trees import (  # noqa: F401
     worth_expanding,
 )
 
-
 # Tree sizes up to which the output layer runs over every node at once even where it could walk
 # (`_Run.walk`): on the default model's int4 output layer 1/2/3/4/6/8 rows took 2.3/2.9/3.4/4.0/6.7/7.4 ms,
 # and a greedy walk reads tau rows (~1.5-1.8 on the shipped heads), one call each.

@@ -203,7 +203,7 @@ class HydraModel(nn.Module):
                 base_model_name_or_path, or None to use the config's.
             dtype, device: for the base model (when loaded here) and the heads.
             quant: None, "int4" or "int8" for the base model when loaded here (see `load_base_model`).
-            heads_quant: "auto" (int8 heads on a quantized base, else float), "none", "int8" or "int4":
+            heads_quant: "auto" (the kind of a quantized base, else float), "none", "int8" or "int4":
                 weight-only heads for decoding on a CPU (`hydra.model.quant.heads_quant_for`).
         """
         folder = _resolve_heads_folder(heads)

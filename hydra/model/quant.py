@@ -8,7 +8,7 @@
 - `quantize_model(model, "int4" | "int8")`: re-quantises any float Llama-family model: int4 with asymmetric
   groups of 32 (min/max, as the GGUF's Q4_1), int8 with one symmetric scale per output row.
 - `quantize_heads(heads, "int8" | "int4")`: the draft heads the same way, for decoding; `heads_quant_for`
-  holds the rule for when (by default: int8 heads on a quantized base).
+  holds the rule for when (by default: the kind of a quantized base, float heads on a float one).
 
 Only `(batch, K) @ (K, N)` products change; norms, attention, RoPE and the embedding lookup stay in the
 model's dtype. The output layer keeps its float `weight` next to its packed form, because the draft heads
@@ -192,11 +192,13 @@ class FloatRows(nn.Module):
 
 # --- the draft heads ----------------------------------------------------------------------------------------
 def heads_quant_for(base_model: nn.Module, heads_quant: str | None = "auto") -> str | None:
-    """The one rule for the heads' kind: "auto" is int8 on a quantized base (its linear layers are this
-    module's) and float otherwise, so the bf16 and fp32 paths keep their float heads (README, Quantized base
-    model); None or "none" is float; "int8" / "int4" as asked."""
+    """The one rule for the heads' kind: "auto" is the kind of a quantized base's decoder layers (its 8-bit
+    output layer, a `Q8Int4Linear` in both kinds, does not count) and float on a float base, so the bf16 and
+    fp32 paths keep their float heads (README, Quantized base model); None or "none" is float; "int8" /
+    "int4" as asked."""
     if heads_quant == "auto":
-        return "int8" if any(isinstance(m, Int4Linear | Int8Linear) for m in base_model.modules()) else None
+        kinds = {type(m) for m in base_model.modules()}
+        return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
     if heads_quant in (None, "none"):
         return None
     if heads_quant not in QUANT_CHOICES:
