@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
                         "GGUF file's own); see README, Quantized base model")
     p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
-                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives the "
-                        "base, else float); see README, Quantized base model")
+                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
+                        "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder: faster replies after a start-up compilation of a few "
                         "minutes on a CPU; see README, Compiled decoder")

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("int4", "int8"), default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
     p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
-                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives the "
-                        "base, else float); see README, Quantized base model")
+                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
+                        "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base decoder (compiled before serving: minutes on a CPU)")
     p.add_argument("--no-pace", action="store_true",
