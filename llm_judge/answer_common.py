@@ -226,7 +226,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     decoding = {"method": method, "temperature": config.temperature, "max_new_token": config.max_new_tokens,
                 "dtype": args.dtype, "quant": args.quant,
-                "heads_quant": model.heads.quant[0] if has_heads and model.heads.quant else None,
+                "heads_quant": model.heads.quant if has_heads else None,
                 "compile": args.compile, "device": str(device), "threads": torch.get_num_threads(),
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}

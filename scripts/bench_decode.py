@@ -189,11 +189,11 @@ def main() -> None:
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
                 models = {}
-                for h, kind in itertools.product(args.heads, args.heads_quant):
+                for h, heads_quant in itertools.product(args.heads, args.heads_quant):
                     model = HydraModel.from_pretrained(h, base_model=base, tokenizer=tokenizer,
-                                                       heads_quant=kind)
-                    kind = model.heads.quant[0] if model.heads.quant else "float"
-                    models[h if len(args.heads_quant) == 1 else f"{h} ({kind} heads)"] = model
+                                                       heads_quant=heads_quant)
+                    name = h if len(args.heads_quant) == 1 else f"{h} ({model.heads.quant or 'float'} heads)"
+                    models[name] = model
             else:
                 models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
                           for arch in ("mlp", "hydra-mlp", "prefix-mlp")}

@@ -19,11 +19,15 @@ from hydra.model.quant import (
     Int4Linear,
     Int8Linear,
     Q8Int4Linear,
+    heads_quant_for,
     int4_from_weight,
     q4_1_blocks,
     q8_0_blocks,
+    quantize_heads,
     quantize_model,
 )
+
+from helpers import make_heads
 
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 TREES = ["chain_4", "tree_16", [[0], [1], [0, 0], [0, 1], [1, 0]]]
@@ -201,8 +205,6 @@ def test_quantized_heads_draft_nearly_as_float_heads_and_decode_losslessly(tiny_
     projection onto the draft vocabulary, run the int8 / int4 kernel; their hidden states stay within
     quantisation error of the float heads' (random weights, so int4's error is large); verification is the
     base's, so greedy speculative decoding still equals plain greedy decoding."""
-    from hydra.model.quant import quantize_heads
-    from tests.helpers import make_heads
 
     base = tiny_base_factory(seed=3, scale=0.3, hidden_size=64)  # int4 groups need inputs of 32s
     model = make_heads(base, arch=arch, num_layers=2)
@@ -221,7 +223,7 @@ def test_quantized_heads_draft_nearly_as_float_heads_and_decode_losslessly(tiny_
     assert not any(type(m) is torch.nn.Linear for m in model.heads.modules())
     # trunks, first blocks' residual products, the prefix layer's 7
     assert len(swapped) == 2 * 4 + 4 * (arch != "mlp") + 7 * (arch == "prefix-mlp")
-    assert model.heads.dtype == torch.float32 and model.heads.quant == (kind, torch.float32)
+    assert model.heads.dtype == model.heads.quant_dtype == torch.float32 and model.heads.quant == kind
     got = head_hidden()
     error = float((got - want).norm() / want.norm())
     assert 0 < error < (0.05 if kind == "int8" else 0.4), error  # measured: <= 0.023 / 0.27
@@ -239,8 +241,6 @@ def test_heads_quant_auto_follows_the_base(tiny_base_factory, tmp_path):
     """One rule (`heads_quant_for`): auto = the kind of a quantized base, float heads on a float one; none
     / int8 / int4 as asked; a bad kind is one clear error. `from_pretrained` applies it; quantized heads
     refuse to be saved (their weights are no longer the checkpoint's)."""
-    from hydra.model.quant import heads_quant_for
-    from tests.helpers import make_heads
 
     base = tiny_base_factory(vocab_size=96, seed=3, scale=0.3, hidden_size=64)
     make_heads(base, arch="prefix-mlp").save_pretrained(tmp_path / "heads")
@@ -253,7 +253,7 @@ def test_heads_quant_auto_follows_the_base(tiny_base_factory, tmp_path):
     assert heads_quant_for(base) == "int8" and heads_quant_for(base, "none") is None
     assert heads_quant_for(base, None) is None
     model = HydraModel.from_pretrained(tmp_path / "heads", base_model=base)
-    assert model.heads.quant == ("int8", torch.float32)
+    assert (model.heads.quant, model.heads.quant_dtype) == ("int8", torch.float32)
     float_heads = HydraModel.from_pretrained(tmp_path / "heads", base_model=base, heads_quant="none")
     assert float_heads.heads.quant is None
     with pytest.raises(ValueError, match="unknown heads quantization 'int3'"):
@@ -280,7 +280,6 @@ def test_greedy_walk_on_an_int4_output_layer_reads_only_path_rows(tiny_base_fact
     output layer for the nodes it accepts only (`_Run.walk`), one row at a time: same tokens and same accepted
     lengths as computing every node's logits, and greedy speculative == plain greedy decoding (fp32)."""
     import hydra.model.generate as generate_module
-    from tests.helpers import make_heads
 
     base = tiny_base_factory(vocab_size=96, seed=3, scale=0.3)
     quantize_model(base, "int4")
@@ -308,8 +307,6 @@ def test_greedy_walk_on_an_int4_output_layer_reads_only_path_rows(tiny_base_fact
 def test_int4_heads_without_a_draft_vocabulary_project_in_int8_where_int4_cannot(tiny_base_factory):
     """Without a draft vocabulary the heads project onto the whole vocabulary; 100 rows are no multiple
     of the int4 kernel's 16, so that projection falls back to int8 (the trunks stay int4); decoding runs."""
-    from hydra.model.quant import quantize_heads
-    from tests.helpers import make_heads
 
     model = make_heads(tiny_base_factory(seed=3, scale=0.3, hidden_size=64), arch="hydra-mlp")
     quantize_heads(model.heads, "int4")

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[hydra] compiled in {warm_up(model, config, speculative):.0f} s", flush=True)
     cfg = model.config
     device = next(model.parameters()).device
-    heads_kind = f"{model.heads.quant[0]} " if model.heads.quant else ""
+    heads_kind = f"{model.heads.quant} " if model.heads.quant else ""
     what = (f"{cfg.hydra_num_heads} {heads_kind}{cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             if speculative else "plain autoregressive decoding")
     print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "

@@ -178,7 +178,7 @@ class HydraModel(nn.Module):
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> None:
         """Write config.json + heads-only model.safetensors (optionally cast, e.g. to bfloat16)."""
         if self.heads.quant is not None:
-            raise ValueError(f"these heads are quantized ({self.heads.quant[0]}) for decoding; save heads "
+            raise ValueError(f"these heads are quantized ({self.heads.quant}) for decoding; save heads "
                              "loaded with heads_quant='none'")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -167,15 +167,14 @@ def quantized_linear(weight: torch.Tensor, quant: str, dtype: torch.dtype,
     return int4_from_weight(weight, dtype, bias) if quant == "int4" else int8_from_weight(weight, dtype, bias)
 
 
-def projection_rows(weight: torch.Tensor, bias: torch.Tensor | None,
-                    quant: tuple[str, torch.dtype] | None) -> nn.Module:
+def projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None,
+                    dtype: torch.dtype) -> nn.Module:
     """Rows of another layer (e.g. a draft vocabulary's rows of the output layer) as a layer of their own:
-    float, or for `quant` = (kind, activation dtype) weight-only int8 / int4 (int8 where the int4 kernel
+    float for `quant` None, else weight-only int8 / int4 computing in `dtype` (int8 where the int4 kernel
     cannot take the shape)."""
     if quant is None:
         return FloatRows(weight.contiguous(), None if bias is None else bias.contiguous())
-    kind, dtype = quant
-    return quantized_linear(weight, kind if _fits(weight, kind) else "int8", dtype, bias)
+    return quantized_linear(weight, quant if _fits(weight, quant) else "int8", dtype, bias)
 
 
 class FloatRows(nn.Module):
@@ -215,7 +214,7 @@ def quantize_heads(heads: nn.Module, quant: str) -> None:
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown heads quantization {quant!r}; choose one of {QUANT_CHOICES}")
     if heads.quant is not None:
-        raise ValueError(f"the heads are already quantized ({heads.quant[0]})")
+        raise ValueError(f"the heads are already quantized ({heads.quant})")
     device = next(heads.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"quantized heads use torch's CPU kernels; the heads are on {device.type}")
@@ -225,7 +224,7 @@ def quantize_heads(heads: nn.Module, quant: str) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child not in own_output and _fits(child.weight, quant):
                 parent.set_submodule(name, quantized_linear(child.weight, quant, dtype, child.bias))
-    heads.quant = (quant, dtype)
+    heads.quant, heads.quant_dtype = quant, dtype
     heads.set_draft_vocab(heads.draft_vocab)  # rebuild the projection in the new kind
 
 

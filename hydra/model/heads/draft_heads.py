@@ -50,14 +50,15 @@ class DraftHeads(nn.Module):
         # draft_topk). Not part of state_dict: it lives in its own file next to the heads.
         self.draft_vocab: torch.Tensor | None = None
         self._projections: dict[int, tuple] = {}
-        # Weight-only int8 / int4 linear layers for decoding on a CPU (`hydra.model.quant.quantize_heads`):
-        # (kind, the activation dtype), or None for float heads.
-        self.quant: tuple[str, torch.dtype] | None = None
+        # Weight-only "int8" / "int4" linear layers for decoding on a CPU, computing in quant_dtype
+        # (`hydra.model.quant.quantize_heads`); None for float heads.
+        self.quant: str | None = None
+        self.quant_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the heads' weights (of their activations, once quantized)."""
-        return self.quant[1] if self.quant else self.mlps[0].blocks[0].linear.weight.dtype
+        return self.quant_dtype or self.mlps[0].blocks[0].linear.weight.dtype
 
     # --- building blocks -------------------------------------------------------------------------------
     @property
@@ -134,7 +135,7 @@ class DraftHeads(nn.Module):
             if self.draft_vocab is not None:
                 ids = self.draft_vocab = self.draft_vocab.to(weight.device)
                 weight, bias = weight[ids], None if bias is None else bias[ids]
-            rows = projection_rows(weight, bias, self.quant)
+            rows = projection_rows(weight, bias, self.quant, self.dtype)
             cached = self._projections[key] = (stamp, rows)
         return cached[1]
 
