@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, quants
 
 from hydra.model import HydraConfig, HydraModel
 from hydra.model.attention import FP32_ATTENTION, attention_dtype, use_fp32_attention
+from hydra.model.fused import FusedMember
 from hydra.model.generate import DecodeConfig, generate
 from hydra.model.quant import (
     GROUP,
@@ -183,8 +184,8 @@ def test_default_model_int4_is_the_gguf_blocks():
     with safe_open(str(default_model_path() / "model.safetensors"), "pt") as f:
         for name, gname in [("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
                             ("model.layers.29.mlp.down_proj", "blk.29.ffn_down.weight")]:
-            layer = model.get_submodule(name)
-            assert isinstance(layer, Int4Linear)
+            layer = model.get_submodule(name)  # k_proj: its rows of the fused q/k/v layer (hydra.model.fused)
+            assert isinstance(layer.fused.layer if isinstance(layer, FusedMember) else layer, Int4Linear)
             got = layer.dequantize()
             converted = f.get_tensor(name + ".weight")  # transformers' own GGUF dequantisation, fp32
             scale = float(converted.abs().max())

@@ -148,6 +148,7 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
 
 def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
     from hydra.model.attention import use_fp32_attention
+    from hydra.model.fused import fuse_siblings
     from hydra.model.quant import QUANT_CHOICES, load_gguf_int4, quantize_model
 
     if quant not in QUANT_CHOICES:
@@ -158,6 +159,7 @@ def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
         load_gguf_int4(model, default_gguf_blocks())
     else:
         quantize_model(model, quant)
+    fuse_siblings(model)  # a quantized base only decodes: fewer, larger products (hydra.model.fused)
     if model.config._attn_implementation == "sdpa":
         use_fp32_attention(model)
 
