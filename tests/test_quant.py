@@ -222,8 +222,8 @@ def test_quantized_heads_draft_nearly_as_float_heads_and_decode_losslessly(tiny_
     linear = Int8Linear if kind == "int8" else Int4Linear
     swapped = [m for m in model.heads.modules() if isinstance(m, linear)]
     assert not any(type(m) is torch.nn.Linear for m in model.heads.modules())
-    # trunks, first blocks' residual products, the prefix layer's 7
-    assert len(swapped) == 2 * 4 + 4 * (arch != "mlp") + 7 * (arch == "prefix-mlp")
+    # trunks, first blocks' residual products, the prefix layer's 7 (q/k/v and gate/up fused: 4 products)
+    assert len(swapped) == 2 * 4 + 4 * (arch != "mlp") + 4 * (arch == "prefix-mlp")
     assert model.heads.dtype == model.heads.quant_dtype == torch.float32 and model.heads.quant == kind
     got = head_hidden()
     error = float((got - want).norm() / want.norm())

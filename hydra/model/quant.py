@@ -208,9 +208,9 @@ def heads_quant_for(base_model: nn.Module, heads_quant: str | None = "auto") -> 
 def quantize_heads(heads: nn.Module, quant: str) -> None:
     """Swap the draft heads' linear layers (head trunks, Hydra++ prefix layer, feature fusion) for int8 or
     int4 weight-only ones, in place, for decoding on a CPU (a layer the int4 kernel cannot take stays float);
-    their projection onto the draft vocabulary follows (`DraftHeads._projection`). The heads' own output
-    layers, if any, stay float: that projection quantizes their rows. Training and saving need float heads
-    (`HydraModel.save_pretrained` refuses these)."""
+    their projection onto the draft vocabulary follows (`DraftHeads._projection`), and sibling projections
+    are fused (`hydra.model.fused`). The heads' own output layers, if any, stay float: that projection
+    quantizes their rows. Training and saving need float heads (`HydraModel.save_pretrained` refuses these)."""
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown heads quantization {quant!r}; choose one of {QUANT_CHOICES}")
     if heads.quant is not None:
@@ -224,6 +224,9 @@ def quantize_heads(heads: nn.Module, quant: str) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child not in own_output and _fits(child.weight, quant):
                 parent.set_submodule(name, quantized_linear(child.weight, quant, dtype, child.bias))
+    from hydra.model.fused import fuse_siblings  # fused.py builds on this module's layers
+
+    fuse_siblings(heads)  # the Hydra++ prefix layer's q/k/v and gate/up, as on a quantized base
     heads.quant, heads.quant_dtype = quant, dtype
     heads.set_draft_vocab(heads.draft_vocab)  # rebuild the projection in the new kind
 
