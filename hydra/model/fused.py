@@ -3,7 +3,7 @@
 A decoder layer's q/k/v projections read the same input, and so do its MLP's gate and up projections. At batch
 size 1 each product of a small model costs more in per-call work than in arithmetic, so one product over
 the stacked weights replaces three (two): 210 products per forward of the default model become 120, and the
-compiled decoder has ~180 fewer weight tensors to check on every call (README, "Fused projections").
+compiled decoder has 180 fewer weight tensors to check on every call (README, "Quantized base model").
 
 transformers' modeling code runs unmodified: each sibling (`q_proj`, ...) is swapped for a `FusedMember` of
 one shared `FusedProjection`. Whichever member is called first runs the fused product on its input and hands
