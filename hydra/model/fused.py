@@ -8,9 +8,10 @@ compiled decoder has 180 fewer weight tensors to check on every call (README, "Q
 transformers' modeling code runs unmodified: each sibling (`q_proj`, ...) is swapped for a `FusedMember` of
 one shared `FusedProjection`. Whichever member is called first runs the fused product on its input and hands
 each sibling its slice when that sibling is called, so the result does not depend on the order in which the
-model calls them; each must be called once, on the same input, before any is called again (as every
-Llama-family attention and MLP does). The fused weights hold exactly the siblings' weights (int4 codes,
-scales and zeros; int8 codes and scales; float rows), so each output equals the sibling's own product.
+model calls them; all siblings must be called on the same input, one after the other (as every Llama-family
+attention and MLP does); a sibling called again starts a new product. The fused weights hold exactly the
+siblings' weights (int4 codes, scales and zeros; int8 codes and scales; float rows), so each output equals the
+sibling's own product.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class FusedProjection(nn.Module):
         self.pending: list[torch.Tensor | None] | None = None  # slices not yet handed out
 
     def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.pending is None:
+        # A sibling whose slice was already handed out starts a new product: so a forward that was interrupted
+        # between siblings (Ctrl-C in the chat CLI) leaves nothing stale for the next one, whose first call
+        # replaces whatever was left.
+        if self.pending is None or self.pending[i] is None:
             self.pending = list(self.layer(x).split(self.sizes, -1))
         out = self.pending[i]
-        if out is None:
-            raise RuntimeError("a fused projection was called twice before its siblings; call each once")
         self.pending[i] = None
         if all(p is None for p in self.pending):
             self.pending = None
