@@ -126,7 +126,8 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
         attn_implementation: "sdpa" or "eager"; both accept the 4D tree attention masks used for verification.
         quant: None, "int4" or "int8": weight-only linear layers on CPU (`hydra.model.quant`; fast with
             dtype bfloat16). For the default model "int4" takes the GGUF file's own 4-bit blocks; any other
-            model is re-quantised from its float weights.
+            model is re-quantised from its float weights. Its q/k/v and gate/up projections are then fused
+            (`hydra.model.fused`).
     """
     device = check_device(device)
     path = resolve_base_model(name_or_path)

@@ -109,9 +109,10 @@ def stack_layers(layers: list[nn.Module]) -> nn.Module:
 
 def int4_codes(layer: Int4Linear) -> torch.Tensor:
     """The layer's 4-bit codes (N, K) as int32, read back through the kernel with scale 1 and zero 8, so the
-    kernel's (q - 8) * 1 + 8 returns q exactly, whatever the packed layout."""
+    kernel's (q - 8) * 1 + 8 returns q exactly, whatever the packed layout. In bf16, which holds 0..15
+    exactly: the kernel's float32 path is ~25x slower (it made loading the default model take ~40 s)."""
     k = layer.packed.shape[1] * 2
     groups = (k // GROUP, layer.out_features)
-    unit = torch.stack([torch.ones(groups), torch.full(groups, 8.0)], -1)
-    eye = torch.eye(k, dtype=torch.float32)
+    unit = torch.stack([torch.ones(groups), torch.full(groups, 8.0)], -1).to(torch.bfloat16)
+    eye = torch.eye(k, dtype=torch.bfloat16)
     return torch._weight_int4pack_mm_for_cpu(eye, layer.packed, GROUP, unit).t().round().to(torch.int32)
