@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from helpers import make_heads
 
 from hydra.model import HydraConfig, HydraModel
 from hydra.model.attention import FP32_ATTENTION, attention_dtype, use_fp32_attention
@@ -27,8 +28,6 @@ from hydra.model.quant import (
     quantize_heads,
     quantize_model,
 )
-
-from helpers import make_heads
 
 PROMPTS = [[7], [3, 17, 40, 5, 9], [11, 2, 33, 33, 60, 1, 0, 45, 12, 8, 19, 23]]
 TREES = ["chain_4", "tree_16", [[0], [1], [0, 0], [0, 1], [1, 0]]]
