@@ -87,8 +87,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
             out = model.decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
                                 past_key_values=cache, use_cache=True, attention_mask=mask)
             model.lm_head(out.last_hidden_state[0])
-            for layer in cache.layers:
-                layer.crop(-t)  # back to the n prompt tokens
+            cache.crop(-t)  # back to the n prompt tokens
 
         def head(rows: int) -> None:
             x = torch.cat([ctx, model.embed_tokens(ids[-1:])[0]])[None].expand(rows, -1)

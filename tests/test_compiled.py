@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import make_heads, make_tiny_base
 
-from hydra.model.compiled import compile_decoder, is_compiled, warm_up
+from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, ar_generate, generate
+from hydra.model.hydra_model import decoder_is_compiled
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on CPU codegen
 
@@ -31,7 +32,7 @@ def test_compiled_decoder_decodes_as_the_eager_one():
     eager = _outputs(model)
     assert all(out == eager[0] for out in eager[:3])  # speculative == plain greedy, eager (sanity)
     compile_decoder(model)
-    assert is_compiled(model)
+    assert decoder_is_compiled(model)
     torch._dynamo.utils.counters.clear()
     warm_up(model, DecodeConfig(tree=TREES[0]), speculative=True)
     warm_up(model, DecodeConfig(tree=TREES[1]), speculative=True)
@@ -62,6 +63,6 @@ def test_load_model_compile_flag(tmp_path):
     from hydra.inference.loading import load_model
 
     root = save_tiny_model(tmp_path, heads={"arch": "hydra-mlp", "num_heads": 2})
-    assert not is_compiled(load_model(root / "heads", device="cpu")[0])
+    assert not decoder_is_compiled(load_model(root / "heads", device="cpu")[0])
     model, has_heads = load_model(root / "heads", device="cpu", compile=True)
-    assert has_heads and is_compiled(model)
+    assert has_heads and decoder_is_compiled(model)

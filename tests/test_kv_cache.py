@@ -44,7 +44,7 @@ def test_storage_dtype_keeps_values_exactly():
 
 
 def test_update_appends_into_preallocated_buffer():
-    cache = TreeKVCache(num_layers=2, max_len=10)
+    cache = TreeKVCache(num_layers=1, max_len=10)
     assert cache.get_seq_length() == 0
     k, v = _kv(3)
     keys, values = cache.update(k, v, 0)
@@ -54,15 +54,30 @@ def test_update_appends_into_preallocated_buffer():
     keys, values = cache.update(*_kv(4, start=3), 0)
     assert keys.shape == (1, 2, 7, 3) and keys[0, 0, :, 0].tolist() == list(range(7))
     assert torch.equal(values, -keys)
-    assert cache.layers[0].buf_k is buf  # no reallocation
+    assert cache.layers[0].buf_k.data_ptr() == buf.data_ptr()  # no reallocation
     assert keys.data_ptr() == buf.data_ptr()  # a view of the buffer
-    assert cache.get_seq_length(0) == 7 and cache.get_seq_length(1) == 0  # layers are independent
+
+
+def test_one_length_moves_after_the_last_layer():
+    """Every layer of a forward writes the same slots; the shared length moves once the last layer is written,
+    so a forward interrupted part-way leaves the cache as it was."""
+    cache = TreeKVCache(num_layers=3, max_len=10)
+    cache.update(*_kv(2), 0)
+    cache.update(*_kv(2), 1)
+    assert cache.get_seq_length() == 0 and all(layer.get_seq_length() == 0 for layer in cache.layers)
+    keys, _ = cache.update(*_kv(2), 2)
+    assert keys.shape[2] == 2 and cache.get_seq_length() == 2
+    assert all(layer.get_seq_length() == 2 and layer.keys.shape[2] == 2 for layer in cache.layers)
+    keys, _ = cache.update(*_kv(3, start=50), 0)  # layer 0 of the next forward: slots 2..4
+    assert keys[0, 0, :, 0].tolist() == [0, 1, 50, 51, 52] and cache.get_seq_length() == 2
+    assert cache.layers[1].get_mask_sizes(3) == (5, 0)  # what transformers' mask code asks
 
 
 def test_keep_compacts_accepted_rows_and_drops_the_rest():
     cache = TreeKVCache(num_layers=2, max_len=12)
     for layer in range(2):
         cache.update(*_kv(3), layer)  # prefix: slots 0..2
+    for layer in range(2):
         cache.update(*_kv(6, start=100), layer)  # a 6-node tree at slots 3..8 holding 100..105
     # Accept tree nodes 0, 2, 5 (a non-first branch): slots 3, 5, 8 move to 3, 4, 5.
     cache.keep(3, torch.tensor([3, 5, 8]))

@@ -26,10 +26,6 @@ def compile_decoder(model: HydraModel) -> None:
     model.decoder.compile(dynamic=True)
 
 
-def is_compiled(model: HydraModel) -> bool:
-    return getattr(model.decoder, "_compiled_call_impl", None) is not None
-
-
 def warm_up(model: HydraModel, config: DecodeConfig, speculative: bool) -> float:
     """Run the forwards decoding will use (prefill, one-token steps and, if `speculative`, tree verification)
     once on a short dummy prompt, so that compilation happens here rather than in the first reply. Returns

@@ -22,7 +22,7 @@ from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, typ
 from hydra.model.attention import BOOL_MASK_ATTENTION, attention_dtype
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
-from hydra.model.hydra_model import HydraModel, reads_all_hidden_states
+from hydra.model.hydra_model import HydraModel, decoder_is_compiled, reads_all_hidden_states
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
@@ -239,7 +239,12 @@ class _Run:
         self.step_size = tree.size + config.lookup if tree is not None else 1
         self.capacity = min(base.config.max_position_embeddings,
                             prompt_len + config.max_new_tokens + self.step_size)
-        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity, attention_dtype(base.config))
+        # A compiled decoder on a CPU gets buffers of the model's whole context, the same for every reply, so
+        # their sizes are constants of its graphs rather than values checked on every call (kv_cache docstring).
+        fixed = self.device.type == "cpu" and decoder_is_compiled(model)
+        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity, attention_dtype(base.config),
+                                 base.config.max_position_embeddings if fixed else None)
+        self.cache.allocate_for(base.config, base.dtype, self.device, static=fixed)
         # Whether the heads run at all: the tree "none" verifies the lookup branch alone.
         self.heads_draft = tree is not None and tree.max_depth > 0
         has_prefix = self.heads_draft and model.heads.prefix is not None

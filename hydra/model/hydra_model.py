@@ -36,6 +36,11 @@ class HydraTrainOutput:
     head_hidden: torch.Tensor  # (H, B, S, d) every head's hidden state at every position
 
 
+def decoder_is_compiled(model: HydraModel) -> bool:
+    """Whether `hydra.model.compiled.compile_decoder` compiled this model's base decoder (in place)."""
+    return getattr(model.decoder, "_compiled_call_impl", None) is not None
+
+
 def reads_all_hidden_states(config: HydraConfig) -> bool:
     """Whether the heads read more than the decoder's final hidden state (the decoder must then run with
     output_hidden_states)."""

@@ -1,10 +1,20 @@
 """A position-indexed KV cache for tree verification (gpt-fast style), behind the standard transformers
 `Cache` interface so any Llama-family model in transformers can use it unmodified.
 
-Each layer preallocates (B, kv_heads, max_len, head_dim) once. A forward over T new tokens writes them at
-slots [n, n+T) and attends over the view [0, n+T): no torch.cat reallocation per step (DynamicCache) and no
-attention over unused slots (StaticCache). After verification `keep(n, path)` moves the accepted tree rows to
-slots n, n+1, ... and drops the rest by moving the length back: rejected rows are simply overwritten later.
+Each layer has a key and a value buffer (B, kv_heads, storage_len, head_dim), allocated once; all layers share
+one length n. A forward over T new tokens writes them at slots [n, n+T) and attends over the view [0, n+T):
+no torch.cat reallocation per step (DynamicCache) and no attention over unused slots (StaticCache). After
+verification `keep(n, path)` moves the accepted tree rows to slots n, n+1, ... and drops the rest by moving
+the length back: rejected rows are simply overwritten later. Slots at or past the length are never read, so
+the buffers need no zeroing.
+
+Why one length, and buffers of a size fixed per model (`storage_len`, allocated before the first forward by
+`allocate_for`): a compiled decoder (`hydra.model.compiled`) checks, before every call, each value its graph
+was specialised on. With a length per layer and buffers sized per reply, that was ~15 Python shape conditions
+per layer, ~450 per forward on a 30-layer model; with one length and static buffer sizes it is a handful
+(README, Compiled decoder). Every layer of a forward writes the same slots, so the length moves on once the
+last layer has been written; a forward interrupted before that leaves the length where it was.
+
 A cache may store keys and values in another dtype than the model computes them in (`dtype`): a quantized base
 attends in float32, and a float32 cache saves casting every cached row on every forward.
 """
@@ -12,47 +22,126 @@ attends in float32, and a float32 cache saves casting every cached row on every 
 from __future__ import annotations
 
 import torch
-from transformers import Cache
-from transformers.cache_utils import DynamicLayer
+from transformers import Cache, PretrainedConfig
+from transformers.cache_utils import CacheLayerMixin
 
 
-class PositionIndexedLayer(DynamicLayer):
-    def __init__(self, max_len: int, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.max_len = max_len
-        self.length = 0
-        self.storage_dtype = dtype  # None: the dtype of the first keys written
+class PositionIndexedLayer(CacheLayerMixin):
+    """One layer's view of a `TreeKVCache`: its buffers and the shared length. `keys`/`values` are views
+    computed on access, so it skips CacheLayerMixin.__init__, which would store them."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, cache: TreeKVCache, index: int):  # noqa: D107 - no super().__init__(), see above
+        self.cache, self.index = cache, index
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.cache.k is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.dtype, self.device = self.storage_dtype or key_states.dtype, key_states.device
-        self.buf_k = key_states.new_zeros(b, h, self.max_len, d, dtype=self.dtype)
-        self.buf_v = value_states.new_zeros(b, h, self.max_len, value_states.shape[-1], dtype=self.dtype)
-        self.is_initialized = True
+        self.cache.allocate(key_states.shape[0], key_states.shape[1], key_states.shape[-1],
+                            value_states.shape[-1], key_states.dtype, key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        return self.cache.update(key_states, value_states, self.index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def buf_k(self) -> torch.Tensor:
+        return self.cache.k[self.index]
+
+    @property
+    def buf_v(self) -> torch.Tensor:
+        return self.cache.v[self.index]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache.k[self.index][:, :, :self.cache.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.v[self.index][:, :, :self.cache.length]
+
+
+class TreeKVCache(Cache):
+    """`Cache` of `PositionIndexedLayer`s sharing one length; `keep` compacts the accepted path after each
+    verification. max_len: the tokens it may hold (an update past it is an error); storage_len (>= max_len,
+    default max_len): the buffers' size, fixed per model for a compiled decoder; dtype: what keys and values
+    are stored (and returned) in, default the model's own."""
+
+    def __init__(self, num_layers: int, max_len: int, dtype: torch.dtype | None = None,
+                 storage_len: int | None = None):
+        if storage_len is not None and storage_len < max_len:
+            raise ValueError(f"storage_len {storage_len} < max_len {max_len}")
+        self.max_len, self.storage_len, self.length = max_len, storage_len or max_len, 0
+        self.num_layers, self.storage_dtype = num_layers, dtype  # dtype None: that of the first keys written
+        self.k: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
+        super().__init__(layers=[PositionIndexedLayer(self, i) for i in range(num_layers)])
+
+    def allocate(self, batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, static: bool = False) -> None:
+        dtype = self.storage_dtype or dtype
+        self.k = [torch.empty(batch, kv_heads, self.storage_len, key_dim, dtype=dtype, device=device)
+                  for _ in range(self.num_layers)]
+        self.v = [torch.empty(batch, kv_heads, self.storage_len, value_dim, dtype=dtype, device=device)
+                  for _ in range(self.num_layers)]
+        if static:  # sizes TorchDynamo takes as constants, not symbols to check on every call (module docstring)
+            for buf in self.k + self.v:
+                torch._dynamo.mark_static(buf)
+
+    def allocate_for(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str,
+                     static: bool = False) -> None:
+        """Allocate from the model config before the first forward; `static`: mark the buffers' sizes as
+        constants for TorchDynamo (for a storage_len that is the same for every reply)."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.allocate(1, kv_heads, head_dim, head_dim, dtype, device, static)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write T new rows of layer `layer_idx` at [length, length+T); return its keys/values [0, length+T).
+        The length moves on after the last layer (every layer of a forward writes the same slots)."""
+        if self.k is None:
+            self.layers[layer_idx].lazy_initialization(key_states, value_states)
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if key_states.shape[:2] + key_states.shape[3:] != k.shape[:2] + k.shape[3:] \
+                or value_states.shape[-1] != v.shape[-1]:
+            raise ValueError(f"keys of shape {tuple(key_states.shape)} do not fit a cache allocated for "
+                             f"{tuple(k.shape)} (batch, kv heads, slots, head dim)")
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
-        self.buf_k[:, :, start:end] = key_states
-        self.buf_v[:, :, start:end] = value_states
-        self.length = end
-        self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
-        return self.keys, self.values
+        k[:, :, start:end] = key_states
+        v[:, :, start:end] = value_states
+        if layer_idx == self.num_layers - 1:
+            self.length = end
+        return k[:, :, :end], v[:, :, :end]
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def get_max_length(self) -> int:
+    def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_len
 
-    def keep(self, start: int, rows: torch.Tensor | None, new_length: int) -> None:
-        if rows is not None and self.is_initialized:
-            self.buf_k[:, :, start:start + len(rows)] = self.buf_k[:, :, rows]
-            self.buf_v[:, :, start:start + len(rows)] = self.buf_v[:, :, rows]
-        self.length = new_length
+    def keep(self, start: int, accepted_slots: torch.Tensor) -> None:
+        """Keep tree rows `accepted_slots` (absolute slots, in path order) at slots start, start+1, ..."""
+        n = len(accepted_slots)
+        contiguous = bool((accepted_slots == torch.arange(start, start + n, device=accepted_slots.device)).all())
+        if not contiguous and self.k is not None:
+            for buf in self.k + self.v:
+                buf[:, :, start:start + n] = buf[:, :, accepted_slots]
+        self.length = start + n
 
     def crop(self, tokens_to_remove: int) -> None:
         """transformers' meaning: remove `-tokens_to_remove` tokens (0 removes none; > 0 is an error)."""
@@ -60,24 +149,3 @@ class PositionIndexedLayer(DynamicLayer):
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as with "
                              "transformers' caches")
         self.length = max(0, self.length + tokens_to_remove)
-        if self.is_initialized:
-            self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
-
-
-class TreeKVCache(Cache):
-    """`Cache` of `PositionIndexedLayer`s; `keep` compacts the accepted path after each verification.
-    dtype: what keys and values are stored (and returned) in; default the model's own."""
-
-    def __init__(self, num_layers: int, max_len: int, dtype: torch.dtype | None = None):
-        super().__init__(layers=[PositionIndexedLayer(max_len, dtype) for _ in range(num_layers)])
-        self.max_len = max_len
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length
-
-    def keep(self, start: int, accepted_slots: torch.Tensor) -> None:
-        """Keep tree rows `accepted_slots` (absolute slots, in path order) at slots start, start+1, ..."""
-        n = len(accepted_slots)
-        contiguous = bool((accepted_slots == torch.arange(start, start + n, device=accepted_slots.device)).all())
-        for layer in self.layers:
-            layer.keep(start, None if contiguous else accepted_slots, start + n)
