@@ -33,7 +33,7 @@ class PositionIndexedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, cache: TreeKVCache, index: int):  # noqa: D107 - no super().__init__(), see above
+    def __init__(self, cache: TreeKVCache, index: int):  # no super().__init__(): see the class docstring
         self.cache, self.index = cache, index
 
     @property
