@@ -73,6 +73,21 @@ def test_one_length_moves_after_the_last_layer():
     assert cache.layers[1].get_mask_sizes(3) == (5, 0)  # what transformers' mask code asks
 
 
+def test_allocate_for_a_config_and_wrong_shapes():
+    """allocate_for sizes the buffers from the model config before any forward (GQA heads, head_dim); keys of
+    another shape are refused with the shapes named, and storage smaller than the capacity is refused."""
+    config = tiny_llama().config  # 4 query heads, 2 KV heads, head_dim 8
+    cache = TreeKVCache(config.num_hidden_layers, 10, storage_len=16)
+    cache.allocate_for(config, torch.float32, "cpu", static=True)
+    assert cache.layers[1].buf_k.shape == (1, 2, 16, 8) and cache.get_max_length() == 10
+    k = torch.ones(1, 2, 3, 8)
+    assert cache.update(k, -k, 0)[0].shape == (1, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"keys of shape \(1, 4, 3, 8\) do not fit"):
+        cache.update(torch.ones(1, 4, 3, 8), torch.ones(1, 4, 3, 8), 1)
+    with pytest.raises(ValueError, match="storage_len 4 < max_len 10"):
+        TreeKVCache(2, 10, storage_len=4)
+
+
 def test_keep_compacts_accepted_rows_and_drops_the_rest():
     cache = TreeKVCache(num_layers=2, max_len=12)
     for layer in range(2):
