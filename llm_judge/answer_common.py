@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+
 LLM_JUDGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LLM_JUDGE_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a fresh clone: make `hydra` importable
@@ -64,9 +66,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
-    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",

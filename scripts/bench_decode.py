@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
 from hydra.model import HydraConfig, HydraModel, load_base_model
 from hydra.model.compiled import compile_decoder
 from hydra.model.generate import DecodeConfig, generate, stop_token_ids
 from hydra.model.pacing import Pacer
-from hydra.model.quant import HEADS_QUANT_CHOICES
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
@@ -146,7 +146,7 @@ def main() -> None:
                     nargs="*", default=[], help="heads folders / Hub ids (default: random heads)")
     ap.add_argument("--trees", type=os.path.expanduser, nargs="*", default=["mc_sim_7b_63"])
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
-    ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", "int4", "int8"),
+    ap.add_argument("--quant", nargs="*", default=["none"], choices=("none", *QUANT_CHOICES),
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--heads-quant", nargs="*", default=["auto"], choices=HEADS_QUANT_CHOICES,
                     help="each head set with each of these weights (auto: the base's kind)")

@@ -27,11 +27,11 @@ from collections import defaultdict
 
 import torch
 
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
 from hydra.inference.loading import load_model
 from hydra.model import generate as gen_mod
 from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, generate
-from hydra.model.quant import HEADS_QUANT_CHOICES
 from hydra.model.trees import tree_spec
 
 
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quant", choices=["int4", "int8"], default=None, help="quantized base (README: 4-bit base)")
+    ap.add_argument("--quant", choices=QUANT_CHOICES, default=None, help="quantized base (README: 4-bit base)")
     ap.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                     help="the heads' weights (auto: the base's kind, else float)")
     ap.add_argument("--compile", action="store_true", help="compile the base decoder (hydra.model.compiled)")

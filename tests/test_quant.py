@@ -265,14 +265,15 @@ def test_heads_quant_auto_follows_the_base(tiny_base_factory, tmp_path):
 
 def test_heads_quant_flag_is_the_same_everywhere():
     """The chat CLI, the server and the answer scripts offer the heads' kinds `heads_quant_for` knows."""
+    from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
     from hydra.inference.cli import build_parser as cli_parser
-    from hydra.model.quant import HEADS_QUANT_CHOICES
     from hydra.serve.__main__ import build_parser as serve_parser
     from llm_judge.answer_common import build_parser as answer_parser
 
     for parser in (cli_parser(), serve_parser(), answer_parser("hydra")):
         action = next(a for a in parser._actions if a.dest == "heads_quant")
         assert tuple(action.choices) == HEADS_QUANT_CHOICES and action.default == "auto"
+        assert tuple(next(a for a in parser._actions if a.dest == "quant").choices) == QUANT_CHOICES
 
 
 def test_greedy_walk_on_an_int4_output_layer_reads_only_path_rows(tiny_base_factory, monkeypatch):

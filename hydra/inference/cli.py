@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+
 USER, ASSISTANT = "USER", "ASSISTANT"
 ROLES = ("system", "user", "assistant")
 COMMANDS = ("!!exit", "!!reset", "!!remove", "!!regen", "!!save", "!!load", "!!help")
@@ -59,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
                         "GGUF file's own); see README, Quantized base model")
-    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-QUANT_CHOICES = ("int4", "int8")
-HEADS_QUANT_CHOICES = ("auto", "none", "int8", "int4")  # --heads-quant (heads_quant_for)
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+
 GROUP = 32  # weights per scale/zero group: the GGUF block size and torch's q_group_size
 OUTPUT_CHOICES = ("int8", "q8_0")
 
@@ -201,7 +201,7 @@ def heads_quant_for(base_model: nn.Module, heads_quant: str | None = "auto") -> 
     if heads_quant in (None, "none"):
         return None
     if heads_quant not in QUANT_CHOICES:
-        raise ValueError(f"unknown heads quantization {heads_quant!r}; choose auto, none, int8 or int4")
+        raise ValueError(f"unknown heads quantization {heads_quant!r}; choose one of {HEADS_QUANT_CHOICES}")
     return heads_quant
 
 

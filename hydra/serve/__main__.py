@@ -16,6 +16,8 @@ import threading
 import webbrowser
 from pathlib import Path
 
+from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "engine's)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=("int4", "int8"), default=None,
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
-    p.add_argument("--heads-quant", choices=("auto", "none", "int8", "int4"), default="auto",
+    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
