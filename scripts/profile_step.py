@@ -66,15 +66,13 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     import random
     import statistics
 
-    from hydra.model.attention import attention_dtype
+    from hydra.model.generate import new_kv_cache
     from hydra.model.hydra_model import reads_all_hidden_states
-    from hydra.model.kv_cache import TreeKVCache
 
     device = next(model.parameters()).device
     ids = torch.tensor(prompt, device=device)
     n = ids.numel()
-    base_config = model.base_model.config
-    cache = TreeKVCache(base_config.num_hidden_layers, n + 64, attention_dtype(base_config))
+    cache = new_kv_cache(model, n + 64)  # as decoding allocates it (static sizes on a compiled CPU decoder)
     d_model = model.config.hidden_size
     with torch.inference_mode():
         out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True,

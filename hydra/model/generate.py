@@ -239,12 +239,7 @@ class _Run:
         self.step_size = tree.size + config.lookup if tree is not None else 1
         self.capacity = min(base.config.max_position_embeddings,
                             prompt_len + config.max_new_tokens + self.step_size)
-        # A compiled decoder on a CPU gets buffers of the model's whole context, the same for every reply, so
-        # their sizes are constants of its graphs rather than values checked on every call (kv_cache docstring).
-        fixed = self.device.type == "cpu" and decoder_is_compiled(model)
-        self.cache = TreeKVCache(base.config.num_hidden_layers, self.capacity, attention_dtype(base.config),
-                                 base.config.max_position_embeddings if fixed else None)
-        self.cache.allocate_for(base.config, base.dtype, self.device, static=fixed)
+        self.cache = new_kv_cache(model, self.capacity)
         # Whether the heads run at all: the tree "none" verifies the lookup branch alone.
         self.heads_draft = tree is not None and tree.max_depth > 0
         has_prefix = self.heads_draft and model.heads.prefix is not None
@@ -274,6 +269,19 @@ class _Run:
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
                               torch.full((1,), -1, dtype=torch.long, device=self.device))
+
+
+def new_kv_cache(model: HydraModel, capacity: int) -> TreeKVCache:
+    """The KV cache of one decoding run, allocated for up to `capacity` tokens. A compiled decoder on a CPU gets
+    buffers of the model's whole context, the same for every reply, so their sizes are constants of its graphs
+    rather than values checked on every call (hydra.model.kv_cache); otherwise buffers of `capacity` slots."""
+    base = model.base_model
+    device = next(model.parameters()).device
+    fixed = device.type == "cpu" and decoder_is_compiled(model)
+    cache = TreeKVCache(base.config.num_hidden_layers, capacity, attention_dtype(base.config),
+                        base.config.max_position_embeddings if fixed else None)
+    cache.allocate_for(base.config, base.dtype, device, static=fixed)
+    return cache
 
 
 def _acceptance_rule(config: DecodeConfig, generator: torch.Generator | None):
