@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_tiny_base
 from transformers import DynamicCache, LlamaForCausalLM
 
 from hydra.model.families import tree_attention_mask
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.trees import build_tree_buffers
-
-from helpers import make_tiny_base
 
 VOCAB = 96
 
