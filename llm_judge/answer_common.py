@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
-
 LLM_JUDGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LLM_JUDGE_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a fresh clone: make `hydra` importable
@@ -44,6 +42,8 @@ ERROR_ANSWER = "$ERROR$"  # FastChat's marker for a turn that could not be gener
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
+    from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES  # after the sys.path set-up above
+
     p = argparse.ArgumentParser(
         description=f"Generate MT-Bench answers with {'Hydra speculative' if method == 'hydra' else 'plain autoregressive'} "
                     "decoding, recording wall time, new tokens and decoding steps per turn.",
