@@ -10,10 +10,10 @@ the buffers need no zeroing.
 
 Why one length, and buffers of a size fixed per model (`storage_len`, allocated before the first forward by
 `allocate_for`): a compiled decoder (`hydra.model.compiled`) checks, before every call, each value its graph
-was specialised on. With a length per layer and buffers sized per reply, that was ~15 Python shape conditions
-per layer, ~450 per forward on a 30-layer model; with one length and static buffer sizes it is a handful
-(README, Compiled decoder). Every layer of a forward writes the same slots, so the length moves on once the
-last layer has been written; a forward interrupted before that leaves the length where it was.
+was specialised on. With a length per layer and buffers sized per reply, ~20 Python conditions per layer
+read the cache; with one length and static buffer sizes, 5 in all (README, Compiled decoder). Every layer of a
+forward writes the same slots, so the length moves on once the last layer has been written; a forward
+interrupted before that leaves the length where it was.
 
 A cache may store keys and values in another dtype than the model computes them in (`dtype`): a quantized base
 attends in float32, and a float32 cache saves casting every cached row on every forward.
@@ -41,8 +41,7 @@ class PositionIndexedLayer(CacheLayerMixin):
         return self.cache.k is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache.allocate(key_states.shape[0], key_states.shape[1], key_states.shape[-1],
-                            value_states.shape[-1], key_states.dtype, key_states.device)
+        self.cache.allocate_like(key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.cache.update(key_states, value_states, self.index)
@@ -96,9 +95,14 @@ class TreeKVCache(Cache):
                   for _ in range(self.num_layers)]
         self.v = [torch.empty(batch, kv_heads, self.storage_len, value_dim, dtype=dtype, device=device)
                   for _ in range(self.num_layers)]
-        if static:  # sizes TorchDynamo takes as constants, not symbols to check on every call (module docstring)
+        if static:  # sizes TorchDynamo takes as constants, not symbols checked per call (module docstring)
             for buf in self.k + self.v:
                 torch._dynamo.mark_static(buf)
+
+    def allocate_like(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate for keys and values shaped like the first ones written (sizes not marked static)."""
+        self.allocate(key_states.shape[0], key_states.shape[1], key_states.shape[-1], value_states.shape[-1],
+                      key_states.dtype, key_states.device)
 
     def allocate_for(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str,
                      static: bool = False) -> None:
@@ -113,7 +117,7 @@ class TreeKVCache(Cache):
         """Write T new rows of layer `layer_idx` at [length, length+T); return its keys/values [0, length+T).
         The length moves on after the last layer (every layer of a forward writes the same slots)."""
         if self.k is None:
-            self.layers[layer_idx].lazy_initialization(key_states, value_states)
+            self.allocate_like(key_states, value_states)
         k, v = self.k[layer_idx], self.v[layer_idx]
         if key_states.shape[:2] + key_states.shape[3:] != k.shape[:2] + k.shape[3:] \
                 or value_states.shape[-1] != v.shape[-1]:
