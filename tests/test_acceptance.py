@@ -13,8 +13,15 @@ from functools import partial
 import pytest
 import torch
 
-from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, tempered_probs, typical_accept
-from hydra.model.trees import MC_SIM_7B_63, build_tree_buffers
+from hydra.model.acceptance import (
+    exact_accept,
+    greedy_accept,
+    greedy_walk,
+    tempered_probs,
+    top1,
+    typical_accept,
+)
+from hydra.model.trees import MC_SIM_7B_63, StepTree, build_tree_buffers
 
 from helpers import assert_matches, chi2_pvalue, chi2_quantile
 
@@ -63,6 +70,25 @@ def test_greedy_fixed_logits(argmax, accepted, bonus):
     got, nxt = greedy_accept(_argmax_logits(argmax), TOKENS, TREE)
     assert got.tolist() == accepted
     assert nxt == bonus
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top1_is_argmax_with_ties_and_nan(dtype):
+    """top1 stands in for argmax: the same first index of the largest value, ties and NaN included."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[:32, 7] = logits[:32].max(-1).values  # a tie with the row's maximum, at an earlier index
+    logits[40, 500] = float("nan")  # NaN counts as the largest, as in argmax
+    assert torch.equal(top1(logits), logits.argmax(-1))
+    assert torch.equal(top1(logits[3]), logits[3].argmax())
+
+
+def test_greedy_plain_step_is_the_root_and_its_argmax():
+    plain = StepTree(torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long),
+                     torch.zeros(1, 1, dtype=torch.long), torch.full((1,), -1))  # as generate's plain step
+    logits = torch.zeros(1, V)
+    logits[0, 4] = 2.0
+    got, nxt = greedy_accept(logits, torch.tensor([9]), plain)
+    assert got.tolist() == [0] and nxt == 4
 
 
 def test_greedy_sentinel_never_matches():
