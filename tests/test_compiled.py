@@ -37,6 +37,7 @@ def test_compiled_decoder_decodes_as_the_eager_one():
     warm_up(model, DecodeConfig(tree=TREES[0]), speculative=True)
     warm_up(model, DecodeConfig(tree=TREES[1]), speculative=True)
     compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert not torch._dynamo.config.specialize_float  # set around the decoder's calls only, not left behind
     assert compiled_graphs > 0  # the decoder really ran compiled
     assert _outputs(model) == eager
     # Warm-up covered every kind of forward: decoding compiled nothing new.

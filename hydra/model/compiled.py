@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import torch
+
 from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
 from hydra.model.hydra_model import HydraModel
 
@@ -28,6 +30,11 @@ def compile_decoder(model: HydraModel) -> None:
     # decoder). On a GPU the default wrapper is kept (not measured there).
     cpu = next(model.parameters()).device.type == "cpu"
     model.decoder.compile(dynamic=True, options={"cpp_wrapper": True} if cpu else None)
+    # The decoder's float attributes (norm epsilons, attention scaling) become constants of its graphs instead
+    # of inputs converted to tensors and checked on every call (~60 on the default model). Dynamo reads the
+    # setting when it traces, which happens inside the decoder's calls, so it is set around those calls only.
+    compiled_call = model.decoder._compiled_call_impl
+    model.decoder._compiled_call_impl = torch._dynamo.config.patch(specialize_float=True)(compiled_call)
 
 
 def warm_up(model: HydraModel, config: DecodeConfig, speculative: bool) -> float:
