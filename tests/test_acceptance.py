@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import assert_matches, chi2_pvalue, chi2_quantile
 
 from hydra.model.acceptance import (
     exact_accept,
@@ -22,8 +23,6 @@ from hydra.model.acceptance import (
     typical_accept,
 )
 from hydra.model.trees import MC_SIM_7B_63, StepTree, build_tree_buffers
-
-from helpers import assert_matches, chi2_pvalue, chi2_quantile
 
 # Tree order: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0].
 TREE = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0]])

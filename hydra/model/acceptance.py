@@ -38,8 +38,8 @@ def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def top1(logits: torch.Tensor) -> torch.Tensor:
     """The argmax over the last dimension: the first index of the largest value, as `argmax` gives it.
-    `max(-1).indices` because torch's CPU `argmax` is ~4x slower on bf16 logits (README, Quantized base model),
-    and greedy decoding takes it over the whole vocabulary at every node it verifies."""
+    `max(-1).indices` because torch's CPU `argmax` is ~4x slower on bf16 logits (README, Quantized base
+    model), and greedy decoding takes it over the whole vocabulary at every node it verifies."""
     return logits.max(-1).indices
 
 
