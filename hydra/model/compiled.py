@@ -5,9 +5,10 @@ At batch size 1 on a CPU a forward of a small model is bound by per-operator ove
 one-token forward of SmolLM2-135M runs ~200 ATen operators per layer. Inductor fuses the norms, rotary
 embedding, casts and elementwise work around the matrix products into a few C++ kernels (README, "Compiled
 decoder", for the measured effect). The decoder is compiled in place (`nn.Module.compile`), with dynamic
-shapes so that every prompt length, tree size and cache length share a graph; transformers' modeling code
-and the project's KV cache are traced unmodified. Compilation happens on the first forwards of each kind
-(prefill, one-token step, tree verification with its mask), so `warm_up` runs them once up front.
+shapes so that every prompt length, tree size and cache length share a graph, and on a CPU with inductor's
+C++ wrapper; transformers' modeling code and the project's KV cache are traced unmodified. Compilation
+happens on the first forwards of each kind (prefill, one-token step, tree verification with its mask), so
+`warm_up` runs them once up front.
 """
 
 from __future__ import annotations
