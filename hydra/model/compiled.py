@@ -26,9 +26,9 @@ def compile_decoder(model: HydraModel) -> None:
     """Compile `model`'s base decoder in place (every HydraModel sharing this base model gets it). The heads
     stay eager: compiling the Hydra++ prefix layer and the head trunks the same way made a step slower
     (README, Compiled decoder)."""
-    # On a CPU, inductor's C++ wrapper launches the graph's ~400 kernels from C++ rather than from a generated
-    # Python function; at batch size 1 that launch cost is a measurable part of a forward (README, Compiled
-    # decoder). On a GPU the default wrapper is kept (not measured there).
+    # On a CPU, inductor's C++ wrapper makes the graph's ~300 calls (fused kernels, int4 products, attention)
+    # from C++ rather than from a generated Python function; at batch size 1 that launch cost is a measurable
+    # part of a forward (README, Compiled decoder). On a GPU the default wrapper is kept (not measured there).
     cpu = next(model.parameters()).device.type == "cpu"
     model.decoder.compile(dynamic=True, options={"cpp_wrapper": True} if cpu else None)
     # The decoder's float attributes (norm epsilons, attention scaling) become constants of its graphs instead
