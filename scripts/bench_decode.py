@@ -7,6 +7,8 @@
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --hf \
         --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp, interleaved
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --compile off on
+    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant int4 \
+        --compile torch.compile on                               # the two ways of compiling, interleaved
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --pace off on \
         --question-file data/translation_eval/question.jsonl     # heads resting where they do not pay
 
@@ -17,7 +19,8 @@ forward, bonus token included; AR = 1) and speedup over AR. With --hf it also ti
 (plain greedy, and prompt-lookup decoding) and adds a column relative to it (the first base model's), the
 baseline that peers are usually quoted against. --quant runs each dtype on int4/int8 base weights too
 (hydra.model.quant); --compile off on runs each base eager and with its decoder compiled
-(hydra.model.compiled; compilation happens in the untimed warm-up); --heads-quant none int8 runs each head set
+(hydra.model.compiled: on a CPU exported ahead of time, or with torch.compile for --compile torch.compile;
+compilation happens in the untimed warm-up); --heads-quant none int8 runs each head set
 with float and with int8 weights (default auto: the base's own kind); --pace off on runs every tree with
 the heads on every step and paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs
 every tree without and with a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the
@@ -90,6 +93,9 @@ class Tally:
         return self.decided / self.verify_steps if self.verify_steps else None
 
 
+COMPILE_MODES = ("off", "on", "torch.compile")
+
+
 def off_on(values: list[str]) -> list[str]:
     """An off/on option's values once each, "off" first."""
     return sorted(set(values), key=("off", "on").index)
@@ -150,8 +156,9 @@ def main() -> None:
                     help="base model weights: each dtype runs with each of these (none = the dtype's own)")
     ap.add_argument("--heads-quant", nargs="*", default=["auto"], choices=HEADS_QUANT_CHOICES,
                     help="each head set with each of these weights (auto: the base's kind)")
-    ap.add_argument("--compile", nargs="*", default=["off"], choices=("off", "on"),
-                    help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled)")
+    ap.add_argument("--compile", nargs="*", default=["off"], choices=COMPILE_MODES,
+                    help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled; "
+                         "on: the default way, exported ahead of time on a CPU; torch.compile: that way)")
     ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),
                     help="each tree with the heads on every step (off) and/or paced (on)")
     ap.add_argument("--lookup", nargs="*", type=int, default=[DecodeConfig.lookup],
@@ -183,8 +190,9 @@ def main() -> None:
     groups: list[tuple[str, Tally, list[Tally]]] = []  # (base label, its AR, its tallies)
     hf_first = prompts = None
     for dtype in args.dtypes:
-        for quant, compiled in itertools.product(args.quant, off_on(args.compile)):
-            label = dtype + ("" if quant == "none" else f"+{quant}") + ("+compiled" if compiled == "on" else "")
+        for quant, compiled in itertools.product(args.quant, sorted(set(args.compile), key=COMPILE_MODES.index)):
+            label = dtype + ("" if quant == "none" else f"+{quant}") + {"off": "", "on": "+compiled",
+                                                                         "torch.compile": "+torch.compile"}[compiled]
             base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
@@ -198,8 +206,8 @@ def main() -> None:
                 models = {f"random {arch}": HydraModel(base, HydraConfig(hydra_head_arch=arch), tokenizer)
                           for arch in ("mlp", "hydra-mlp", "prefix-mlp")}
             first = next(iter(models.values()))
-            if compiled == "on":  # in place on the shared base; the warm-up below compiles each shape once
-                compile_decoder(first)
+            if compiled != "off":  # in place on the shared base; the warm-up below compiles each shape once
+                compile_decoder(first, export=None if compiled == "on" else False)
             config = DecodeConfig(max_new_tokens=args.max_new_tokens)
             ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
             tallies = [ar]

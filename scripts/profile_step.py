@@ -66,24 +66,32 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     import random
     import statistics
 
+    from hydra.model.attention import BOOL_MASK_ATTENTION
+    from hydra.model.families import tree_attention_mask
     from hydra.model.generate import new_kv_cache
-    from hydra.model.hydra_model import reads_all_hidden_states
+    from hydra.model.hydra_model import exported_decoder, reads_all_hidden_states
 
     device = next(model.parameters()).device
     ids = torch.tensor(prompt, device=device)
     n = ids.numel()
     cache = new_kv_cache(model, n + 64)  # as decoding allocates it (static sizes on a compiled CPU decoder)
     d_model = model.config.hidden_size
+    decoder = exported_decoder(model) or model.decoder  # what decoding calls
+    base = model.base_model
+    as_bool = base.config._attn_implementation in BOOL_MASK_ATTENTION
     with torch.inference_mode():
-        out = model.decoder(input_ids=ids[None], past_key_values=cache, use_cache=True,
-                            output_hidden_states=reads_all_hidden_states(model.config))
+        out = decoder(input_ids=ids[None], position_ids=torch.arange(n, device=device)[None],
+                      past_key_values=cache, use_cache=True,
+                      output_hidden_states=reads_all_hidden_states(model.config))
         heads_in = model.heads_input(out)[:, -1:]  # what the heads read at the last position
         ctx = (heads_in if model.heads.fuse is None else model.heads.fuse(heads_in))[0, -1]  # d wide
 
         def verify(t: int) -> None:  # a plain step (t = 1) runs without a mask, as in decoding
-            mask = torch.ones(1, 1, t, n + t, dtype=torch.bool, device=device).tril_(n) if t > 1 else None
-            out = model.decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
-                                past_key_values=cache, use_cache=True, attention_mask=mask)
+            chain = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
+            depth = torch.arange(t, device=device)
+            mask = tree_attention_mask(chain, n, base.dtype, as_bool, base.config, depth) if t > 1 else None
+            out = decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
+                          past_key_values=cache, use_cache=True, attention_mask=mask)
             model.lm_head(out.last_hidden_state[0])
             cache.crop(-t)  # back to the n prompt tokens
 

@@ -1,6 +1,6 @@
-"""A compiled base decoder (`hydra.model.compiled`) decodes exactly as the eager one: same greedy tokens for
-plain and speculative decoding (static, dynamic and Hydra++ prefix-layer paths), and the warm-up compiles every
-forward kind up front so decoding adds no compilation."""
+"""A compiled base decoder (`hydra.model.compiled`: exported ahead of time, or `torch.compile`) decodes
+exactly as the eager one: same greedy tokens for plain and speculative decoding (static, dynamic and Hydra++
+prefix-layer paths), and the warm-up compiles every forward kind up front so decoding adds no compilation."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from helpers import make_heads, make_tiny_base
 
 from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.generate import DecodeConfig, ar_generate, generate
-from hydra.model.hydra_model import decoder_is_compiled
+from hydra.model.hydra_model import decoder_is_compiled, exported_decoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on CPU codegen
 
@@ -26,13 +26,13 @@ def _outputs(model) -> list[list[int]]:
     return out
 
 
-def test_compiled_decoder_decodes_as_the_eager_one():
+def test_torch_compiled_decoder_decodes_as_the_eager_one():
     base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
     model = make_heads(base, "prefix-mlp", num_heads=4, num_layers=1)
     eager = _outputs(model)
     assert all(out == eager[0] for out in eager[:3])  # speculative == plain greedy, eager (sanity)
-    compile_decoder(model)
-    assert decoder_is_compiled(model)
+    compile_decoder(model, export=False)
+    assert decoder_is_compiled(model) and exported_decoder(model) is None
     torch._dynamo.utils.counters.clear()
     warm_up(model, DecodeConfig(tree=TREES[0]), speculative=True)
     warm_up(model, DecodeConfig(tree=TREES[1]), speculative=True)
@@ -42,6 +42,64 @@ def test_compiled_decoder_decodes_as_the_eager_one():
     assert _outputs(model) == eager
     # Warm-up covered every kind of forward: decoding compiled nothing new.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # 1: the heads read an earlier layer (all hidden states returned)
+def test_exported_decoder_decodes_as_the_eager_one(offset):
+    base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
+    model = make_heads(base, "prefix-mlp", num_heads=4, num_layers=1, hidden_state_offset=offset)
+    eager = _outputs(model)
+    compile_decoder(model)  # on a CPU: exported
+    exported = exported_decoder(model)
+    assert decoder_is_compiled(model) and exported is not None and not exported.programs
+    warm_up(model, DecodeConfig(tree=TREES[0]), speculative=True)
+    warm_up(model, DecodeConfig(tree=TREES[1]), speculative=True)
+    # one program for one token, one for the prompt and trees; the heads' layers decide the outputs
+    assert sorted(key[:2] for key in exported.programs) == [(False, offset > 0), (True, offset > 0)]
+    programs = dict(exported.programs)
+    model.decoder.forward = None  # decoding no longer calls the eager decoder (nor exports anything)
+    assert _outputs(model) == eager
+    assert exported.programs == programs  # warm-up compiled every kind of forward
+
+
+def test_exported_forward_matches_the_eager_one():
+    """Hidden states and KV cache rows of an exported forward equal the eager decoder's, for a prompt (no
+    mask), one token and a tree; the cache length moves on as the eager cache's."""
+    from hydra.model.exported import ExportedDecoder
+    from hydra.model.families import tree_attention_mask
+    from hydra.model.generate import new_kv_cache
+
+    base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
+    model = make_heads(base, "hydra-mlp", num_heads=2)
+    exported = ExportedDecoder(model.decoder, base.config)
+    caches = [new_kv_cache(model, 40), new_kv_cache(model, 40)]
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    tree_mask = tree_attention_mask(tree, 10, torch.float32, True)
+    steps = [(torch.arange(3, 12), torch.arange(9), None), (torch.tensor([5]), torch.tensor([9]), None),
+             (torch.tensor([7, 8, 9]), torch.tensor([10, 11, 11]), tree_mask)]
+    with torch.no_grad():
+        for tokens, positions, mask in steps:
+            outs = [fn(input_ids=tokens[None], position_ids=positions[None], past_key_values=cache,
+                       use_cache=True, attention_mask=mask, output_hidden_states=True).hidden_states
+                    for fn, cache in zip((model.decoder, exported), caches)]
+            assert caches[0].length == caches[1].length
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            n = caches[0].length
+            for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+                torch.testing.assert_close(b[:, :, :n], a[:, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_export_needs_one_mask_for_all_layers():
+    from hydra.model.exported import supports_export
+
+    assert supports_export(make_tiny_base(64).config)
+    sliding = make_tiny_base(64).config
+    sliding.sliding_window = 16
+    assert not supports_export(sliding)
+    model = make_heads(make_tiny_base(64), "hydra-mlp", num_heads=2)
+    model.base_model.config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding-window"):
+        compile_decoder(model, export=True)
 
 
 def test_warm_up_ignores_stop_tokens_and_sampling():

@@ -1,14 +1,16 @@
-"""`torch.compile` of the base model's decoder for decoding (`--compile` in the CLI, answer scripts, server and
-benchmark).
+"""The base model's decoder compiled for decoding (`--compile` in the CLI, answer scripts, server and benchmark).
 
 At batch size 1 on a CPU a forward of a small model is bound by per-operator overhead, not arithmetic: a
 one-token forward of SmolLM2-135M runs ~200 ATen operators per layer. Inductor fuses the norms, rotary
 embedding, casts and elementwise work around the matrix products into a few C++ kernels (README, "Compiled
-decoder", for the measured effect). The decoder is compiled in place (`nn.Module.compile`), with dynamic
-shapes so that every prompt length, tree size and cache length share a graph, and on a CPU with inductor's
-C++ wrapper; transformers' modeling code and the project's KV cache are traced unmodified. Compilation
-happens on the first forwards of each kind (prefill, one-token step, tree verification with its mask), so
-`warm_up` runs them once up front.
+decoder", for the measured effect). Two ways to get those kernels, with the same outputs:
+- on a CPU, ahead of time (`hydra.model.exported`: `torch.export` + AOTInductor), so that a call runs no
+  Python guards or argument handling; for every base whose tree masks are one tensor (`supports_export`);
+- otherwise `torch.compile` of the decoder in place (`nn.Module.compile`), with dynamic shapes so that every
+  prompt length, tree size and cache length share a graph (on a CPU with inductor's C++ wrapper).
+transformers' modeling code and the project's KV cache are traced unmodified either way. Compilation happens on
+the first forwards of each kind (prefill, one-token step, tree verification with its mask), so `warm_up` runs
+them once up front.
 """
 
 from __future__ import annotations
@@ -18,18 +20,29 @@ from dataclasses import replace
 
 import torch
 
+from hydra.model.exported import ExportedDecoder, supports_export
 from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
 from hydra.model.hydra_model import HydraModel
 
 
-def compile_decoder(model: HydraModel) -> None:
-    """Compile `model`'s base decoder in place (every HydraModel sharing this base model gets it). The heads
-    stay eager: compiling the Hydra++ prefix layer and the head trunks the same way made a step slower
-    (README, Compiled decoder)."""
+def compile_decoder(model: HydraModel, export: bool | None = None) -> None:
+    """Compile `model`'s base decoder in place (every HydraModel sharing this base model gets it). `export`:
+    ahead of time (`hydra.model.exported`) rather than with `torch.compile`; None: on a CPU, for every base
+    whose masks allow it (`supports_export`). The heads stay eager: compiling the Hydra++ prefix layer and
+    the head trunks the same way made a step slower (README, Compiled decoder)."""
+    cpu = next(model.parameters()).device.type == "cpu"
+    base_config = model.base_model.config
+    if export is None:
+        export = cpu and supports_export(base_config)
+    if export:
+        if not supports_export(base_config):
+            raise ValueError("this base model has sliding-window layers, whose masks the exported decoder "
+                             "does not take; compile it with torch.compile (export=False)")
+        model.decoder.hydra_exported = ExportedDecoder(model.decoder, base_config)
+        return
     # On a CPU, inductor's C++ wrapper makes the graph's ~300 calls (fused kernels, int4 products, attention)
     # from C++ rather than from a generated Python function; at batch size 1 that launch cost is a measurable
     # part of a forward (README, Compiled decoder). On a GPU the default wrapper is kept (not measured there).
-    cpu = next(model.parameters()).device.type == "cpu"
     model.decoder.compile(dynamic=True, options={"cpp_wrapper": True} if cpu else None)
     # The decoder's float attributes (norm epsilons, attention scaling) become constants of its graphs instead
     # of inputs converted to tensors and checked on every call (~60 on the default model). Dynamo reads the

@@ -22,7 +22,7 @@ from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, typ
 from hydra.model.attention import BOOL_MASK_ATTENTION, attention_dtype
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
-from hydra.model.hydra_model import HydraModel, decoder_is_compiled, reads_all_hidden_states
+from hydra.model.hydra_model import HydraModel, decoder_is_compiled, exported_decoder, reads_all_hidden_states
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
@@ -253,6 +253,7 @@ class _Run:
         # and 8 rows, so never there (README, Quantized base model).
         self.walk = config.temperature == 0 and isinstance(model.lm_head, Int4Linear)
         self.bool_mask = base.config._attn_implementation in BOOL_MASK_ATTENTION
+        self.decoder = exported_decoder(model) or model.decoder
         self.all_hidden = reads_all_hidden_states(model.config)
         self.n = 0  # tokens in the cache
         # Hidden states of accepted tokens the heads have not read yet (c_t is computed when a tree needs it),
@@ -306,8 +307,8 @@ def _emit(pending: list[int], stop_ids: set[int], budget: int) -> tuple[list[int
 
 def _forward(run: _Run, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
     """One base-model forward over new tokens: (output-layer input (T, d), what the heads read (T, ...))."""
-    out = run.model.decoder(input_ids=tokens[None], position_ids=positions[None], past_key_values=run.cache,
-                            use_cache=True, output_hidden_states=run.all_hidden, attention_mask=mask)
+    out = run.decoder(input_ids=tokens[None], position_ids=positions[None], past_key_values=run.cache,
+                      use_cache=True, output_hidden_states=run.all_hidden, attention_mask=mask)
     return out.last_hidden_state[0], run.model.heads_input(out)[0]
 
 

@@ -38,7 +38,14 @@ class HydraTrainOutput:
 
 def decoder_is_compiled(model: HydraModel) -> bool:
     """Whether `hydra.model.compiled.compile_decoder` compiled this model's base decoder (in place)."""
-    return getattr(model.decoder, "_compiled_call_impl", None) is not None
+    torch_compiled = getattr(model.decoder, "_compiled_call_impl", None) is not None
+    return torch_compiled or exported_decoder(model) is not None
+
+
+def exported_decoder(model: HydraModel):
+    """The ahead-of-time compiled stand-in for the base decoder (`hydra.model.exported.ExportedDecoder`) that
+    decoding calls instead of it, if `compile_decoder` made one."""
+    return getattr(model.decoder, "hydra_exported", None)
 
 
 def reads_all_hidden_states(config: HydraConfig) -> bool:

@@ -123,14 +123,19 @@ class TreeKVCache(Cache):
                 or value_states.shape[-1] != v.shape[-1]:
             raise ValueError(f"keys of shape {tuple(key_states.shape)} do not fit a cache allocated for "
                              f"{tuple(k.shape)} (batch, kv heads, slots, head dim)")
-        start, end = self.length, self.length + key_states.shape[-2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        start, end = self.slots_for(key_states.shape[-2])
         k[:, :, start:end] = key_states
         v[:, :, start:end] = value_states
         if layer_idx == self.num_layers - 1:
             self.length = end
         return k[:, :, :end], v[:, :, :end]
+
+    def slots_for(self, tokens: int) -> tuple[int, int]:
+        """The slots [start, end) that `tokens` new rows take; an error past max_len."""
+        start, end = self.length, self.length + tokens
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        return start, end
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
