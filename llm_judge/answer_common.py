@@ -72,7 +72,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the base decoder (the untimed warm-up runs compile it)")
+                   help="compile the base decoder (the untimed warm-up runs compile it)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")

@@ -24,7 +24,7 @@ def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0
     for _ in range(steps):
         speculated = pacer.speculate()
         decisions.append(speculated)
-        branch = lookup(rng) if lookup is not None and not speculated and pacer.may_look_up else None
+        branch = lookup(rng) if lookup is not None and not speculated and pacer.look_up() else None
         if speculated:
             n, dt, verified = spec_tokens(rng), spec_cost, 4
         elif branch is not None:
@@ -163,15 +163,31 @@ def test_resting_steps_look_up_only_after_a_plain_step_of_the_reply():
     """The first step of every reply is plain (it sets the unit the other steps are timed in), even when the
     lookup would find a branch; a resting step that looks up does not change the plain-step time."""
     pacer = Pacer()
-    assert not pacer.may_look_up
-    pacer.speculate()
+    assert not pacer.speculate() and not pacer.look_up()
     pacer.record(1.0, 1, speculated=False)
-    assert pacer.may_look_up
+    assert pacer.look_up()  # a resting step now may look up
     pacer.record(5.0, 4, speculated=False, verified=9)
     # a running mean with the prior (1, 1) counting as one step: (1 + 1 + 5) / 3 and (1 + 1 + 4) / 3
     assert pacer.plain_seconds == 1.0 and pacer.rest_cost == pytest.approx(7 / 3) and pacer.rest_tokens == 2.0
     pacer.start_reply()
-    assert not pacer.may_look_up
+    assert not pacer.look_up()
+
+
+def test_a_lookup_that_loses_to_plain_steps_rests_too():
+    """Resting steps are judged one level down: a lookup branch found on 70% of them that decides 1.1 tokens
+    for 1.6 plain-step times loses to plain steps (resting at 0.75x plain decoding if it always looked up),
+    so resting steps become plain ones but for probes, and with losing heads decoding runs near plain speed.
+    A lookup that pays (the test above) goes on being verified."""
+    def lookup(rng):
+        return (1.6, 1 + (rng.random() < 0.1)) if rng.random() < 0.7 else None
+
+    for seed in range(4):
+        pacer = Pacer()
+        decisions, speed = drive(pacer, 400, 2.0, lambda rng: 1 + (rng.random() < 0.3), seed, lookup)
+        assert speed > 0.9, speed
+        assert pacer.lookup.cost > pacer.lookup.tokens  # it measured the lookup losing
+        unjudged = Pacer(judge_lookup=False)
+        assert drive(unjudged, 400, 2.0, lambda rng: 1 + (rng.random() < 0.3), seed, lookup)[1] < 0.85
 
 
 def test_replay_walks_recorded_steps_by_token_position():

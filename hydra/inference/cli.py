@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the base decoder: faster replies after a start-up compilation of a few "
-                        "minutes on a CPU; see README, Compiled decoder")
+                   help="compile the base decoder (ahead of time on a CPU): faster replies after a start-up "
+                        "compilation of a minute or two on a CPU; see README, Compiled decoder")
     p.add_argument("--no-pace", action="store_true",
                    help="run the heads on every step, even while they decide fewer tokens per second than plain "
                         "steps (default: they rest then, unless --seed is given, so seeded replies repeat)")

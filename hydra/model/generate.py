@@ -340,7 +340,7 @@ def _draft(run: _Run, root: int) -> Draft:
     if run.tree is None or run.n + run.step_size > run.capacity:
         return Draft(root_t, run.plain)
     resting = run.pacer is not None and not run.pacer.speculate()
-    if resting and not (run.heads_draft and run.pacer.may_look_up):
+    if resting and not (run.heads_draft and run.pacer.look_up()):
         return Draft(root_t, run.plain)
     if resting or not run.heads_draft:  # the heads rest (the lookup branch alone), or there are none
         draft = Draft(root_t, run.plain)

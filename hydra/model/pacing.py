@@ -27,7 +27,11 @@ achieves: the pacer also averages resting steps (cost in plain-step times, token
 loses `cost - tokens * rest_cost / rest_tokens` plain-step times. A one-token resting step counts as cost 1,
 1 token (it is what defines the unit), so without a lookup the rule is the plain-step one above. The forced
 resting step every `REMEASURE_EVERY` speculative steps keeps the resting average current while the heads pay;
-a reply's first step stays plain, to time one at the reply's context (`may_look_up`).
+a reply's first step stays plain, to time one at the reply's context (`look_up`). The lookup branch is
+itself judged against plain steps, by the same rule one level down: a second `Pacer` (`lookup`) sees the
+resting steps only, a lookup-alone step as its speculative step and a plain one as its rest, so where
+verifying the branch costs more than it decides (a cheap base verifies extra tokens at a higher relative
+cost), resting steps are plain ones but for its probes.
 
 Which steps speculate depends on timing and on earlier steps, never on what the current step draws, so greedy
 output is unchanged (identical to plain greedy where the numerics allow, as without pacing) and exact
@@ -56,7 +60,7 @@ def _average(old: float | None, new: float, weight: float) -> float:
 class Pacer:
     """Decides, step by step, whether the heads propose a tree; told every step's time and decided tokens."""
 
-    def __init__(self, weight: float = WEIGHT):
+    def __init__(self, weight: float = WEIGHT, judge_lookup: bool = True):
         self.weight = weight  # the newest speculative step's weight in the averages
         self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
         self.cost = START_COST  # average speculative step time in plain-step times
@@ -68,6 +72,8 @@ class Pacer:
         # Plain resting steps count as exactly (1, 1), so without a lookup these stay at (1, 1).
         self.rest_cost, self.rest_tokens, self.rests = 1.0, 1.0, 0
         self.time_plain = True  # the next resting step is plain, to time one (set at each reply's start)
+        # Whether a resting step verifies the lookup branch: lookup-alone steps against plain ones.
+        self.lookup = Pacer(weight, judge_lookup=False) if judge_lookup else None
 
     def start_reply(self) -> None:
         """A new reply begins: its first step is plain (the context, and with it a step's time, starts short
@@ -75,12 +81,15 @@ class Pacer:
         self.since_rest = 0
         self.time_plain = True
         self.rest = 1 + self._rest_after(self._loss(self.cost, self.tokens))
+        if self.lookup is not None:
+            self.lookup.start_reply()
 
-    @property
-    def may_look_up(self) -> bool:
-        """Whether a resting step may verify the lookup branch: not before a plain step of this reply has set
-        the unit."""
-        return not self.time_plain
+    def look_up(self) -> bool:
+        """Whether this resting step may verify the lookup branch (call once per resting step): while the
+        lookup pays against plain steps or is being probed, and not before a plain step of this reply has
+        set the unit."""
+        lookup_pays = self.lookup is None or self.lookup.speculate()
+        return lookup_pays and not self.time_plain
 
     def speculate(self) -> bool:
         """Whether the next step runs the heads (call once per step that could run them)."""
@@ -95,6 +104,8 @@ class Pacer:
         branch), not a resting step."""
         if not speculated:
             self.since_rest = 0
+            if self.lookup is not None:
+                self.lookup.record(seconds, tokens, speculated=verified > 1, verified=verified)
             if verified == 1:
                 self.time_plain = False
                 self.plain_seconds = _average(self.plain_seconds, seconds, PLAIN_WEIGHT)

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the base decoder (compiled before serving: minutes on a CPU)")
+                   help="compile the base decoder (ahead of time on a CPU; before serving: minutes on a CPU)")
     p.add_argument("--no-pace", action="store_true",
                    help="run the heads on every step, even while they decide fewer tokens per second than plain "
                         "steps (default: they rest then; seeded requests are never paced)")
