@@ -44,6 +44,12 @@ def test_torch_compiled_decoder_decodes_as_the_eager_one():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """compile_decoder keeps exported programs in the hydra cache: a fresh one per test."""
+    monkeypatch.setenv("HYDRA_CACHE", str(tmp_path / "hydra_cache"))
+
+
 @pytest.mark.parametrize("offset", [0, 1])  # 1: the heads read an earlier layer (all hidden states returned)
 def test_exported_decoder_decodes_as_the_eager_one(offset):
     base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
@@ -87,6 +93,31 @@ def test_exported_forward_matches_the_eager_one():
             n = caches[0].length
             for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
                 torch.testing.assert_close(b[:, :, :n], a[:, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_exported_programs_are_kept_and_reused(tmp_path, monkeypatch):
+    """A second process (here a second ExportedDecoder) loads the programs from the cache folder instead of
+    exporting again and decodes the same; nothing but whole packages is left there; other weights get other
+    packages."""
+    from hydra.model.exported import ExportedDecoder
+
+    base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
+    model = make_heads(base, "hydra-mlp", num_heads=4)
+    config = DecodeConfig(tree=TREES[0], max_new_tokens=12, stop_token_ids=[])
+
+    def decode(cache) -> list[list[int]]:
+        model.decoder.hydra_exported = ExportedDecoder(model.decoder, base.config, cache)
+        return [generate(model, PROMPTS[1], config, speculative=s).tokens for s in (False, True)]
+
+    want = decode(tmp_path)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt2", ".pt2"]  # one token; prompt and trees
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("exported again"))
+        assert decode(tmp_path) == want
+    with torch.no_grad():
+        base.model.norm.weight.mul_(1.5)
+    decode(tmp_path)
+    assert len(list(tmp_path.glob("*.pt2"))) == 4
 
 
 def test_export_needs_one_mask_for_all_layers():

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the base, else float); see README, Quantized base model")
     p.add_argument("--compile", action="store_true",
                    help="compile the base decoder (ahead of time on a CPU): faster replies after a start-up "
-                        "compilation of a minute or two on a CPU; see README, Compiled decoder")
+                        "compilation of a minute or two on a CPU the first time, seconds later; see README, "
+                        "Compiled decoder")
     p.add_argument("--no-pace", action="store_true",
                    help="run the heads on every step, even while they decide fewer tokens per second than plain "
                         "steps (default: they rest then, unless --seed is given, so seeded replies repeat)")

@@ -1,4 +1,5 @@
-"""The base model's decoder compiled for decoding (`--compile` in the CLI, answer scripts, server and benchmark).
+"""The base model's decoder compiled for decoding (`--compile` in the CLI, answer scripts, server and
+benchmark).
 
 At batch size 1 on a CPU a forward of a small model is bound by per-operator overhead, not arithmetic: a
 one-token forward of SmolLM2-135M runs ~200 ATen operators per layer. Inductor fuses the norms, rotary
@@ -8,9 +9,9 @@ decoder", for the measured effect). Two ways to get those kernels, with the same
   Python guards or argument handling; for every base whose tree masks are one tensor (`supports_export`);
 - otherwise `torch.compile` of the decoder in place (`nn.Module.compile`), with dynamic shapes so that every
   prompt length, tree size and cache length share a graph (on a CPU with inductor's C++ wrapper).
-transformers' modeling code and the project's KV cache are traced unmodified either way. Compilation happens on
-the first forwards of each kind (prefill, one-token step, tree verification with its mask), so `warm_up` runs
-them once up front.
+transformers' modeling code and the project's KV cache are traced unmodified either way. Compilation happens
+on the first forwards of each kind (prefill, one-token step, tree verification with its mask), so `warm_up`
+runs them once up front.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from hydra.model.base_model import cache_dir
 from hydra.model.exported import ExportedDecoder, supports_export
 from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
 from hydra.model.hydra_model import HydraModel
@@ -38,7 +40,7 @@ def compile_decoder(model: HydraModel, export: bool | None = None) -> None:
         if not supports_export(base_config):
             raise ValueError("this base model has sliding-window layers, whose masks the exported decoder "
                              "does not take; compile it with torch.compile (export=False)")
-        model.decoder.hydra_exported = ExportedDecoder(model.decoder, base_config)
+        model.decoder.hydra_exported = ExportedDecoder(model.decoder, base_config, cache_dir() / "exported")
         return
     # On a CPU, inductor's C++ wrapper makes the graph's ~300 calls (fused kernels, int4 products, attention)
     # from C++ rather than from a generated Python function; at batch size 1 that launch cost is a measurable

@@ -2,20 +2,23 @@
 
 A decoder compiled by `torch.compile` still runs Python around every call: TorchDynamo checks its guards (one
 per weight tensor and module attribute, ~0.26 ms on the default model), gathers ~200 weight tensors into the
-graph's inputs and replays the modules' attribute changes afterwards; with the runtime wrappers that is
-~2-3 ms of a one-token forward of ~8.5 ms. An exported program compiled by AOTInductor has no guards and holds the
+graph's inputs and replays the modules' attribute changes afterwards; with the runtime wrappers that is ~2-3
+ms of a one-token forward of ~8.5 ms. An exported program compiled by AOTInductor has no guards and holds the
 weights as its own constants: a call passes the new tokens, their positions, the attention mask and the KV
 cache's buffers, and runs the generated C++ directly (README, "Compiled decoder", for the measured effect).
-The kernels are the ones inductor generates for `torch.compile`, so the outputs are the same, bit for bit.
+The kernels are the ones inductor generates for `torch.compile`, so the outputs are the same (bit for bit on
+the default model, README).
 
 Two programs per decoder, each exported and compiled the first time a forward of its kind runs (about a
-minute each on the default model; `hydra.model.compiled.warm_up` runs both up front):
+minute each on the default model; `hydra.model.compiled.warm_up` runs both up front) and kept in a cache
+folder (`compile_decoder`: `exported/` in the hydra cache), where later processes load them in seconds:
 - one new token: the plain step (0 and 1 are special sizes for the exporter, so one token has its own);
 - any number of new tokens >= 2: the prompt and tree verification.
 Both take the cache length from the mask's width (past + new tokens), so every length shares one program;
 a forward without a mask gets the causal one (`tree_attention_mask` of a chain), the mask the eager model
-builds for itself. The KV buffers are inputs written in place; they must have the shapes of the first ones
-(`hydra.model.generate.new_kv_cache` gives a compiled decoder buffers of the model's whole context).
+builds for itself. The KV buffers are inputs written in place, of sizes fixed per program
+(`hydra.model.generate.new_kv_cache` gives a compiled decoder buffers of the model's whole context); a cache
+or mask of other sizes or dtypes gets a program of its own.
 
 For models whose tree masks are one tensor (every layer attends alike); a family with sliding-window layers
 takes a mask per layer type and keeps `torch.compile` (`supports_export`).
@@ -23,10 +26,14 @@ takes a mask per layer type and keeps `torch.compile` (`supports_export`).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
 import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -64,10 +71,11 @@ class ExportedDecoder:
     keywords, a `TreeKVCache` as `past_key_values`, and an output with `last_hidden_state` (and
     `hidden_states` when asked)."""
 
-    def __init__(self, decoder: nn.Module, config):
-        self.decoder, self.config = decoder, config
+    def __init__(self, decoder: nn.Module, config, cache: Path | None = None):
+        self.decoder, self.config, self.cache = decoder, config, cache
         self.dtype = decoder.get_input_embeddings().weight.dtype
         self.programs: dict[tuple, object] = {}  # (one token, all hidden states, input kinds) -> runner
+        self._model_digest: str | None = None
 
     def __call__(self, input_ids: torch.Tensor, past_key_values: TreeKVCache,
                  position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -88,22 +96,64 @@ class ExportedDecoder:
         key = (one_token, output_hidden_states, attention_mask.dtype, cache.k[0].shape, cache.k[0].dtype,
                len(cache.k))
         if key not in self.programs:
-            self.programs[key] = self._compile(inputs, one_token, output_hidden_states)
+            self.programs[key] = self._load(inputs, key)
         outputs = self.programs[key].run(inputs)
         cache.length = end
         return BaseModelOutputWithPast(last_hidden_state=outputs[0],
                                        hidden_states=tuple(outputs[1:]) if output_hidden_states else None)
 
-    def _compile(self, inputs: list[torch.Tensor], one_token: bool, all_hidden: bool):
+    def _load(self, inputs: list[torch.Tensor], key: tuple):
+        """The compiled program for inputs of this kind: from the cache folder if it holds one, else exported
+        and compiled now (and kept there)."""
+        if self.cache is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                return self._compile(inputs, *key[:2], Path(tmp) / "decoder.pt2")
+        path = self.cache / f"{self._digest(key)}.pt2"
+        if not path.is_file():
+            self.cache.mkdir(parents=True, exist_ok=True)
+            # Written beside its final name and renamed, so a killed compilation leaves no package behind
+            # that a later process would take for a whole one.
+            with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
+                part = Path(tmp) / "decoder.pt2"
+                runner = self._compile(inputs, *key[:2], part)
+                os.replace(part, path)
+            return runner
+        try:
+            return _load_package(path)
+        except RuntimeError:  # not a package this torch can run after all: compile it again
+            path.unlink()
+            return self._load(inputs, key)
+
+    def _compile(self, inputs: list[torch.Tensor], one_token: bool, all_hidden: bool, path: Path):
         module = _Forward(self.decoder, self.config.num_hidden_layers, all_hidden)
         dim = torch.export.Dim
         new = dim.STATIC if one_token else dim.AUTO  # tokens; one token is its own program
         shapes = ({1: new}, {1: new}, {2: new, 3: dim.AUTO}, (None,) * (len(inputs) - 3))
         with torch.no_grad():
             program = torch.export.export(module, tuple(inputs), dynamic_shapes=shapes, strict=False)
-            with tempfile.TemporaryDirectory() as tmp:
-                # The package holds the weights (~130 MB for the default model); once loaded it is not needed.
-                path = torch._inductor.aoti_compile_and_package(program,
-                                                                package_path=str(Path(tmp) / "decoder.pt2"))
-                # The package's loader runs a flat list of tensors (no pytree work per call).
-                return torch._inductor.aoti_load_package(path).loader
+            # The package holds the weights (~125 MB for the default model).
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        return _load_package(path)
+
+    def _digest(self, key: tuple) -> str:
+        """What a compiled program depends on: the decoder's weights and configuration, the code traced
+        (transformers', torch's, this package's model code), the CPU's instruction set the kernels were
+        generated for, and the inputs' kind."""
+        if self._model_digest is None:
+            h = hashlib.blake2b(digest_size=20)
+            tensors = [*self.decoder.named_parameters(), *self.decoder.named_buffers()]
+            for name, tensor in sorted(tensors, key=lambda item: item[0]):
+                h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+                h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for source in sorted(Path(__file__).parent.glob("*.py")):
+                h.update(source.read_bytes())
+            h.update(f"{self.config.to_json_string()} {self.config._attn_implementation}".encode())
+            h.update(f"{torch.__version__} {transformers.__version__} {platform.machine()} "
+                     f"{torch.backends.cpu.get_cpu_capability()}".encode())
+            self._model_digest = h.hexdigest()
+        return hashlib.blake2b(f"{self._model_digest} {key}".encode(), digest_size=20).hexdigest()
+
+
+def _load_package(path: Path):
+    # The package's loader runs a flat list of tensors (no pytree work per call).
+    return torch._inductor.aoti_load_package(str(path)).loader
