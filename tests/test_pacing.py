@@ -183,7 +183,7 @@ def test_a_lookup_that_loses_to_plain_steps_rests_too():
 
     for seed in range(4):
         pacer = Pacer()
-        decisions, speed = drive(pacer, 400, 2.0, lambda rng: 1 + (rng.random() < 0.3), seed, lookup)
+        _, speed = drive(pacer, 400, 2.0, lambda rng: 1 + (rng.random() < 0.3), seed, lookup)
         assert speed > 0.9, speed
         assert pacer.lookup.cost > pacer.lookup.tokens  # it measured the lookup losing
         unjudged = Pacer(judge_lookup=False)

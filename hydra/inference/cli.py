@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         from hydra.model.compiled import warm_up
 
-        print("[hydra] compiling the decoder (on a CPU a minute or two the first time; later starts load it) ...", flush=True)
+        print("[hydra] compiling the decoder (a minute or two the first time; later starts load it) ...",
+              flush=True)
         print(f"[hydra] compiled in {warm_up(model, config, speculative):.0f} s", flush=True)
     cfg = model.config
     device = next(model.parameters()).device
