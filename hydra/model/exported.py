@@ -69,7 +69,8 @@ class _Forward(nn.Module):
 class ExportedDecoder:
     """Stands in for the base decoder in decoding's forwards (`hydra.model.generate._forward`): the same
     keywords, a `TreeKVCache` as `past_key_values`, and an output with `last_hidden_state` (and
-    `hidden_states` when asked)."""
+    `hidden_states` when asked). A program holds the weights as they were when it was compiled (the base is
+    frozen); `cache`: the folder that keeps compiled programs across processes (None: none)."""
 
     def __init__(self, decoder: nn.Module, config, cache: Path | None = None):
         self.decoder, self.config, self.cache = decoder, config, cache
