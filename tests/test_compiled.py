@@ -118,6 +118,10 @@ def test_exported_programs_are_kept_and_reused(tmp_path, monkeypatch):
         base.model.norm.weight.mul_(1.5)
     decode(tmp_path)
     assert len(list(tmp_path.glob("*.pt2"))) == 4
+    blocked = tmp_path / "a_file"  # a cache folder that cannot be made: compiled for the process alone
+    blocked.write_text("")
+    with pytest.warns(UserWarning, match="cannot keep compiled programs"):
+        assert len(decode(blocked / "exported")) == 2
 
 
 def test_export_needs_one_mask_for_all_layers():

@@ -30,6 +30,7 @@ import hashlib
 import os
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,12 +107,18 @@ class ExportedDecoder:
     def _load(self, inputs: list[torch.Tensor], key: tuple):
         """The compiled program for inputs of this kind: from the cache folder if it holds one, else exported
         and compiled now (and kept there)."""
+        if self.cache is not None:
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # e.g. a read-only home: compile for this process only
+                warnings.warn(f"cannot keep compiled programs in {self.cache} ({e}); compiling for this "
+                              "process only", stacklevel=3)
+                self.cache = None
         if self.cache is None:
             with tempfile.TemporaryDirectory() as tmp:
                 return self._compile(inputs, *key[:2], Path(tmp) / "decoder.pt2")
         path = self.cache / f"{self._digest(key)}.pt2"
         if not path.is_file():
-            self.cache.mkdir(parents=True, exist_ok=True)
             # Written beside its final name and renamed, so a killed compilation leaves no package behind
             # that a later process would take for a whole one.
             with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
