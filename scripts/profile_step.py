@@ -66,8 +66,8 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     import random
     import statistics
 
-    from hydra.model.attention import BOOL_MASK_ATTENTION
-    from hydra.model.families import tree_attention_mask
+    from hydra.model.attention import takes_bool_mask
+    from hydra.model.families import chain_attention_mask
     from hydra.model.generate import new_kv_cache
     from hydra.model.hydra_model import exported_decoder, reads_all_hidden_states
 
@@ -78,7 +78,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     d_model = model.config.hidden_size
     decoder = exported_decoder(model) or model.decoder  # what decoding calls
     base = model.base_model
-    as_bool = base.config._attn_implementation in BOOL_MASK_ATTENTION
+    as_bool = takes_bool_mask(base.config)
     with torch.inference_mode():
         out = decoder(input_ids=ids[None], position_ids=torch.arange(n, device=device)[None],
                       past_key_values=cache, use_cache=True,
@@ -87,9 +87,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
         ctx = (heads_in if model.heads.fuse is None else model.heads.fuse(heads_in))[0, -1]  # d wide
 
         def verify(t: int) -> None:  # a plain step (t = 1) runs without a mask, as in decoding
-            chain = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
-            depth = torch.arange(t, device=device)
-            mask = tree_attention_mask(chain, n, base.dtype, as_bool, base.config, depth) if t > 1 else None
+            mask = chain_attention_mask(t, n, base.dtype, as_bool, base.config, device) if t > 1 else None
             out = decoder(input_ids=ids[None, -t:], position_ids=torch.arange(n, n + t, device=device)[None],
                           past_key_values=cache, use_cache=True, attention_mask=mask)
             model.lm_head(out.last_hidden_state[0])

@@ -65,6 +65,11 @@ def use_fp32_attention(model: nn.Module) -> None:
     model.set_attn_implementation(FP32_ATTENTION)
 
 
+def takes_bool_mask(config) -> bool:
+    """Whether a model's attention takes its tree masks as booleans (`BOOL_MASK_ATTENTION`), else additive."""
+    return config._attn_implementation in BOOL_MASK_ATTENTION
+
+
 def attention_dtype(config) -> torch.dtype | None:
     """The dtype a model's attention reads keys and values in when it differs from its activations' (float32
     for the fp32 attention of quantized bases), else None: the dtype its KV cache should store."""

@@ -15,7 +15,7 @@ folder (`compile_decoder`: `exported/` in the hydra cache), where later processe
 - one new token: the plain step (0 and 1 are special sizes for the exporter, so one token has its own);
 - any number of new tokens >= 2: the prompt and tree verification.
 Both take the cache length from the mask's width (past + new tokens), so every length shares one program;
-a forward without a mask gets the causal one (`tree_attention_mask` of a chain), the mask the eager model
+a forward without a mask gets the causal one (`chain_attention_mask`), the mask the eager model
 builds for itself. The KV buffers are inputs written in place, of sizes fixed per program
 (`hydra.model.generate.new_kv_cache` gives a compiled decoder buffers of the model's whole context); a cache
 or mask of other sizes or dtypes gets a program of its own.
@@ -38,8 +38,8 @@ import transformers
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from hydra.model.attention import BOOL_MASK_ATTENTION
-from hydra.model.families import tree_attention_mask
+from hydra.model.attention import takes_bool_mask
+from hydra.model.families import chain_attention_mask
 from hydra.model.kv_cache import TreeKVCache
 
 
@@ -88,9 +88,8 @@ class ExportedDecoder:
         if position_ids is None:
             position_ids = torch.arange(start, end, device=input_ids.device)[None]
         if attention_mask is None:
-            chain = torch.ones(new, new, dtype=torch.bool, device=input_ids.device).tril_()
-            as_bool = self.config._attn_implementation in BOOL_MASK_ATTENTION
-            attention_mask = tree_attention_mask(chain, start, self.dtype, as_bool)
+            attention_mask = chain_attention_mask(new, start, self.dtype, takes_bool_mask(self.config),
+                                                  self.config, input_ids.device)
         inputs = [input_ids, position_ids, attention_mask, *cache.k, *cache.v]
         # A program runs only inputs of the dtypes and fixed sizes it was compiled for (it does not check
         # them), so those are part of its key: a cache or mask of another kind gets a program of its own.

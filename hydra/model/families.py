@@ -34,6 +34,14 @@ def check_tree_attention(config: PretrainedConfig) -> None:
                          f"load the base model with attn_implementation='sdpa' or 'eager'")
 
 
+def chain_attention_mask(new: int, past: int, dtype: torch.dtype, as_bool: bool,
+                         config: PretrainedConfig | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The causal mask of `new` tokens after `past` cached ones: `tree_attention_mask` of a chain."""
+    chain = torch.ones(new, new, dtype=torch.bool, device=device).tril_()
+    return tree_attention_mask(chain, past, dtype, as_bool, config, torch.arange(new, device=device))
+
+
 def tree_attention_mask(tree_mask: torch.Tensor, past: int, dtype: torch.dtype, as_bool: bool,
                         config: PretrainedConfig | None = None,
                         depth: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:

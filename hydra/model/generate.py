@@ -19,7 +19,7 @@ from time import perf_counter
 import torch
 
 from hydra.model.acceptance import exact_accept, greedy_accept, greedy_walk, typical_accept
-from hydra.model.attention import BOOL_MASK_ATTENTION, attention_dtype
+from hydra.model.attention import attention_dtype, takes_bool_mask
 from hydra.model.base_model import eos_token_ids
 from hydra.model.families import tree_attention_mask
 from hydra.model.hydra_model import HydraModel, decoder_is_compiled, exported_decoder, reads_all_hidden_states
@@ -252,7 +252,7 @@ class _Run:
         # for trees of more than WALK_ABOVE tokens that pays; a float output layer costs about the same for 1
         # and 8 rows, so never there (README, Quantized base model).
         self.walk = config.temperature == 0 and isinstance(model.lm_head, Int4Linear)
-        self.bool_mask = base.config._attn_implementation in BOOL_MASK_ATTENTION
+        self.bool_mask = takes_bool_mask(base.config)
         self.decoder = exported_decoder(model) or model.decoder
         self.all_hidden = reads_all_hidden_states(model.config)
         self.n = 0  # tokens in the cache
