@@ -2,12 +2,12 @@
 
 A decoder compiled by `torch.compile` still runs Python around every call: TorchDynamo checks its guards (one
 per weight tensor and module attribute, ~0.26 ms on the default model), gathers ~200 weight tensors into the
-graph's inputs and replays the modules' attribute changes afterwards; with the runtime wrappers that is ~2-3
-ms of a one-token forward of ~8.5 ms. An exported program compiled by AOTInductor has no guards and holds the
-weights as its own constants: a call passes the new tokens, their positions, the attention mask and the KV
-cache's buffers, and runs the generated C++ directly (README, "Compiled decoder", for the measured effect).
-The kernels are the ones inductor generates for `torch.compile`, so the outputs are the same (bit for bit on
-the default model, README).
+graph's inputs and replays the modules' attribute changes afterwards; with the runtime wrappers that was 2.4
+ms of a one-token forward of 8.45 ms in one measurement. An exported program compiled by AOTInductor has no
+guards and holds the weights as its own constants: a call passes the new tokens, their positions, the
+attention mask and the KV cache's buffers, and runs the generated C++ directly (README, "Compiled decoder",
+for the measured effect). The kernels are the ones inductor generates for `torch.compile`, so the outputs are
+the same (bit for bit on the int4 default model, README).
 
 Two programs per decoder, each exported and compiled the first time a forward of its kind runs (about a
 minute each on the default model; `hydra.model.compiled.warm_up` runs both up front) and kept in a cache
