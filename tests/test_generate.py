@@ -412,15 +412,16 @@ def test_paced_greedy_lossless(base, cycle_base, arch):
 
 
 class _Clock:
-    """A fake `perf_counter`: a base forward costs 1 s, the heads' context update `heads` s."""
+    """A fake `perf_counter`: a base forward costs 1 s plus `per_token` s for each token after the first, the
+    heads' context update `heads` s."""
 
-    def __init__(self, monkeypatch, heads: float):
+    def __init__(self, monkeypatch, heads: float, per_token: float = 0.0):
         self.now = 0.0
         forward, context = gen_mod._forward, gen_mod._context
 
-        def timed_forward(*args):
-            self.now += 1.0
-            return forward(*args)
+        def timed_forward(run, tokens, *args):
+            self.now += 1.0 + per_token * (tokens.numel() - 1)
+            return forward(run, tokens, *args)
 
         def timed_context(*args):
             self.now += heads
@@ -488,6 +489,38 @@ def test_resting_steps_verify_the_lookup_branch(monkeypatch, cycle_base):
         resting_grafts[lookup] = counter.grafts - len(spy.proposals)  # at most one graft per heads' step
     assert resting_grafts[8] >= 5 and grafts[0] == 0, (resting_grafts, grafts)
     assert forwards[8] < 0.7 * forwards[0], forwards
+
+
+@pytest.mark.parametrize("tree", ["tree_16", "none"])
+def test_rested_lookup_branches_are_scored_for_the_pacer(monkeypatch, base, tree):
+    """A lookup that loses (random base: its branches seldom match; a 9-token verification costs 5 forwards):
+    resting steps that skip the branch still draft it, and the pacer judging the lookup (one level down, or
+    the pacer itself for the tree "none") is told what each would have decided, scored against the tokens
+    decided after it; the other pacer is told nothing. It probes the lookup no more than a pacer that learns
+    from probes alone. Plain greedy either way."""
+    _Clock(monkeypatch, heads=0.5, per_token=0.5)
+    model = random_heads(base, "hydra-mlp")
+    ar = run(model, REPEATING, speculative=False, max_new_tokens=150).tokens
+
+    class ProbesOnly(Pacer):
+        def __init__(self, judge_lookup: bool = True):
+            super().__init__(judge_lookup=judge_lookup)
+            self.lookup = ProbesOnly(judge_lookup=False) if judge_lookup else None
+
+        def record_forgone(self, tokens: int) -> None:
+            pass
+
+    probes = {}
+    for pacer in (Pacer(), ProbesOnly()):
+        judge, other = (pacer, pacer.lookup) if tree == "none" else (pacer.lookup, pacer)
+        config = DecodeConfig(tree=tree, max_new_tokens=150, lookup=8, stop_token_ids=[], pace=pacer)
+        for _ in range(3):  # replies in a row, one pacer, as the chat CLI keeps one
+            assert [t for s in hydra_generate(model, REPEATING, config) for t in s.tokens] == ar
+        probes[type(pacer).__name__] = judge.probes
+        assert other.forgone == 0
+        if type(pacer) is Pacer:
+            assert judge.forgone > 5 and judge.tokens < 1.5 < judge.cost, (judge.forgone, judge.tokens)
+    assert probes["Pacer"] <= probes["ProbesOnly"], probes
 
 
 # --- exact sampling end to end ------------------------------------------------------------------------------

@@ -52,6 +52,23 @@ def test_incremental_index_equals_brute_force(sizes):
             assert lookup.draft() == brute_force_draft(tokens, 5, *sizes), (trial, tokens)
 
 
+def test_followed_drafts_are_scored_once_the_decided_tokens_settle_them():
+    """`follow` keeps an unverified draft; `outcomes` reports what verifying it would have decided (matched
+    prefix + bonus) as soon as a differing token or the whole draft is decided, each draft once."""
+    lookup = PromptLookup(4)
+    lookup.extend([1, 2, 3])
+    lookup.follow([7, 8, 9])  # guesses the tokens after 3
+    assert lookup.outcomes() == []
+    lookup.extend([7, 8])
+    assert lookup.outcomes() == []  # matched so far, not settled
+    lookup.follow([5])  # guesses the token after 8
+    lookup.extend([9])
+    assert lookup.outcomes() == [4, 1]  # all 3 matched + bonus; [5] missed at once: the bonus alone
+    lookup.follow([4, 4])
+    lookup.extend([4, 6, 4])
+    assert lookup.outcomes() == [2] and lookup.outcomes() == []
+
+
 def test_bad_sizes_refused():
     for args in ((0,), (4, 0, 3), (4, 3, 2)):
         with pytest.raises(ValueError, match="prompt lookup needs"):

@@ -15,16 +15,22 @@ from hydra.model.pacing import MAX_REST, PROBE_SHARE, REMEASURE_EVERY, Pacer
 
 
 def drive(pacer: Pacer, steps: int, spec_cost: float, spec_tokens, seed: int = 0,
-          lookup=None) -> tuple[list[bool], float]:
+          lookup=None, forgone: bool = False) -> tuple[list[bool], float]:
     """Run `steps` steps, a plain one taking 1 s and a speculative one `spec_cost` s and deciding
     `spec_tokens(rng)` tokens. `lookup(rng)`: a resting step that may look up finds a branch, (cost, tokens),
-    or None (a plain step). Returns which steps speculated and the tokens per second (plain decoding: 1)."""
+    or None (a plain step). `forgone`: a resting step that may not look up still drafts, and the pacer judging
+    the lookup is told what the branch would have decided (as decoding does). Returns which steps speculated
+    and the tokens per second (plain decoding: 1)."""
     rng = random.Random(seed)
     decisions, tokens, seconds = [], 0, 0.0
     for _ in range(steps):
         speculated = pacer.speculate()
         decisions.append(speculated)
-        branch = lookup(rng) if lookup is not None and not speculated and pacer.look_up() else None
+        looks = lookup is not None and not speculated and pacer.look_up()
+        branch = lookup(rng) if looks or (forgone and lookup is not None and not speculated) else None
+        if branch is not None and not looks:
+            pacer.lookup.record_forgone(branch[1])
+            branch = None
         if speculated:
             n, dt, verified = spec_tokens(rng), spec_cost, 4
         elif branch is not None:
@@ -218,3 +224,41 @@ def test_replay_walks_recorded_steps_by_token_position():
         speculated = recorder.speculate()
         recorder.record(0.1, 2 if speculated else 1, speculated)
     assert [s for _, _, s in recorder.steps] == [False, True, True, True] * 2
+
+
+def losing_lookup(rng):
+    """A branch on 70% of resting steps that decides 1.1 tokens for 1.6 plain-step times."""
+    return (1.6, 1 + (rng.random() < 0.1)) if rng.random() < 0.7 else None
+
+
+def test_a_lookup_judged_on_the_branches_it_rested_probes_rarely():
+    """The losing lookup above, with every rested branch scored for free (`record_forgone`): its probes then
+    only measure the step's cost, so they are rarer (down to one per FORGONE_MAX_REST resting steps) and
+    decoding comes closer to plain speed than when probes alone judge it."""
+    for seed in range(4):
+        probed, judged = Pacer(), Pacer()
+        _, probed_speed = drive(probed, 1200, 2.0, lambda rng: 1, seed, losing_lookup)
+        _, judged_speed = drive(judged, 1200, 2.0, lambda rng: 1, seed, losing_lookup, forgone=True)
+        assert judged.lookup.forgone > 600 and judged.lookup.probes < probed.lookup.probes / 2
+        assert judged.lookup.cost > judged.lookup.tokens  # it measured the lookup losing
+        assert judged_speed > probed_speed + 0.005, (judged_speed, probed_speed)
+
+
+def test_a_lookup_judged_on_rested_branches_comes_back_at_once():
+    """After 600 steps of the losing lookup (and until its pacer has over 20 steps of rest left) the text
+    turns to copying (a branch on 70% of steps, 6 tokens for 1.3 plain-step times): the rested branches'
+    outcomes end the rest within a few steps, where probes alone would wait for the rest to run out."""
+    def winning(rng):
+        return (1.3, 6) if rng.random() < 0.7 else None
+
+    for seed in range(4):
+        pacer = Pacer()
+        drive(pacer, 600, 2.0, lambda rng: 1, seed, losing_lookup, forgone=True)
+        for extra in range(1000):
+            if pacer.lookup.rest > 20:
+                break
+            drive(pacer, 1, 2.0, lambda rng: 1, seed * 1000 + extra, losing_lookup, forgone=True)
+        assert pacer.lookup.rest > 20
+        before = pacer.lookup.probes
+        drive(pacer, 10, 2.0, lambda rng: 1, seed, winning, forgone=True)
+        assert pacer.lookup.probes - before >= 3 and pacer.lookup.rest == 0

@@ -208,6 +208,9 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             start = perf_counter()  # the consumer's time between steps is not the step's
             if run.lookup is not None:
                 run.lookup.extend(pending)
+                if run.lookup_judge is not None:
+                    for tokens in run.lookup.outcomes():
+                        run.lookup_judge.record_forgone(tokens)
             draft = _draft(run, root=pending[-1])
             last, hidden = _verify(run, draft)
             accepted, bonus = _accept(run, last, draft)
@@ -266,6 +269,10 @@ class _Run:
         if config.pace is not False and tree is not None:
             self.pacer = config.pace if isinstance(config.pace, Pacer) else Pacer()
             self.pacer.start_reply()
+        # The pacer that judges the lookup branch, told what the branches it rested would have decided.
+        self.lookup_judge = None
+        if self.pacer is not None and self.lookup is not None:
+            self.lookup_judge = self.pacer.lookup if self.heads_draft else self.pacer
         self.plain = StepTree(torch.ones(1, 1, dtype=torch.bool, device=self.device),
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
@@ -341,6 +348,8 @@ def _draft(run: _Run, root: int) -> Draft:
         return Draft(root_t, run.plain)
     resting = run.pacer is not None and not run.pacer.speculate()
     if resting and not (run.heads_draft and run.pacer.look_up()):
+        if run.lookup_judge is not None and (chain := run.lookup.draft()):
+            run.lookup.follow(chain)  # not verified: scored against the tokens decided after it
         return Draft(root_t, run.plain)
     if resting or not run.heads_draft:  # the heads rest (the lookup branch alone), or there are none
         draft = Draft(root_t, run.plain)

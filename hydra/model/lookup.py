@@ -9,6 +9,13 @@ the lookup guesses where it will copy, so the two miss on different steps.
 
 The guess is a deterministic function of the tokens decided so far, like the heads' drafts, so greedy
 decoding stays identical to plain greedy decoding and exact sampling stays exact.
+
+A draft is also free to make, so a step that does not verify it can still learn what verifying it would
+have decided: `follow` keeps it, and once the tokens decided after it settle the outcome, `outcomes` gives
+its matched prefix plus the bonus token. Under greedy decoding that is exactly what the verification would
+have accepted; under exact sampling it has the same distribution (a fixed draft token is accepted with the
+probability that the sampled token equals it); typical acceptance accepts at least as much. Pacing uses it
+to judge the lookup without paying for probes (hydra.model.pacing).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class PromptLookup:
         self.max_tokens, self.min_ngram, self.max_ngram = max_tokens, min_ngram, max_ngram
         self.tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}
+        self._followed: list[tuple[int, list[int]]] = []  # (position of its first token, draft) not yet settled
 
     def extend(self, tokens: list[int]) -> None:
         """Append decided tokens; the n-grams they complete point at the token after them."""
@@ -47,3 +55,23 @@ class PromptLookup:
             if j is not None:
                 return self.tokens[j: j + self.max_tokens]
         return []
+
+    def follow(self, draft: list[int]) -> None:
+        """Keep a draft that this step does not verify (it guesses the tokens after the context's last one),
+        to score it against the tokens decided after it (`outcomes`)."""
+        self._followed.append((len(self.tokens), draft))
+
+    def outcomes(self) -> list[int]:
+        """For each followed draft that the tokens decided since settle (a token that differs from it, or all
+        of it matched): the tokens a step verifying it would have decided, its matched prefix plus the
+        bonus token. Each draft is reported once."""
+        settled, waiting = [], []
+        for start, draft in self._followed:
+            decided = self.tokens[start: start + len(draft)]
+            matched = next((i for i, (a, b) in enumerate(zip(decided, draft)) if a != b), len(decided))
+            if matched < len(decided) or matched == len(draft):
+                settled.append(matched + 1)
+            else:
+                waiting.append((start, draft))
+        self._followed = waiting
+        return settled
