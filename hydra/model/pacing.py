@@ -39,9 +39,9 @@ dictionary lookup, and the tokens decided after it show how much of it matched (
 "none") takes the tokens of every resting step's unverified branch as a sample of its token average
 (`record_forgone`), and its probes are left only the step's cost to measure, which changes with the machine
 and the context length, not with the text: they rest up to `FORGONE_MAX_REST` steps at a `FORGONE_PROBE_SHARE`
-of the time, while a token average that turns winning sends it back to verifying the branch at once. On the
-exported 4-bit base a losing lookup probe (a 9-token verification) cost ~1.3 plain-step times, which at
-`PROBE_SHARE` was ~3% of plain decoding's time on MT-Bench (README, Pacing).
+of the time, while a token average that turns winning sends it back to verifying the branch at once (a
+losing lookup probe verifies up to 9 tokens, so on a cheap base it loses more than a heads probe; README,
+Pacing).
 
 Which steps speculate depends on timing and on earlier steps, never on what the current step draws, so greedy
 output is unchanged (identical to plain greedy where the numerics allow, as without pacing) and exact
@@ -58,11 +58,11 @@ PLAIN_WEIGHT = 0.3  # the newest plain step's weight in the plain-step time
 # The averages before any speculative step: try the heads, but not for long if they lose. Priors rather than
 # the first sample, because one step's time on a busy machine can be off by 2x.
 START_TOKENS, START_COST = 1.5, 1.0
-PROBE_SHARE = 0.02
-MAX_REST = 32
+PROBE_SHARE = 0.01
+MAX_REST = 64
 # For a pacer whose token average is also fed from steps it did not run (`record_forgone`): probes then
 # measure the cost alone, which drifts slowly, so they can be rare.
-FORGONE_PROBE_SHARE = 0.005
+FORGONE_PROBE_SHARE = 0.0025
 FORGONE_MAX_REST = 256
 REMEASURE_EVERY = 32
 
