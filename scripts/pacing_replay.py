@@ -4,9 +4,11 @@ through pacers with different averaging weights.
     python scripts/pacing_replay.py --record runs/pace/bf16.json                        # bf16 base, 16 prompts
     python scripts/pacing_replay.py --record runs/pace/int4.json --quant int4 --compile # 4-bit compiled base
     python scripts/pacing_replay.py --replay runs/pace/bf16.json runs/pace/int4.json --weights 0.15 0.08 0.05
+    python scripts/pacing_replay.py --replay runs/pace/int4.json --limits 0.02:32 0.01:64  # probe share:rest
 
 Recording decodes prompts of data/train_prompts.jsonl.gz whose replies are in no self-distilled file (so no
-shipped head was trained on them; MT-Bench and the evaluation sets stay unseen) with the shipped heads and tree,
+shipped head was trained on them; MT-Bench and the evaluation sets stay unseen; since nearly all training
+prompts were distilled, 5 such prompts are left, and it says how many it found) with the shipped heads and tree,
 speculating on three steps of every four, with the prompt lookup off (a resting step is then a plain step, as
 the replay assumes); every step's time and decided tokens go into the trace.
 
@@ -16,7 +18,9 @@ that step's tokens (at least one) in that step's time. Acceptance is then thinne
 only its bonus token with probability q) to cover heads from winning to losing, and replies are mixed (every
 other reply thinned hard) to test following a change of text. Each figure is the time of an oracle that
 chooses "always speculate" or "never speculate" per reply, over the paced time (one pacer kept across the
-replies): 1.0 is a pacer that knew in advance. Replaying needs no model and runs in seconds.
+replies): 1.0 is a pacer that knew in advance. One column per weight and per probing limit (--limits: the
+share of the time probes may cost and the most steps to rest between them). Replaying needs no model and
+runs in seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import statistics
 from pathlib import Path
 
 from hydra.data.jsonl import read_jsonl
-from hydra.model.pacing import WEIGHT, Pacer
+from hydra.model.pacing import MAX_REST, PROBE_SHARE, WEIGHT, Pacer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -73,7 +77,9 @@ def record(args: argparse.Namespace) -> None:
     model, _ = load_model(None, None, "bfloat16", "cpu", quant=args.quant, compile=args.compile)
     warm_up(model, DecodeConfig(tree=args.tree, max_new_tokens=args.max_new_tokens), speculative=True)
     traces = []
-    for turn in unseen_prompts(args.num_prompts):
+    turns = unseen_prompts(args.num_prompts)
+    print(f"[hydra] {len(turns)} unseen prompts (asked for {args.num_prompts})", flush=True)
+    for turn in turns:
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=False)
         pacer = RecordingPacer()
@@ -81,7 +87,7 @@ def record(args: argparse.Namespace) -> None:
         generate(model, ids, DecodeConfig(tree=args.tree, max_new_tokens=args.max_new_tokens, pace=pacer,
                                           lookup=0))
         traces.append(pacer.steps)
-        print(f"[hydra] {len(traces)}/{args.num_prompts}: {len(pacer.steps)} steps", flush=True)
+        print(f"[hydra] {len(traces)}/{len(turns)}: {len(pacer.steps)} steps", flush=True)
     Path(args.record).parent.mkdir(parents=True, exist_ok=True)
     Path(args.record).write_text(json.dumps(traces))
 
@@ -135,14 +141,27 @@ def oracle_seconds(replies: list[Reply]) -> float:
     return sum(min(r.seconds(None, True), r.seconds(None, False)) for r in replies)
 
 
-def score(replies: list[Reply], weight: float, oracle: float | None = None) -> float:
-    """`oracle_seconds` / paced time, one pacer kept across the replies."""
-    pacer = Pacer(weight)
+def score(replies: list[Reply], weight: float, oracle: float | None = None, limits: str | None = None) -> float:
+    """`oracle_seconds` / paced time, one pacer kept across the replies; `limits`: "share:steps" (probe share and
+    most resting steps), else the pacer's defaults."""
+    share, steps = parse_limits(limits or f"{PROBE_SHARE}:{MAX_REST}")
+    pacer = Pacer(weight, probe_share=share, max_rest=steps)
     return (oracle or oracle_seconds(replies)) / sum(r.seconds(pacer) for r in replies)
 
 
+def parse_limits(text: str) -> tuple[float, int]:
+    share, _, steps = text.partition(":")
+    try:
+        return float(share), int(steps)
+    except ValueError:
+        raise SystemExit(f"[hydra] error: --limits {text!r}: expected SHARE:STEPS, e.g. 0.01:64") from None
+
+
 def replay(args: argparse.Namespace) -> None:
-    header = " ".join(f"{'w ' + str(w):>8s}" for w in args.weights)
+    columns = [(w, lim) for w in args.weights for lim in args.limits]
+    for _, lim in columns:
+        parse_limits(lim)
+    header = " ".join(f"{f'w {w} {lim}':>14s}" for w, lim in columns)
     for path in args.replay:
         traces = json.loads(Path(path).read_text())
         print(f"{path}: {len(traces)} replies")
@@ -151,15 +170,15 @@ def replay(args: argparse.Namespace) -> None:
         cases += [("mixed q=0 / 0.8 per reply", [0, .8]), ("mixed q=0.4 / 0.8", [.4, .8]),
                   ("4 replies q=0, 4 q=0.8", [0] * 4 + [.8] * 4)]
         for label, qs in cases:
-            scores, ratios = {w: [] for w in args.weights}, []
+            scores, ratios = {c: [] for c in columns}, []
             for seed in range(args.seeds):
                 rng = random.Random(seed)
                 replies = [Reply(thinned(t, qs[i % len(qs)], rng)) for i, t in enumerate(traces)]
                 ratios.append(sum(r.seconds(None, False) for r in replies) / sum(r.seconds(None) for r in replies))
                 oracle = oracle_seconds(replies)
-                for w in args.weights:
-                    scores[w].append(score(replies, w, oracle))
-            cells = " ".join(f"{statistics.mean(scores[w]):8.3f}" for w in args.weights)
+                for w, lim in columns:
+                    scores[w, lim].append(score(replies, w, oracle, lim))
+            cells = " ".join(f"{statistics.mean(scores[c]):14.3f}" for c in columns)
             print(f"  {label:26s} {statistics.mean(ratios):9.3f}x {cells}")
 
 
@@ -170,6 +189,9 @@ def main() -> None:
     ap.add_argument("--replay", nargs="*", type=os.path.expanduser, default=[], help="trace files to replay")
     ap.add_argument("--weights", nargs="*", type=float, default=[0.15, WEIGHT, 0.05],
                     help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the default)")
+    ap.add_argument("--limits", nargs="*", default=[f"{PROBE_SHARE}:{MAX_REST}"],
+                    help="probing limits compared, SHARE:STEPS each (the pacer's default: "
+                         f"{PROBE_SHARE}:{MAX_REST})")
     ap.add_argument("--seeds", type=int, default=4, help="thinning seeds averaged per case")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)

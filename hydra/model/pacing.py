@@ -74,8 +74,12 @@ def _average(old: float | None, new: float, weight: float) -> float:
 class Pacer:
     """Decides, step by step, whether the heads propose a tree; told every step's time and decided tokens."""
 
-    def __init__(self, weight: float = WEIGHT, judge_lookup: bool = True):
+    def __init__(self, weight: float = WEIGHT, judge_lookup: bool = True, probe_share: float = PROBE_SHARE,
+                 max_rest: int = MAX_REST):
         self.weight = weight  # the newest speculative step's weight in the averages
+        # Probes judged on their own steps alone cost at most `probe_share` of the time, resting at most
+        # `max_rest` steps between them (arguments so that scripts/pacing_replay.py can compare them).
+        self.probe_share, self.max_rest = probe_share, max_rest
         self.plain_seconds: float | None = None  # average time of a plain step; None until the first one
         self.cost = START_COST  # average speculative step time in plain-step times
         self.tokens = START_TOKENS  # average tokens a speculative step decides (bonus included)
@@ -88,7 +92,7 @@ class Pacer:
         self.rest_cost, self.rest_tokens, self.rests = 1.0, 1.0, 0
         self.time_plain = True  # the next resting step is plain, to time one (set at each reply's start)
         # Whether a resting step verifies the lookup branch: lookup-alone steps against plain ones.
-        self.lookup = Pacer(weight, judge_lookup=False) if judge_lookup else None
+        self.lookup = Pacer(weight, False, probe_share, max_rest) if judge_lookup else None
 
     def start_reply(self) -> None:
         """A new reply begins: its first step is plain (the context, and with it a step's time, starts short
@@ -170,10 +174,10 @@ class Pacer:
 
     def _rest_after(self, loss: float) -> int:
         """Resting steps to take after a probe that loses `loss` plain-step times (none if it does not lose),
-        so that probing costs at most PROBE_SHARE of the time (FORGONE_PROBE_SHARE once steps it did not run
+        so that probing costs at most `probe_share` of the time (FORGONE_PROBE_SHARE once steps it did not run
         feed the token average). Capped at 2^probes, so a few noisy early steps cannot bench good heads for
         long."""
         if loss <= 0:
             return 0
-        share, most = (FORGONE_PROBE_SHARE, FORGONE_MAX_REST) if self.forgone else (PROBE_SHARE, MAX_REST)
+        share, most = (FORGONE_PROBE_SHARE, FORGONE_MAX_REST) if self.forgone else (self.probe_share, self.max_rest)
         return min(most, 1 << min(self.probes, 16), math.ceil(loss / (share * self.rest_cost)))
