@@ -57,11 +57,11 @@ def test_heads_that_lose_rest_and_cost_little():
     decisions, speed = drive(pacer, 300, 1.9, lambda rng: 1)
     probes = [i for i, d in enumerate(decisions) if d]
     assert [b - a for a, b in pairwise(probes)][-3:] == [MAX_REST + 1] * 3
+    assert sum(decisions) <= 300 / MAX_REST + 6  # the rests grow 2, 4, ... while the averages settle
+    assert speed > 0.95
     decisions, _ = drive(Pacer(probe_share=0.02, max_rest=32), 300, 1.9, lambda rng: 1)  # other limits
     probes = [i for i, d in enumerate(decisions) if d]
     assert [b - a for a, b in pairwise(probes)][-4:] == [33] * 4
-    assert sum(decisions) <= 300 / MAX_REST + 6  # the rests grow 2, 4, ... while the averages settle
-    assert speed > 0.95
 
 
 def test_a_small_loss_rests_briefly():
