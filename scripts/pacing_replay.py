@@ -1,14 +1,14 @@
 """Choose the pacer's constants on real step times: record traces of speculative decoding, then replay them
-through pacers with different averaging weights.
+through pacers with different averaging weights and probing limits.
 
-    python scripts/pacing_replay.py --record runs/pace/bf16.json                        # bf16 base, 16 prompts
+    python scripts/pacing_replay.py --record runs/pace/bf16.json                        # bf16 base, <= 16 prompts
     python scripts/pacing_replay.py --record runs/pace/int4.json --quant int4 --compile # 4-bit compiled base
     python scripts/pacing_replay.py --replay runs/pace/bf16.json runs/pace/int4.json --weights 0.15 0.08 0.05
     python scripts/pacing_replay.py --replay runs/pace/int4.json --limits 0.02:32 0.01:64  # probe share:rest
 
 Recording decodes prompts of data/train_prompts.jsonl.gz whose replies are in no self-distilled file (so no
-shipped head was trained on them; MT-Bench and the evaluation sets stay unseen; since nearly all training
-prompts were distilled, 5 such prompts are left, and it says how many it found) with the shipped heads and tree,
+shipped head was trained on them; MT-Bench and the evaluation sets stay unseen; nearly all training prompts
+are distilled now, so 5 are left, and it says how many it found) with the shipped heads and tree,
 speculating on three steps of every four, with the prompt lookup off (a resting step is then a plain step, as
 the replay assumes); every step's time and decided tokens go into the trace.
 
@@ -141,9 +141,10 @@ def oracle_seconds(replies: list[Reply]) -> float:
     return sum(min(r.seconds(None, True), r.seconds(None, False)) for r in replies)
 
 
-def score(replies: list[Reply], weight: float, oracle: float | None = None, limits: str | None = None) -> float:
-    """`oracle_seconds` / paced time, one pacer kept across the replies; `limits`: "share:steps" (probe share and
-    most resting steps), else the pacer's defaults."""
+def score(replies: list[Reply], weight: float, oracle: float | None = None,
+          limits: str | None = None) -> float:
+    """`oracle_seconds` / paced time, one pacer kept across the replies; `limits`: "share:steps" (probe share
+    and most resting steps), else the pacer's defaults."""
     share, steps = parse_limits(limits or f"{PROBE_SHARE}:{MAX_REST}")
     pacer = Pacer(weight, probe_share=share, max_rest=steps)
     return (oracle or oracle_seconds(replies)) / sum(r.seconds(pacer) for r in replies)

@@ -37,7 +37,7 @@ class PromptLookup:
         self.max_tokens, self.min_ngram, self.max_ngram = max_tokens, min_ngram, max_ngram
         self.tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}
-        self._followed: list[tuple[int, list[int]]] = []  # (position of its first token, draft) not yet settled
+        self._followed: list[tuple[int, list[int]]] = []  # (position of its first token, draft), unsettled
 
     def extend(self, tokens: list[int]) -> None:
         """Append decided tokens; the n-grams they complete point at the token after them."""

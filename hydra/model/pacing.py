@@ -150,10 +150,10 @@ class Pacer:
         self.rest = 0 if won else self._rest_after(self._loss(self.cost, self.tokens))
 
     def record_forgone(self, tokens: int) -> None:
-        """A resting step would have decided `tokens` (bonus included) had it speculated, known without running
-        it (a prompt-lookup branch scored against the tokens decided after it): a free sample of the token
-        average. The cost average moves only with steps that ran. Once the text makes speculating pay, the
-        rest ends at once."""
+        """A resting step would have decided `tokens` (bonus included) had it speculated, known without
+        running it (a prompt-lookup branch scored against the tokens decided after it): a free sample of the
+        token average. The cost average moves only with steps that ran. Once the text makes speculating pay,
+        the rest ends at once."""
         self.forgone += 1
         self.tokens = _average(self.tokens, tokens, self._weight(self.probes + self.forgone))
         if self._loss(self.cost, self.tokens) < 0:
@@ -179,5 +179,7 @@ class Pacer:
         long."""
         if loss <= 0:
             return 0
-        share, most = (FORGONE_PROBE_SHARE, FORGONE_MAX_REST) if self.forgone else (self.probe_share, self.max_rest)
+        share, most = (self.probe_share, self.max_rest)
+        if self.forgone:
+            share, most = FORGONE_PROBE_SHARE, FORGONE_MAX_REST
         return min(most, 1 << min(self.probes, 16), math.ceil(loss / (share * self.rest_cost)))
