@@ -1,7 +1,7 @@
 """Choose the pacer's constants on real step times: record traces of speculative decoding, then replay them
 through pacers with different averaging weights and probing limits.
 
-    python scripts/pacing_replay.py --record runs/pace/bf16.json                        # bf16 base, <= 16 prompts
+    python scripts/pacing_replay.py --record runs/pace/bf16.json                   # bf16 base, <= 16 prompts
     python scripts/pacing_replay.py --record runs/pace/int4.json --quant int4 --compile # 4-bit compiled base
     python scripts/pacing_replay.py --replay runs/pace/bf16.json runs/pace/int4.json --weights 0.15 0.08 0.05
     python scripts/pacing_replay.py --replay runs/pace/int4.json --limits 0.02:32 0.01:64  # probe share:rest
@@ -142,27 +142,25 @@ def oracle_seconds(replies: list[Reply]) -> float:
 
 
 def score(replies: list[Reply], weight: float, oracle: float | None = None,
-          limits: str | None = None) -> float:
-    """`oracle_seconds` / paced time, one pacer kept across the replies; `limits`: "share:steps" (probe share
-    and most resting steps), else the pacer's defaults."""
-    share, steps = parse_limits(limits or f"{PROBE_SHARE}:{MAX_REST}")
-    pacer = Pacer(weight, probe_share=share, max_rest=steps)
+          limits: tuple[float, int] = (PROBE_SHARE, MAX_REST)) -> float:
+    """`oracle_seconds` / paced time, one pacer kept across the replies; `limits`: (probe share, most resting
+    steps)."""
+    pacer = Pacer(weight, probe_share=limits[0], max_rest=limits[1])
     return (oracle or oracle_seconds(replies)) / sum(r.seconds(pacer) for r in replies)
 
 
 def parse_limits(text: str) -> tuple[float, int]:
+    """--limits' SHARE:STEPS."""
     share, _, steps = text.partition(":")
     try:
         return float(share), int(steps)
     except ValueError:
-        raise SystemExit(f"[hydra] error: --limits {text!r}: expected SHARE:STEPS, e.g. 0.01:64") from None
+        raise argparse.ArgumentTypeError(f"expected SHARE:STEPS, e.g. 0.01:64, got {text!r}") from None
 
 
 def replay(args: argparse.Namespace) -> None:
     columns = [(w, lim) for w in args.weights for lim in args.limits]
-    for _, lim in columns:
-        parse_limits(lim)
-    header = " ".join(f"{f'w {w} {lim}':>14s}" for w, lim in columns)
+    header = " ".join(f"{f'w {w} {lim[0]}:{lim[1]}':>14s}" for w, lim in columns)
     for path in args.replay:
         traces = json.loads(Path(path).read_text())
         print(f"{path}: {len(traces)} replies")
@@ -190,7 +188,7 @@ def main() -> None:
     ap.add_argument("--replay", nargs="*", type=os.path.expanduser, default=[], help="trace files to replay")
     ap.add_argument("--weights", nargs="*", type=float, default=[0.15, WEIGHT, 0.05],
                     help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the default)")
-    ap.add_argument("--limits", nargs="*", default=[f"{PROBE_SHARE}:{MAX_REST}"],
+    ap.add_argument("--limits", nargs="*", type=parse_limits, default=[(PROBE_SHARE, MAX_REST)],
                     help="probing limits compared, SHARE:STEPS each (the pacer's default: "
                          f"{PROBE_SHARE}:{MAX_REST})")
     ap.add_argument("--seeds", type=int, default=4, help="thinning seeds averaged per case")
