@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers import make_heads, make_tiny_base
 
+from hydra.model.attention import takes_bool_mask
 from hydra.model.compiled import compile_decoder, warm_up
-from hydra.model.generate import DecodeConfig, ar_generate, generate
+from hydra.model.families import chain_attention_mask
+from hydra.model.generate import DecodeConfig, ar_generate, generate, new_kv_cache
 from hydra.model.hydra_model import decoder_is_compiled, exported_decoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on CPU codegen
@@ -160,3 +162,52 @@ def test_load_model_compile_flag(tmp_path):
     assert not decoder_is_compiled(load_model(root / "heads", device="cpu")[0])
     model, has_heads = load_model(root / "heads", device="cpu", compile=True)
     assert has_heads and decoder_is_compiled(model)
+
+
+def test_digest_leaves_out_only_files_the_export_never_runs(monkeypatch):
+    """A program's digest skips `NOT_TRACED`, so editing those files reuses the compiled programs. Check that
+    no code of theirs runs while a quantized, fused decoder with fp32 attention is exported (every Python
+    call of the trace recorded), and that editing a file it does run changes the digest."""
+    import sys
+    from pathlib import Path
+
+    from hydra.model import exported
+    from hydra.model.attention import use_fp32_attention
+    from hydra.model.fused import fuse_siblings
+    from hydra.model.quant import quantize_model
+
+    base = make_tiny_base(64, scale=0.3, max_position_embeddings=128)
+    quantize_model(base, "int4")
+    fuse_siblings(base)
+    use_fp32_attention(base)
+    model = make_heads(base, "prefix-mlp", num_heads=2, num_layers=1)
+    cache = new_kv_cache(model, 32)
+    tokens, positions = torch.tensor([[3, 17, 40]]), torch.arange(3)[None]
+    mask = chain_attention_mask(3, 0, torch.float32, takes_bool_mask(base.config), base.config)
+    inputs = (tokens, positions, mask, *cache.k, *cache.v)
+    module = exported._Forward(model.decoder, base.config.num_hidden_layers, all_hidden=False)
+    package = Path(exported.__file__).parent
+    ran: set[str] = set()
+
+    def record(frame, event, arg):
+        if event == "call" and Path(frame.f_code.co_filename).parent == package:
+            ran.add(Path(frame.f_code.co_filename).name)
+
+    sys.setprofile(record)
+    try:
+        with torch.no_grad():
+            torch.export.export(module, inputs, strict=False)
+    finally:
+        sys.setprofile(None)
+    assert {"exported.py", "kv_cache.py", "attention.py", "quant.py", "fused.py"} <= ran
+    assert not ran & exported.NOT_TRACED
+
+    def digest_after_editing(name: str) -> str:
+        read = Path.read_bytes
+        with monkeypatch.context() as patch:
+            patch.setattr(Path, "read_bytes", lambda p: read(p) + b"#" * (p.name == name))
+            return exported.ExportedDecoder(model.decoder, base.config)._digest((True,))
+
+    unedited = digest_after_editing("")
+    assert all(digest_after_editing(name) == unedited for name in exported.NOT_TRACED)
+    assert all(digest_after_editing(name) != unedited for name in ran)

@@ -43,6 +43,16 @@ from hydra.model.families import chain_attention_mask
 from hydra.model.kv_cache import TreeKVCache
 
 
+# This package's model files that no exported program runs (the decoding loop; tree, acceptance, lookup and
+# pacing rules; the heads' model, configuration and legacy reader; the torch.compile path): they are left out
+# of a program's digest, so editing them does not cost a minute of recompilation. What they change in the
+# decoder (its attention implementation, its weights) is in the digest anyway. Every other file here is in
+# it, a new one included, so a file the decoder does run (KV cache, attention, quantized and fused layers)
+# cannot be missed.
+NOT_TRACED = frozenset({"acceptance.py", "compiled.py", "config.py", "generate.py", "hydra_model.py",
+                        "legacy.py", "lookup.py", "pacing.py", "trees.py"})
+
+
 def supports_export(config) -> bool:
     """Whether a base model's tree masks are one tensor for all layers (what the exported programs take)."""
     return getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None) is None
@@ -144,8 +154,8 @@ class ExportedDecoder:
 
     def _digest(self, key: tuple) -> str:
         """What a compiled program depends on: the decoder's weights and configuration, the code traced
-        (transformers', torch's, this package's model code), the CPU's instruction set the kernels were
-        generated for, and the inputs' kind."""
+        (transformers', torch's, this package's model code but for `NOT_TRACED`), the CPU's instruction set
+        the kernels were generated for, and the inputs' kind."""
         if self._model_digest is None:
             h = hashlib.blake2b(digest_size=20)
             tensors = [*self.decoder.named_parameters(), *self.decoder.named_buffers()]
@@ -153,7 +163,8 @@ class ExportedDecoder:
                 h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
                 h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             for source in sorted(Path(__file__).parent.glob("*.py")):
-                h.update(source.read_bytes())
+                if source.name not in NOT_TRACED:
+                    h.update(source.read_bytes())
             h.update(f"{self.config.to_json_string()} {self.config._attn_implementation}".encode())
             h.update(f"{torch.__version__} {transformers.__version__} {platform.machine()} "
                      f"{torch.backends.cpu.get_cpu_capability()}".encode())
