@@ -184,6 +184,25 @@ def assert_first_two_tokens_follow_base(model, prompt: list[int], tree, n: int =
     assert_matches(pooled_counts, pooled_probs)
 
 
+def sampling_fit_statistic(base, prompt: list[int], replies: list[list[int]], temperature: float = 1.0) -> float:
+    """How far whole sampled replies are from the base model's own sampling, as a chi-square(V - 1) statistic.
+
+    Each emitted token x_j should be a draw from p_j = p(. | prompt, x_<j) (softmax at `temperature`). Then
+    S = sum over all tokens of (one-hot(x_j) - p_j) has mean 0 and covariance sum_j diag(p_j) - p_j p_j^T,
+    whatever decided how each step was drafted, as long as that was decided before the step's own draws (S
+    is a martingale); S^T C^+ S is then ~chi-square(V - 1) by the martingale central limit theorem."""
+    v = base.config.vocab_size
+    s = torch.zeros(v, dtype=torch.float64)
+    c = torch.zeros(v, v, dtype=torch.float64)
+    with torch.no_grad():
+        for reply in replies:
+            logits = base(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1: -1].double()
+            p = torch.softmax(logits / temperature, -1)
+            s += (torch.nn.functional.one_hot(torch.tensor(reply), v).double() - p).sum(0)
+            c += torch.diag(p.sum(0)) - p.T @ p
+    return float(s @ torch.linalg.pinv(c) @ s)
+
+
 def write_jsonl(path: Path, records, raw_lines: tuple[bytes, ...] = ()) -> Path:
     """One JSON line per record, then `raw_lines` as given (for malformed-line tests); creates the folder."""
     path = Path(path)

@@ -618,6 +618,34 @@ def test_exact_sampling_with_prompt_lookup(monkeypatch):
     assert counter.grafts > 1000, counter.grafts  # of 5000 runs
 
 
+def test_exact_sampling_with_paced_lookup_over_whole_replies(monkeypatch):
+    """Every token of whole sampled replies follows the base model's distribution given the tokens before it,
+    with a shared pacer that rests and probes the heads and the lookup (made-up timings where each about
+    breaks even) and scores rested lookup branches on the tokens decided after them (`record_forgone`): all
+    those choices are made before a step's own draws. 600 replies of 24 tokens; the same statistic rejects
+    the replies against the base at temperature 1.15 (its power), and rejected a lossy acceptance (drafts
+    accepted with probability 1.3 p) at 92 against a bound of 38 when tried."""
+    from helpers import chi2_quantile, sampling_fit_statistic
+
+    _Clock(monkeypatch, heads=0.5, per_token=0.2)
+    base = make_cycle_base(vocab=16, beta=2.5, scale=0.2, seed=2)
+    model = oracle_heads(base, "hydra-mlp", num_heads=2)
+    prompt = [4, 4, 6, 4, 2, 1, 4, 1, 0, 4, 5, 15, 4]
+    pacer, replies, lengths = Pacer(), [], []
+    for seed in range(600):
+        out = generate(model, prompt, DecodeConfig(tree=[[0], [1], [0, 0]], temperature=1.0, sampling="exact",
+                                                   seed=seed, max_new_tokens=24, stop_token_ids=[], lookup=4,
+                                                   pace=pacer))
+        replies.append(out.tokens)
+        lengths += out.accept_lengths[1:]
+    bound = chi2_quantile(0.999, base.config.vocab_size - 1)
+    assert sampling_fit_statistic(base, prompt, replies) < bound
+    assert sampling_fit_statistic(base, prompt, replies, temperature=1.15) > bound
+    multi = sum(n > 1 for n in lengths)
+    assert pacer.probes > 100 and pacer.lookup.probes > 100 and pacer.lookup.forgone > 100, vars(pacer)
+    assert 1000 < multi < len(lengths) - 1000, (multi, len(lengths))  # speculated and rested often
+
+
 # --- stopping -----------------------------------------------------------------------------------------------
 def test_eos_cuts_output(cycle_base):
     model = oracle_heads(cycle_base, "hydra-mlp")
