@@ -184,7 +184,8 @@ def assert_first_two_tokens_follow_base(model, prompt: list[int], tree, n: int =
     assert_matches(pooled_counts, pooled_probs)
 
 
-def sampling_fit_statistic(base, prompt: list[int], replies: list[list[int]], temperature: float = 1.0) -> float:
+def sampling_fit_statistic(base, prompt: list[int], replies: list[list[int]],
+                           temperature: float = 1.0) -> float:
     """How far whole sampled replies are from the base model's own sampling, as a chi-square(V - 1) statistic.
 
     Each emitted token x_j should be a draw from p_j = p(. | prompt, x_<j) (softmax at `temperature`). Then

@@ -42,7 +42,6 @@ from hydra.model.attention import takes_bool_mask
 from hydra.model.families import chain_attention_mask
 from hydra.model.kv_cache import TreeKVCache
 
-
 # This package's model files that no exported program runs (the decoding loop; tree, acceptance, lookup and
 # pacing rules; the heads' model, configuration and legacy reader; the torch.compile path): they are left out
 # of a program's digest, so editing them does not cost a minute of recompilation. What they change in the
