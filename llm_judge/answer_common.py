@@ -187,7 +187,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from hydra.inference.loading import check_decoding, default_heads_folder, load_model
-    from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
+    from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate, lookup_tokens
     from hydra.model.pacing import Pacer
     from hydra.model.trees import tree_spec
 
@@ -233,7 +233,7 @@ def main(method: str, argv: list[str] | None = None) -> int:
                 "heads": str(args.model_path) if args.model_path else ("default" if has_heads else None),
                 "base_model": args.base_model or model.config.base_model_name_or_path}
     if method == "hydra":
-        decoding.update(tree=tree_spec(config.tree, model.config), lookup=config.lookup,
+        decoding.update(tree=tree_spec(config.tree, model.config), lookup=lookup_tokens(model, config),
                         sampling=config.sampling, pace=config.pace is not False,
                         posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
 

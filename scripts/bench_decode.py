@@ -24,7 +24,7 @@ compilation happens in the untimed warm-up); --heads-quant none int8 runs each h
 with float and with int8 weights (default auto: the base's own kind); --pace off on runs every tree with
 the heads on every step and paced (hydra.model.pacing; tau then counts the plain steps too); --lookup 0 8 runs
 every tree without and with a prompt-lookup branch of up to 8 tokens (hydra.model.lookup; the default is the
-engine's, 8); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
+engine's: 8, or 3 on an int4 base); --llama-cpp adds llama.cpp's own greedy decoding of a GGUF file.
 
 Timing on a shared machine drifts, so the configurations are interleaved: each prompt runs through every
 configuration before the next prompt, in an order rotated per prompt, and each configuration's time is the sum
@@ -48,7 +48,7 @@ import torch
 from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
 from hydra.model import HydraConfig, HydraModel, load_base_model
 from hydra.model.compiled import compile_decoder
-from hydra.model.generate import DecodeConfig, generate, stop_token_ids
+from hydra.model.generate import DecodeConfig, generate, lookup_tokens, stop_token_ids
 from hydra.model.pacing import Pacer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,7 +222,8 @@ def main() -> None:
                 for tree, pace, lookup in itertools.product(args.trees, off_on(args.pace), args.lookup):
                     cfg = DecodeConfig(tree=tree, max_new_tokens=args.max_new_tokens, lookup=lookup,
                                        pace=Pacer() if pace == "on" else False)
-                    tree_label = (tree + (f" +lookup {lookup}" if lookup else "")
+                    tokens = lookup_tokens(model, cfg)
+                    tree_label = (tree + (f" +lookup {tokens}" if tokens else "")
                                   + (" paced" if pace == "on" else ""))
                     tallies.append(Tally(name, tree_label, hydra_decoder(model, cfg, speculative=True)))
             groups.append((label, ar, tallies))

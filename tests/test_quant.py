@@ -316,3 +316,24 @@ def test_int4_heads_without_a_draft_vocabulary_project_in_int8_where_int4_cannot
     ar = generate(model, PROMPTS[2], DecodeConfig(max_new_tokens=12, stop_token_ids=[]), speculative=False)
     out = generate(model, PROMPTS[2], DecodeConfig(tree="tree_16", max_new_tokens=12, stop_token_ids=[]))
     assert out.tokens == ar.tokens
+
+
+def test_lookup_default_stays_within_one_int4_row_block(monkeypatch, tiny_base_factory):
+    """DecodeConfig(lookup=None) drafts up to 8 prompt-lookup tokens on a float base and 3 on an int4 one
+    (torch's int4 kernel computes rows four at a time, so root + 3 guesses is one block); a number given is
+    kept, 0 included."""
+    from hydra.model import generate as gen_mod
+    from hydra.model.generate import INT4_LOOKUP_TOKENS, LOOKUP_TOKENS, lookup_tokens
+
+    made = []
+    lookup_class = gen_mod.PromptLookup
+    monkeypatch.setattr(gen_mod, "PromptLookup", lambda n: made.append(n) or lookup_class(n))
+    for quant, want in ((None, LOOKUP_TOKENS), ("int4", INT4_LOOKUP_TOKENS)):
+        base = tiny_base_factory(seed=3)
+        if quant:
+            quantize_model(base, quant)
+        model = HydraModel(base, HydraConfig(hydra_num_heads=2))
+        assert [lookup_tokens(model, DecodeConfig(lookup=n)) for n in (None, 5, 0)] == [want, 5, 0]
+        generate(model, [5, 6, 7, 5, 6], DecodeConfig(tree="none", max_new_tokens=4, stop_token_ids=[]))
+        assert made[-1] == want
+    assert (LOOKUP_TOKENS, INT4_LOOKUP_TOKENS) == (8, 3)

@@ -44,6 +44,12 @@ from hydra.model.trees import (  # noqa: F401
 # and a greedy walk reads tau rows (~1.5-1.8 on the shipped heads), one call each.
 WALK_ABOVE = 4
 
+# Prompt-lookup tokens per step when DecodeConfig.lookup is None: 8 (16 and 32 were no faster on the default
+# model), but 3 on a base whose linears run torch's CPU int4 kernel, which computes rows four at a time: a
+# forward of 5-8 tokens costs as much as one of 8 (2.7x a one-token forward on the exported default model,
+# 4 tokens 1.7x), so a step that verifies the lookup branch alone stays within 4 tokens (README, Prompt lookup).
+LOOKUP_TOKENS, INT4_LOOKUP_TOKENS = 8, 3
+
 
 @dataclass
 class DecodeConfig:
@@ -61,9 +67,9 @@ class DecodeConfig:
     # Pacer, or a Pacer that carries its timings and averages over successive calls.
     pace: bool | Pacer = False
     # Also draft up to this many tokens per step by prompt lookup: the tokens that followed the latest earlier
-    # occurrence of the context's last 2-3 tokens, grafted onto the heads' tree (hydra.model.lookup). 0: off.
-    # 8: 16 and 32 were no faster on the default model (README, Prompt lookup).
-    lookup: int = 8
+    # occurrence of the context's last 2-3 tokens, grafted onto the heads' tree (hydra.model.lookup). 0: off;
+    # None: the base's default (`lookup_tokens`).
+    lookup: int | None = None
 
 
 @dataclass
@@ -179,7 +185,8 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
             f"pace must be True, False or a hydra.model.pacing.Pacer, not {config.pace!r}")
     if config.sampling not in ("exact", "typical"):
         raise ValueError(f"sampling must be 'exact' or 'typical', got {config.sampling!r}")
-    if not isinstance(config.lookup, int) or isinstance(config.lookup, bool) or config.lookup < 0:
+    if config.lookup is not None and (not isinstance(config.lookup, int) or isinstance(config.lookup, bool)
+                                      or config.lookup < 0):
         raise ValueError(f"lookup must be a number of tokens >= 0 (0: off), got {config.lookup!r}")
     return ids
 
@@ -237,9 +244,10 @@ class _Run:
         base = model.base_model
         self.model, self.tree = model, tree
         self.device = next(model.parameters()).device
-        self.lookup = PromptLookup(config.lookup) if config.lookup and tree is not None else None
+        lookup = lookup_tokens(model, config)
+        self.lookup = PromptLookup(lookup) if lookup and tree is not None else None
         # tokens one step verifies at most: the root, the heads' nodes, a lookup branch
-        self.step_size = tree.size + config.lookup if tree is not None else 1
+        self.step_size = tree.size + lookup if tree is not None else 1
         self.capacity = min(base.config.max_position_embeddings,
                             prompt_len + config.max_new_tokens + self.step_size)
         self.cache = new_kv_cache(model, self.capacity)
@@ -277,6 +285,15 @@ class _Run:
                               torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
                               torch.full((1,), -1, dtype=torch.long, device=self.device))
+
+
+def lookup_tokens(model: HydraModel, config: DecodeConfig) -> int:
+    """Prompt-lookup tokens per step: `config.lookup`, else the base's default (`INT4_LOOKUP_TOKENS` where its
+    linears run torch's int4 kernel, else `LOOKUP_TOKENS`)."""
+    if config.lookup is not None:
+        return config.lookup
+    int4 = any(isinstance(m, Int4Linear) for m in model.decoder.modules())
+    return INT4_LOOKUP_TOKENS if int4 else LOOKUP_TOKENS
 
 
 def new_kv_cache(model: HydraModel, capacity: int) -> TreeKVCache:
