@@ -47,7 +47,8 @@ WALK_ABOVE = 4
 # Prompt-lookup tokens per step when DecodeConfig.lookup is None: 8 (16 and 32 were no faster on the default
 # model), but 3 on a base whose linears run torch's CPU int4 kernel, which computes rows four at a time: a
 # forward of 5-8 tokens costs as much as one of 8 (2.7x a one-token forward on the exported default model,
-# 4 tokens 1.7x), so a step that verifies the lookup branch alone stays within 4 tokens (README, Prompt lookup).
+# 4 tokens 1.7x), so a step that verifies the lookup branch alone stays within 4 tokens (README, Prompt
+# lookup).
 LOOKUP_TOKENS, INT4_LOOKUP_TOKENS = 8, 3
 
 
