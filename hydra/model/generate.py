@@ -26,7 +26,7 @@ from hydra.model.hydra_model import HydraModel, decoder_is_compiled, exported_de
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
-from hydra.model.quant import Int4Linear
+from hydra.model.quant import Int4Linear, base_quant
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
     DynamicTree,
@@ -293,8 +293,7 @@ def lookup_tokens(model: HydraModel, config: DecodeConfig) -> int:
     linears run torch's int4 kernel, else `LOOKUP_TOKENS`)."""
     if config.lookup is not None:
         return config.lookup
-    int4 = any(isinstance(m, Int4Linear) for m in model.decoder.modules())
-    return INT4_LOOKUP_TOKENS if int4 else LOOKUP_TOKENS
+    return INT4_LOOKUP_TOKENS if base_quant(model.base_model) == "int4" else LOOKUP_TOKENS
 
 
 def new_kv_cache(model: HydraModel, capacity: int) -> TreeKVCache:

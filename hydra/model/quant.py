@@ -190,14 +190,19 @@ class FloatRows(nn.Module):
 
 
 # --- the draft heads ----------------------------------------------------------------------------------------
+def base_quant(base_model: nn.Module) -> str | None:
+    """The kind of a quantized base's decoder layers, "int4" or "int8" (its 8-bit output layer, a
+    `Q8Int4Linear` in both kinds, does not count); None for a float base."""
+    kinds = {type(m) for m in base_model.modules()}
+    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+
+
 def heads_quant_for(base_model: nn.Module, heads_quant: str | None = "auto") -> str | None:
-    """The one rule for the heads' kind: "auto" is the kind of a quantized base's decoder layers (its 8-bit
-    output layer, a `Q8Int4Linear` in both kinds, does not count) and float on a float base, so the bf16 and
-    fp32 paths keep their float heads (README, Quantized base model); None or "none" is float; "int8" /
-    "int4" as asked."""
+    """The one rule for the heads' kind: "auto" is the base's kind (`base_quant`), so the bf16 and fp32 paths
+    keep their float heads (README, Quantized base model); None or "none" is float; "int8" / "int4" as
+    asked."""
     if heads_quant == "auto":
-        kinds = {type(m) for m in base_model.modules()}
-        return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+        return base_quant(base_model)
     if heads_quant in (None, "none"):
         return None
     if heads_quant not in QUANT_CHOICES:
