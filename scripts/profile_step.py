@@ -12,7 +12,8 @@ compaction, Python), compared with one plain autoregressive step, on the same pr
 `--costs` times the pieces a dynamic tree's size rule trades off, interleaved in random order on one
 400-token context: a verification forward (decoder + output layer) over T = 1..24 tokens, one head call
 (head + draft projection + log-softmax + top-k) over R rows, and the head context update; it prints each
-relative to a one-token verification, the numbers `hydra.model.trees.STEP_COSTS` holds.
+relative to a one-token verification, the numbers `hydra.model.trees.StepCosts` holds
+(its defaults, and `INT4_STEP_COSTS` for the int4 base).
 
 Each phase is timed around its call with time.perf_counter (CPU calls are synchronous); the prefill is left
 out.

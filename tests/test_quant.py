@@ -337,3 +337,25 @@ def test_lookup_default_stays_within_one_int4_row_block(monkeypatch, tiny_base_f
         generate(model, [5, 6, 7, 5, 6], DecodeConfig(tree="none", max_new_tokens=4, stop_token_ids=[]))
         assert made[-1] == want
     assert (LOOKUP_TOKENS, INT4_LOOKUP_TOKENS) == (8, 3)
+
+
+def test_dynamic_trees_price_steps_with_the_base_s_measured_costs(monkeypatch, tiny_base_factory):
+    """A dynamic tree's size rule reads the costs measured for the base it decodes on (int4: verification in
+    blocks of four tokens); costs given with the tree are kept."""
+    from hydra.model import generate as gen_mod
+    from hydra.model.trees import INT4_STEP_COSTS, DynamicTree, StepCosts
+
+    seen = []
+    choose = gen_mod.choose_size
+    monkeypatch.setattr(gen_mod, "choose_size", lambda s, o, tree: seen.append(tree.costs) or choose(s, o, tree))
+    for quant, want in ((None, StepCosts()), ("int4", INT4_STEP_COSTS)):
+        base = tiny_base_factory(seed=3)
+        if quant:
+            quantize_model(base, quant)
+        model = make_heads(base, "hydra-mlp", num_heads=2)
+        seen.clear()
+        generate(model, [5, 6, 7], DecodeConfig(tree="dynamic:4", max_new_tokens=3, stop_token_ids=[]))
+        assert seen and all(c == want for c in seen)
+        mine = StepCosts(head_call=0.5)
+        assert gen_mod._Run(model, DecodeConfig(), DynamicTree(4, 2, 2, costs=mine), 3).tree.costs is mine
+    assert INT4_STEP_COSTS.verify_costs(8)[5] > 1.5 * INT4_STEP_COSTS.verify_costs(8)[4]  # a new block

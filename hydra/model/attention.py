@@ -33,7 +33,7 @@ BOOL_MASK_ATTENTION = ("sdpa", GROUPED_SDPA)
 
 def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
     if query.device.type == "cpu" and attention_mask is None and query.shape[2] == 1 \
-            and query.dtype != torch.float32:
+            and query.dtype in (torch.bfloat16, torch.float16):
         return _one_query(query, key, value, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
     if attention_mask is not None and key.shape[1] != query.shape[1] and query.device.type == "cpu":
         out = torch.nn.functional.scaled_dot_product_attention(

@@ -12,7 +12,7 @@ tau (`mean_accept_length`) is the mean over verification forwards, prefill exclu
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from time import perf_counter
 
@@ -32,6 +32,7 @@ from hydra.model.trees import (  # noqa: F401
     DynamicTree,
     StepTree,
     TreeBuffers,
+    base_step_costs,
     choose_size,
     graft_chain,
     resolve_tree,
@@ -243,6 +244,8 @@ class _Run:
     def __init__(self, model: HydraModel, config: DecodeConfig, tree: TreeBuffers | DynamicTree | None,
                  prompt_len: int):
         base = model.base_model
+        if isinstance(tree, DynamicTree) and tree.costs is None:  # the size rule prices this base's steps
+            tree = replace(tree, costs=base_step_costs(base_quant(base)))
         self.model, self.tree = model, tree
         self.device = next(model.parameters()).device
         lookup = lookup_tokens(model, config)

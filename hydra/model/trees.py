@@ -299,12 +299,13 @@ def graft_chain(tokens: torch.Tensor, tree: StepTree, chain: list[int]) -> tuple
 class StepCosts:
     """What the pieces of a speculative step cost, in one-token verification forwards (decoder + output
     layer): verification of T tokens (points (T, cost), interpolated linearly, extrapolated from the last
-    two), one head call (head + draft projection + top-k), and the head context update. Measured with
-    `scripts/profile_step.py --costs` for the default model (bf16, one thread, CPU); README "Dynamic trees"."""
+    two), one head call (head + draft projection + top-k), and the head context update. The defaults were
+    measured with `scripts/profile_step.py --costs` for the default model in bf16 (eager, 2 threads, CPU);
+    `INT4_STEP_COSTS` for its int4 base (README "Dynamic trees")."""
 
-    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (4, 1.04), (8, 1.2), (16, 1.49), (24, 1.85))
-    head_call: float = 0.045
-    context: float = 0.043
+    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.05), (4, 1.12), (8, 1.23), (16, 1.48), (24, 1.75))
+    head_call: float = 0.046
+    context: float = 0.049
 
     def __post_init__(self):
         counts = [t for t, _ in self.verify]
@@ -320,6 +321,19 @@ class StepCosts:
             (t0, c0), (t1, c1) = next(((a, b) for a, b in pairwise(pts) if t <= b[0]), pts[-2:])
             out.append(c0 + (c1 - c0) * (t - t0) / (t1 - t0))
         return torch.tensor(out)
+
+
+# The default model on its int4 base, decoder exported, 2 threads (`profile_step.py --quant int4 --compile
+# --costs`): torch's int4 kernel computes rows four at a time, so verification cost rises in steps of 4 tokens.
+INT4_STEP_COSTS = StepCosts(
+    verify=((1, 1.0), (2, 1.29), (3, 1.53), (4, 1.67), (5, 2.67), (8, 2.72), (9, 3.84), (12, 3.89), (13, 4.85),
+            (16, 4.90), (20, 6.11), (24, 7.12)),
+    head_call=0.115, context=0.179)
+
+
+def base_step_costs(quant: str | None) -> StepCosts:
+    """The measured costs for a base whose linears are `quant` (`hydra.model.quant.base_quant`)."""
+    return INT4_STEP_COSTS if quant == "int4" else StepCosts()
 
 
 @dataclass(frozen=True)
@@ -338,7 +352,7 @@ class DynamicTree:
     depth: int
     topk: int
     adaptive: bool = True
-    costs: StepCosts = field(default_factory=StepCosts)
+    costs: StepCosts | None = None  # None: the decoding base's (`base_step_costs`), filled in per run
 
     @property
     def size(self) -> int:  # tokens verified at most, root included
