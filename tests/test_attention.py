@@ -92,25 +92,32 @@ def test_an_eager_base_stays_eager():
 
 @pytest.mark.parametrize("kv_heads", [2, 6])  # grouped (3 query heads per key/value head) and one-to-one
 @pytest.mark.parametrize("cached", [1, 37, 300])
-def test_one_bf16_query_goes_to_the_kernel_as_several_rows_with_the_same_attention(kv_heads, cached,
+@pytest.mark.parametrize("masked", [False, True])  # eager plain steps pass no mask, exported ones a mask row
+def test_one_bf16_query_goes_to_the_kernel_as_several_rows_with_the_same_attention(kv_heads, cached, masked,
                                                                                    monkeypatch):
-    """A plain decoding step's bf16 attention (one query token, no mask) reaches torch's kernel as the query
-    heads sharing a key/value head (or the query twice), where one row is ~5x slower; each head's output is
-    transformers' SDPA's for that head (up to bf16 rounding), so a head mix-up would fail."""
+    """A plain decoding step's bf16 attention (one query token) reaches torch's kernel as the query heads
+    sharing a key/value head (or the query twice), where one row is ~5x slower; each head's output is
+    transformers' SDPA's for that head under the same mask (up to bf16 rounding), so a head mix-up or a
+    dropped mask would fail."""
     gen = torch.Generator().manual_seed(cached)
     query = torch.randn(1, 6, 1, 16, generator=gen).bfloat16()
     key, value = (torch.randn(1, kv_heads, cached, 16, generator=gen).bfloat16() for _ in range(2))
+    mask = None
+    if masked:  # a static cache's unused slots, and one more hidden key
+        mask = torch.ones(1, 1, 1, cached, dtype=torch.bool)
+        mask[..., cached // 2 + 1:] = False
     module = SimpleNamespace(num_key_value_groups=6 // kv_heads, is_causal=True)
-    want, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, dropout=0.0,
+    want, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, dropout=0.0,
                                      scaling=0.25)
     rows = []
     kernel = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *args, **kwargs: rows.append(q.shape[2]) or kernel(q, *args, **kwargs))
-    got, _ = _grouped_sdpa(module, query, key, value, None, dropout=0.0, scaling=0.25)
+    got, _ = _grouped_sdpa(module, query, key, value, mask, dropout=0.0, scaling=0.25)
     assert rows == [max(2, 6 // kv_heads)]
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 6, 16)
     torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)
-    rows.clear()  # float32 keeps transformers' path: one row, which its fp32 kernel runs fast
-    got32, _ = _grouped_sdpa(module, query.float(), key.float(), value.float(), None, dropout=0.0, scaling=0.25)
-    assert rows == [1] and torch.equal(got32, want)
+    rows.clear()  # float32 keeps the other paths: one row, which torch's fp32 kernel runs fast
+    got32, _ = _grouped_sdpa(module, query.float(), key.float(), value.float(), mask, dropout=0.0, scaling=0.25)
+    assert rows == [1]
+    torch.testing.assert_close(got32, want, rtol=1e-6, atol=1e-6)

@@ -7,9 +7,8 @@ the model's own modeling code calls them (no patched modeling files).
   no mask with grouped heads): a copy of `num_key_value_groups` times the cache per layer and verification.
   torch's CPU kernel takes the mask with grouped heads and gives the same numbers (tested bitwise). Every
   `HydraModel` switches an SDPA base to it (`use_grouped_sdpa`). A plain step's bf16 attention (one query
-  token, no mask) goes to the kernel as several query rows (`_one_query`): the same arithmetic per row,
-  where one row takes ~5x longer. Elsewhere (fp32 without a mask, other devices) it is transformers'
-  function unchanged.
+  token) goes to the kernel as several query rows (`_one_query`): the same arithmetic per row, where one row
+  takes ~5x longer. Elsewhere (fp32 without a mask, other devices) it is transformers' function unchanged.
 - `FP32_ATTENTION` ("sdpa_fp32"): the same in float32, returned in the query's dtype, for quantized bases on a
   CPU: for one query token torch's fp32 kernel is faster than its bf16 one, even given several rows
   (README, Quantized base model). Such a base keeps its KV cache in float32 (`attention_dtype`), so no
@@ -32,27 +31,29 @@ BOOL_MASK_ATTENTION = ("sdpa", GROUPED_SDPA)
 
 
 def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
-    if query.device.type == "cpu" and attention_mask is None and query.shape[2] == 1 \
-            and query.dtype in (torch.bfloat16, torch.float16):
-        return _one_query(query, key, value, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
-    if attention_mask is not None and key.shape[1] != query.shape[1] and query.device.type == "cpu":
+    on_cpu, dropout, scale = query.device.type == "cpu", kwargs.get("dropout", 0.0), kwargs.get("scaling")
+    one_mask_row = attention_mask is None or attention_mask.shape[1] == 1  # shared by every head
+    if on_cpu and query.shape[2] == 1 and query.dtype in (torch.bfloat16, torch.float16) and one_mask_row:
+        return _one_query(query, key, value, attention_mask, dropout, scale), None
+    if on_cpu and attention_mask is not None and key.shape[1] != query.shape[1]:
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
-            scale=kwargs.get("scaling"), enable_gqa=True)
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _one_query(query, key, value, dropout: float, scale: float | None) -> torch.Tensor:
-    """Attention of one query token (a plain decoding step, no mask) in bf16/fp16 on a CPU, given to torch's
-    kernel as several query rows: the query heads that share a key/value head (grouped heads), else the query
-    twice. Each row is the same computation; torch's reduced-precision CPU kernel takes ~5x longer for one
-    row than for two or three, and the gap grows with the cache (README, "One query token in bf16").
-    Returns (batch, 1, heads, head_dim), as transformers' attention functions do."""
+def _one_query(query, key, value, mask: torch.Tensor | None, dropout: float, scale: float | None) -> torch.Tensor:
+    """Attention of one query token (a plain decoding step) in bf16/fp16 on a CPU, given to torch's kernel as
+    several query rows: the query heads that share a key/value head (grouped heads), else the query twice.
+    Each row is the same computation, under the same mask row (`mask`: (batch, 1, 1, keys) or None);
+    torch's reduced-precision CPU kernel takes ~5x longer for one row than for two or three, and the gap
+    grows with the cache (README, "One query token in bf16"). Returns (batch, 1, heads, head_dim), as
+    transformers' attention functions do."""
     batch, heads, _, head_dim = query.shape
     groups = heads // key.shape[1]
     rows = query.reshape(batch, key.shape[1], groups, head_dim) if groups > 1 else query.expand(-1, -1, 2, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, dropout_p=dropout, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scale)
     return out[:, :, :groups].reshape(batch, 1, heads, head_dim)
 
 
