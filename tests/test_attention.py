@@ -118,6 +118,7 @@ def test_one_bf16_query_goes_to_the_kernel_as_several_rows_with_the_same_attenti
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 6, 16)
     torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)
     rows.clear()  # float32 keeps the other paths: one row, which torch's fp32 kernel runs fast
-    got32, _ = _grouped_sdpa(module, query.float(), key.float(), value.float(), mask, dropout=0.0, scaling=0.25)
+    got32, _ = _grouped_sdpa(module, query.float(), key.float(), value.float(), mask, dropout=0.0,
+                             scaling=0.25)
     assert rows == [1]
     torch.testing.assert_close(got32, want, rtol=1e-6, atol=1e-6)

@@ -347,7 +347,8 @@ def test_dynamic_trees_price_steps_with_the_base_s_measured_costs(monkeypatch, t
 
     seen = []
     choose = gen_mod.choose_size
-    monkeypatch.setattr(gen_mod, "choose_size", lambda s, o, tree: seen.append(tree.costs) or choose(s, o, tree))
+    monkeypatch.setattr(gen_mod, "choose_size",
+                        lambda scores, overhead, tree: seen.append(tree.costs) or choose(scores, overhead, tree))
     for quant, want in ((None, StepCosts()), ("int4", INT4_STEP_COSTS)):
         base = tiny_base_factory(seed=3)
         if quant:

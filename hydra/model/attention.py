@@ -42,7 +42,8 @@ def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _one_query(query, key, value, mask: torch.Tensor | None, dropout: float, scale: float | None) -> torch.Tensor:
+def _one_query(query, key, value, mask: torch.Tensor | None, dropout: float,
+               scale: float | None) -> torch.Tensor:
     """Attention of one query token (a plain decoding step) in bf16/fp16 on a CPU, given to torch's kernel as
     several query rows: the query heads that share a key/value head (grouped heads), else the query twice.
     Each row is the same computation, under the same mask row (`mask`: (batch, 1, 1, keys) or None);
@@ -52,8 +53,8 @@ def _one_query(query, key, value, mask: torch.Tensor | None, dropout: float, sca
     batch, heads, _, head_dim = query.shape
     groups = heads // key.shape[1]
     rows = query.reshape(batch, key.shape[1], groups, head_dim) if groups > 1 else query.expand(-1, -1, 2, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask,
+                                                           dropout_p=dropout, scale=scale)
     return out[:, :, :groups].reshape(batch, 1, heads, head_dim)
 
 
