@@ -358,5 +358,8 @@ def test_dynamic_trees_price_steps_with_the_base_s_measured_costs(monkeypatch, t
         generate(model, [5, 6, 7], DecodeConfig(tree="dynamic:4", max_new_tokens=3, stop_token_ids=[]))
         assert seen and all(c == want for c in seen)
         mine = StepCosts(head_call=0.5)
-        assert gen_mod._Run(model, DecodeConfig(), DynamicTree(4, 2, 2, costs=mine), 3).tree.costs is mine
+        seen.clear()
+        generate(model, [5, 6, 7], DecodeConfig(tree=DynamicTree(4, 2, 2, costs=mine), max_new_tokens=3,
+                                                stop_token_ids=[]))
+        assert seen and all(c is mine for c in seen)
     assert INT4_STEP_COSTS.verify_costs(8)[5] > 1.5 * INT4_STEP_COSTS.verify_costs(8)[4]  # a new block

@@ -294,6 +294,13 @@ def test_choose_size():
     assert choose_size(torch.zeros(4), 0.1, fixed)[0] == 3  # fewer candidates than N
 
 
+def test_a_dynamic_tree_object_is_used_as_given_and_checked():
+    tree = DynamicTree(6, 3, 2, costs=StepCosts(head_call=0.2))
+    assert resolve_tree(tree, HydraConfig(hydra_num_heads=4)) is tree
+    with pytest.raises(ValueError, match="tree depth 3 exceeds the number of heads \\(2\\)"):
+        resolve_tree(tree, HydraConfig(hydra_num_heads=2))
+
+
 def test_worth_expanding():
     tree = DynamicTree(8, 4, 4, costs=StepCosts(head_call=0.05))
     assert worth_expanding(torch.tensor([0.5, 0.02]).log(), tree)

@@ -55,8 +55,9 @@ LOOKUP_TOKENS, INT4_LOOKUP_TOKENS = 8, 3
 
 @dataclass
 class DecodeConfig:
-    tree: str | list | None = None  # tree name / JSON file / list of paths / "dynamic:N..."; None: the heads'
-    #                                 config.tree, else mc_sim_7b_63 (hydra.model.trees.resolve_tree)
+    # tree name / JSON file / list of paths / "dynamic:N..." or a DynamicTree; None: the heads' config.tree,
+    # else mc_sim_7b_63 (hydra.model.trees.resolve_tree)
+    tree: str | list | DynamicTree | None = None
     temperature: float = 0.0  # 0 = greedy
     sampling: str = "exact"  # with temperature > 0: "exact" (lossless) or "typical" (Medusa/Hydra, lossy)
     posterior_threshold: float = 0.09

@@ -58,7 +58,7 @@ TREES: dict[str, list[list[int]]] = {
 _TREE_DIR = Path(__file__).parent / "tree_files"
 
 
-def tree_spec(tree: str | list | None, heads_config) -> str | list:
+def tree_spec(tree: str | list | DynamicTree | None, heads_config) -> str | list | DynamicTree:
     """Which tree a decoding run uses, as written: `tree`, else the heads' config.tree, else DEFAULT_TREE.
     Only None means "not given": an empty tree or name is refused by `resolve_tree`, not defaulted."""
     return tree if tree is not None else heads_config.tree or DEFAULT_TREE
@@ -67,12 +67,15 @@ def tree_spec(tree: str | list | None, heads_config) -> str | list:
 _BUILT: dict[tuple[str, str], TreeBuffers] = {}
 
 
-def resolve_tree(tree: str | list | None, heads_config,
+def resolve_tree(tree: str | list | DynamicTree | None, heads_config,
                  device: torch.device | str = "cpu") -> TreeBuffers | DynamicTree:
     """The tree a decoding run uses (see `tree_spec`), built (static trees once per process and device) and
-    checked against the number of heads, so bad input fails before any work."""
+    checked against the number of heads, so bad input fails before any work. A `DynamicTree` is used as
+    given (e.g. with costs measured on other hardware)."""
     spec, num_heads = tree_spec(tree, heads_config), heads_config.hydra_num_heads
-    if isinstance(spec, str) and spec.split(":")[0] == "dynamic":
+    if isinstance(spec, DynamicTree):
+        built = spec
+    elif isinstance(spec, str) and spec.split(":")[0] == "dynamic":
         built = parse_dynamic_tree(spec, num_heads)
     else:
         choices = None if spec == NO_TREE else get_tree(spec)
