@@ -47,6 +47,7 @@ import torch
 
 from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
 from hydra.model import HydraConfig, HydraModel, load_base_model
+from hydra.model.attention import GROUPED_SDPA
 from hydra.model.compiled import compile_decoder
 from hydra.model.generate import DecodeConfig, generate, lookup_tokens, stop_token_ids
 from hydra.model.pacing import Pacer
@@ -109,12 +110,22 @@ def hydra_decoder(model: HydraModel, config: DecodeConfig, speculative: bool):
 
 
 def hf_decoder(model: HydraModel, max_new_tokens: int, stop_ids: set[int], **generate_kwargs):
-    """transformers' own greedy `generate` (stop tokens are not counted, as in ours)."""
+    """transformers' own greedy `generate` (stop tokens are not counted, as in ours), on transformers' own
+    SDPA function: a HydraModel switches its base to `sdpa_grouped`, whose one-query path is this
+    project's."""
+    base = model.base_model
+
     def decode(ids: list[int]) -> tuple[list[int], None]:
         x = torch.tensor([ids])
-        with torch.inference_mode():
-            out = model.base_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                            do_sample=False, eos_token_id=sorted(stop_ids), **generate_kwargs)
+        ours = base.config._attn_implementation
+        if ours == GROUPED_SDPA:
+            base.set_attn_implementation("sdpa")
+        try:
+            with torch.inference_mode():
+                out = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=sorted(stop_ids), **generate_kwargs)
+        finally:
+            base.set_attn_implementation(ours)
         new = out[0, len(ids):].tolist()
         return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))], None
     return decode
