@@ -47,7 +47,7 @@ def test_chat_session_through_a_pty(tiny_folder):
     child = spawn("--model", str(tiny_folder / "heads"), "--max-new-tokens", "8", "--stats", "--device", "cpu",
                   "--system", "You are terse.")
     try:
-        child.expect(r"4 hydra-mlp heads, tree mc_sim_7b_63")
+        child.expect(r"4 hydra-mlp heads, tree mc_sim_7b_63, prompt lookup 8 tokens")
         child.expect_exact("USER: ")
         child.sendline("Hello, who are you?")
         child.expect_exact("ASSISTANT: ")

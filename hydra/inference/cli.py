@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hydra.inference.loading import DEFAULT_HEADS_DIR, check_decoding, load_model
-    from hydra.model.generate import DecodeConfig
+    from hydra.model.generate import DecodeConfig, lookup_tokens
     from hydra.model.pacing import Pacer
     from hydra.model.trees import tree_spec
 
@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     device = next(model.parameters()).device
     heads_kind = f"{model.heads.quant} " if model.heads.quant else ""
+    lookup = lookup_tokens(model, config)
     what = (f"{cfg.hydra_num_heads} {heads_kind}{cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
+            + (f", prompt lookup {lookup} tokens" if lookup else "")
             if speculative else "plain autoregressive decoding")
     print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)
