@@ -117,15 +117,16 @@ def hf_decoder(model: HydraModel, max_new_tokens: int, stop_ids: set[int], **gen
 
     def decode(ids: list[int]) -> tuple[list[int], None]:
         x = torch.tensor([ids])
-        ours = base.config._attn_implementation
-        if ours == GROUPED_SDPA:
+        switched = base.config._attn_implementation == GROUPED_SDPA
+        if switched:
             base.set_attn_implementation("sdpa")
         try:
             with torch.inference_mode():
                 out = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                     do_sample=False, eos_token_id=sorted(stop_ids), **generate_kwargs)
         finally:
-            base.set_attn_implementation(ours)
+            if switched:
+                base.set_attn_implementation(GROUPED_SDPA)
         new = out[0, len(ids):].tolist()
         return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))], None
     return decode
