@@ -8,6 +8,8 @@ plus per-turn speed data:
      "choices": [{"index": 0, "turns": [str, str],
                   "new_tokens": [int, int],          # tokens emitted per turn (stop token excluded)
                   "wall_time": [float, float],       # seconds around the whole generate call, prefill included
+                                                     # (a second turn prefills only what follows the first)
+                  "reused_prompt_tokens": [int, int],  # prompt tokens whose prefill the prompt cache saved
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
                   "finish_reasons": [str, str]}],
@@ -141,16 +143,19 @@ def answer_question(model, question: dict, generate, config) -> dict:
     import dataclasses
 
     from hydra.inference.loading import render_prompt, synchronize
+    from hydra.model.prompt_cache import PromptCache
 
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     messages: list[dict] = []
+    cache = PromptCache()  # a later turn prefills only what follows the earlier ones, as the chat CLI does
     out = {"index": 0, "turns": [], "new_tokens": [], "wall_time": [], "steps": [], "accept_lengths": [],
-           "finish_reasons": []}
+           "finish_reasons": [], "reused_prompt_tokens": []}
     for turn, text in enumerate(question["turns"]):
         messages.append({"role": "user", "content": text})
         ids = render_prompt(tokenizer, messages)
-        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + turn)
+        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + turn,
+                                  prompt_cache=cache)
         tokens, accept = [], []
         reason = None
         try:
@@ -173,6 +178,7 @@ def answer_question(model, question: dict, generate, config) -> dict:
         out["steps"].append(len(accept))
         out["accept_lengths"].append(accept)
         out["finish_reasons"].append(reason)
+        out["reused_prompt_tokens"].append(cache.reused_tokens)
     return out
 
 

@@ -175,6 +175,32 @@ def test_reply_streams_step_by_step_and_commands(tiny_model, tmp_path):
     assert "[stats] 5 tokens in" in ar.out.getvalue() and "tau 1.00 tokens/step (5 steps)" in ar.out.getvalue()
 
 
+def test_a_chat_prefills_only_what_the_previous_call_did_not_compute(tiny_model):
+    """With the CLI's prompt cache every reply (a second turn, a regenerated one, one after !!remove) is the
+    one a chat without it gives (fp32), and the stats say how many prompt tokens were reused."""
+    from hydra.inference.cli import Chat
+    from hydra.model.generate import DecodeConfig
+    from hydra.model.prompt_cache import PromptCache
+
+    chats = [Chat(tiny_model, True, DecodeConfig(max_new_tokens=12, prompt_cache=cache), "Be brief.", Recorder(),
+                  stats=True) for cache in (PromptCache(), None)]
+    for chat in chats:
+        for line in ("Hi", "And then?", "!!regen", "!!remove", "Something else"):
+            if line.startswith("!!"):
+                chat.command(line)
+            else:
+                chat.messages.append({"role": "user", "content": line})
+                assert chat.reply()
+    assert chats[0].messages == chats[1].messages
+    stats = chats[0].out.getvalue()
+    reused = [tuple(map(int, m)) for m in re.findall(r"(\d+) of (\d+) prompt tokens reused", stats)]
+    (r1, m1), (r2, _), (r3, m3), (r4, _) = reused
+    # turn 2 shares at least turn 1's prompt (the reply's text may tokenise differently); the regenerated
+    # reply's prompt is the one before it, all of it reused but its last token
+    assert r1 == 0 and r2 >= m1 and r3 == m3 - 1 and 0 < r4 <= r3, reused
+    assert "reused" not in chats[1].out.getvalue()
+
+
 def test_no_shipped_heads_falls_back_to_plain_decoding(tiny_folder, tmp_path, monkeypatch):
     from hydra.inference import loading
 

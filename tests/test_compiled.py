@@ -11,6 +11,7 @@ from hydra.model.compiled import compile_decoder, warm_up
 from hydra.model.families import chain_attention_mask
 from hydra.model.generate import DecodeConfig, ar_generate, generate, new_kv_cache
 from hydra.model.hydra_model import decoder_is_compiled, exported_decoder
+from hydra.model.prompt_cache import PromptCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on CPU codegen
 
@@ -25,6 +26,11 @@ def _outputs(model) -> list[list[int]]:
         out.append(generate(model, prompt, cfg, speculative=False).tokens)
         out += [generate(model, prompt, DecodeConfig(tree=t, max_new_tokens=24, stop_token_ids=[])).tokens
                 for t in TREES]
+        # a second turn on the first one's cache rows (a prompt cache): the prefill starts past them
+        cfg = DecodeConfig(tree=TREES[0], max_new_tokens=24, stop_token_ids=[], prompt_cache=PromptCache())
+        first = generate(model, prompt, cfg).tokens
+        out.append(generate(model, prompt + first + [5, 6], cfg).tokens)
+        assert cfg.prompt_cache.reused_tokens >= len(prompt + first) - 1
     return out
 
 

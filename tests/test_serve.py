@@ -408,6 +408,32 @@ def test_requests_are_paced_unless_seeded(served):
     assert greedy == expected(model, chat_ids(model, "Tell me a story."), max_new_tokens=24)[0]
 
 
+def test_a_next_turn_prefills_only_what_follows_the_previous_request(served):
+    """The server keeps one prompt cache: a chat's second turn reuses what the first computed (reported as
+    OpenAI's usage.prompt_tokens_details.cached_tokens) and replies as a fresh decoding does."""
+    from fastapi.testclient import TestClient
+
+    from hydra.serve.app import create_app
+    from hydra.serve.engine import Engine
+
+    _, model = served
+    turns = [{"role": "user", "content": "Tell me a story."}]
+    body = {"model": MODEL, "max_tokens": 16, "temperature": 0}
+    with TestClient(create_app(Engine(model, has_heads=True), MODEL)) as http:
+        first = http.post("/v1/chat/completions", json={**body, "messages": turns}).json()
+        turns += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                  {"role": "user", "content": "And then?"}]
+        second = http.post("/v1/chat/completions", json={**body, "messages": turns, "stream": True,
+                                                          "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in second.text.splitlines() if line.startswith("data: {")]
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    usage = events[-1]["usage"]
+    ids = render_prompt(model.tokenizer, turns)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert len(chat_ids(model, "Tell me a story.")) <= usage["prompt_tokens_details"]["cached_tokens"] < len(ids)
+    assert text == expected(model, ids, max_new_tokens=16)[0]
+
+
 def test_a_decoding_failure_is_reported_and_the_server_keeps_serving(served):
     """In-process (FastAPI's TestClient): a step that raises gives a 500 / an SSE error event, frees the
     queue place, and the next request is served."""

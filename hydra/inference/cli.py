@@ -17,7 +17,8 @@ Ctrl-C during a reply stops it; the unfinished exchange is dropped and the promp
 `--model` is a heads folder or Hub repo id whose config.json names its base model (`--base-model` overrides
 it). Without `--model`, the heads shipped in hydra/heads/default are used; if the package ships none, the
 default model answers with plain autoregressive decoding (a note says so). `--ar` forces plain decoding.
-The whole conversation is re-encoded with the model's chat template at every turn.
+The whole conversation is rendered with the model's chat template at every turn; only the tokens after the
+part it shares with the previous call are prefilled (hydra.model.prompt_cache).
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ class Chat:
                     self.out.write(delta)
                     self.out.flush()
         except KeyboardInterrupt:
+            if self.config.prompt_cache is not None:  # it may have stopped inside a step (prompt_cache docs)
+                self.config.prompt_cache.clear()
             self.remove_last()
             self._say("\n[reply interrupted; the unfinished exchange was dropped]")
             return False
@@ -154,8 +157,10 @@ class Chat:
         if self.stats:
             n = len(tokens)
             tau = mean_accept_length(accept_lengths) if len(accept_lengths) > 1 else 1.0
+            cache = self.config.prompt_cache
+            reused = f", {cache.reused_tokens} of {len(ids)} prompt tokens reused" if cache is not None else ""
             self._say(f"[stats] {n} tokens in {elapsed:.2f} s, {n / elapsed if elapsed > 0 else 0.0:.1f} tokens/s, "
-                      f"tau {tau:.2f} tokens/step ({len(accept_lengths)} steps)")
+                      f"tau {tau:.2f} tokens/step ({len(accept_lengths)} steps){reused}")
         return True
 
     def _say(self, text: str) -> None:
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.inference.loading import DEFAULT_HEADS_DIR, check_decoding, load_model
     from hydra.model.generate import DecodeConfig, lookup_tokens
     from hydra.model.pacing import Pacer
+    from hydra.model.prompt_cache import PromptCache
     from hydra.model.trees import tree_spec
 
     hf_logging.disable_progress_bar()
@@ -262,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: v for k, v in optional.items() if v is not None}
     # One Pacer for the session: each reply starts from what the earlier ones measured.
     pace = Pacer() if not args.no_pace and args.seed is None else False
+    # One prompt cache for the session: each turn prefills only what the previous call did not compute.
     config = DecodeConfig(tree=args.tree, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, pace=pace, **kwargs)
+                          seed=args.seed, pace=pace, prompt_cache=PromptCache(), **kwargs)
     try:  # fail now, not at the first message, on a bad --tree, --temperature or --sampling
         check_decoding(model, config, speculative)
     except ValueError as e:

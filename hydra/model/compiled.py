@@ -25,6 +25,7 @@ from hydra.model.base_model import cache_dir
 from hydra.model.exported import ExportedDecoder, supports_export
 from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
 from hydra.model.hydra_model import HydraModel
+from hydra.model.prompt_cache import PromptCache
 
 
 def compile_decoder(model: HydraModel, export: bool | None = None) -> None:
@@ -61,8 +62,14 @@ def warm_up(model: HydraModel, config: DecodeConfig, speculative: bool) -> float
     # Token ids from the middle of the vocabulary: ordinary tokens, never a special or stop token.
     prompt = list(range(1000, 1008)) if model.lm_head.weight.shape[0] > 2000 else list(range(8))
     # No stop tokens and no pacing: the dummy reply must run its one-token and tree steps, not end at once.
-    short = replace(config, max_new_tokens=4, temperature=0.0, seed=None, stop_token_ids=[], pace=False)
+    # A prompt cache of its own: the dummy prompt is no one's.
+    short = replace(config, max_new_tokens=4, temperature=0.0, seed=None, stop_token_ids=[], pace=False,
+                    prompt_cache=PromptCache())
     for _ in ar_generate(model, prompt, short):
+        pass
+    # A chat's next turn: a prefill that starts past the rows the prompt cache kept (its own graph under
+    # torch.compile, where the mask is built for the cached rows too). The prompts share 5 tokens.
+    for _ in ar_generate(model, prompt[:5] + prompt[:3], short):
         pass
     if speculative:
         for _ in hydra_generate(model, prompt, short):

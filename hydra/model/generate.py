@@ -26,6 +26,7 @@ from hydra.model.hydra_model import HydraModel, decoder_is_compiled, exported_de
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
+from hydra.model.prompt_cache import Kept, PromptCache, Reused
 from hydra.model.quant import Int4Linear, base_quant
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
@@ -73,6 +74,9 @@ class DecodeConfig:
     # occurrence of the context's last 2-3 tokens, grafted onto the heads' tree (hydra.model.lookup). 0: off;
     # None: the base's default (`lookup_tokens`).
     lookup: int | None = None
+    # Reuse what the previous call with the same PromptCache computed for the prefix this prompt shares with
+    # its tokens (hydra.model.prompt_cache): a chat's earlier turns are not prefilled again.
+    prompt_cache: PromptCache | None = None
 
 
 @dataclass
@@ -191,6 +195,9 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     if config.lookup is not None and (not isinstance(config.lookup, int) or isinstance(config.lookup, bool)
                                       or config.lookup < 0):
         raise ValueError(f"lookup must be a number of tokens >= 0 (0: off), got {config.lookup!r}")
+    if config.prompt_cache is not None and not isinstance(config.prompt_cache, PromptCache):
+        raise ValueError(
+            f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
     return ids
 
 
@@ -201,10 +208,11 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
     if config.max_new_tokens <= 0:
         return
     with torch.inference_mode():
-        run = _Run(model, config, tree, ids.numel())
+        run = _Run(model, config, tree, ids)
         pending = [_prefill(run, ids)]
         new_tokens = steps = 0
         while True:
+            run.keep()
             steps += 1
             tokens, reason = _emit(pending, run.stop_ids, config.max_new_tokens - new_tokens)
             new_tokens += len(tokens)
@@ -215,6 +223,7 @@ def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             yield StepOutput(tokens, len(pending), reason)
             if reason is not None:
                 return
+            run.check_owner()
             start = perf_counter()  # the consumer's time between steps is not the step's
             if run.lookup is not None:
                 run.lookup.extend(pending)
@@ -243,8 +252,9 @@ class _Run:
     """What one decoding run carries from step to step."""
 
     def __init__(self, model: HydraModel, config: DecodeConfig, tree: TreeBuffers | DynamicTree | None,
-                 prompt_len: int):
+                 ids: torch.Tensor):
         base = model.base_model
+        self.prompt = ids.tolist()
         if isinstance(tree, DynamicTree) and tree.costs is None:  # the size rule prices this base's steps
             tree = replace(tree, costs=base_step_costs(base_quant(base)))
         self.model, self.tree = model, tree
@@ -254,11 +264,16 @@ class _Run:
         # tokens one step verifies at most: the root, the heads' nodes, a lookup branch
         self.step_size = tree.size + lookup if tree is not None else 1
         self.capacity = min(base.config.max_position_embeddings,
-                            prompt_len + config.max_new_tokens + self.step_size)
-        self.cache = new_kv_cache(model, self.capacity)
+                            len(self.prompt) + config.max_new_tokens + self.step_size)
         # Whether the heads run at all: the tree "none" verifies the lookup branch alone.
         self.heads_draft = tree is not None and tree.max_depth > 0
         has_prefix = self.heads_draft and model.heads.prefix is not None
+        reused, self.kept = None, None
+        if config.prompt_cache is not None:
+            key = (model, decoder_is_compiled(model), attention_dtype(base.config), self.device)
+            reused = config.prompt_cache.take(self, self.prompt, key, needs_prefix=has_prefix,
+                                              prefix_reads_next=model.heads.context_reads_next_token)
+        self.cache = new_kv_cache(model, self.capacity, reused, headroom=config.prompt_cache is not None)
         self.prefix_cache = model.heads.prefix.new_cache() if has_prefix else None
         self.stop_ids = stop_token_ids(model, config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
@@ -276,6 +291,14 @@ class _Run:
         # and, for a prefix layer that reads x_{t+1} too, those positions' tokens.
         self.unread: list[torch.Tensor] = []
         self.unread_from = 0
+        if reused is not None:  # prompt tokens whose cache rows (and the heads' state) a prompt cache gave
+            self.n = self.unread_from = reused.length
+            if has_prefix:
+                self.prefix_cache, self.unread_from = reused.prefix_cache, reused.unread_from
+                self.unread = [reused.unread] if reused.unread is not None else []
+        if config.prompt_cache is not None:
+            self.prompt_cache = config.prompt_cache
+            self.kept = Kept(key, self.cache, list(self.prompt), prefix_cache=self.prefix_cache)
         reads_next = has_prefix and model.heads.context_reads_next_token
         self.unread_tokens: list[torch.Tensor] | None = [] if reads_next else None
         self.pacer = None
@@ -291,6 +314,18 @@ class _Run:
                               torch.zeros(1, 1, dtype=torch.long, device=self.device),
                               torch.full((1,), -1, dtype=torch.long, device=self.device))
 
+    def check_owner(self) -> None:
+        """A later call that took the prompt cache over writes into the buffers this one decodes in."""
+        if self.kept is not None and not self.prompt_cache.owned_by(self):
+            raise RuntimeError("this call's prompt cache was taken over by a later call; a PromptCache serves "
+                               "one call at a time")
+
+    def keep(self) -> None:
+        """Hand the state after this step to the prompt cache (between steps, where it is consistent)."""
+        if self.kept is not None:
+            self.kept.n, self.kept.unread_from, self.kept.unread = self.n, self.unread_from, list(self.unread)
+            self.prompt_cache.keep(self.kept)
+
 
 def lookup_tokens(model: HydraModel, config: DecodeConfig) -> int:
     """Prompt-lookup tokens per step: `config.lookup`, else the base's default (`INT4_LOOKUP_TOKENS` where its
@@ -300,16 +335,25 @@ def lookup_tokens(model: HydraModel, config: DecodeConfig) -> int:
     return INT4_LOOKUP_TOKENS if base_quant(model.base_model) == "int4" else LOOKUP_TOKENS
 
 
-def new_kv_cache(model: HydraModel, capacity: int) -> TreeKVCache:
+def new_kv_cache(model: HydraModel, capacity: int, reused: Reused | None = None,
+                 headroom: bool = False) -> TreeKVCache:
     """The KV cache of one decoding run, allocated for up to `capacity` tokens. A compiled decoder on a CPU gets
     buffers of the model's whole context, the same for every reply, so their sizes are constants of its graphs
-    rather than values checked on every call (hydra.model.kv_cache); otherwise buffers of `capacity` slots."""
+    rather than values checked on every call (hydra.model.kv_cache); otherwise buffers of `capacity` slots, or
+    with `headroom` (a cache a prompt cache keeps for later calls) twice that, within the context.
+    `reused`: rows a prompt cache hands over, kept in their buffers where those are big enough, else copied."""
+    if reused is not None and reused.kv.storage_len >= capacity:
+        reused.kv.reopen(reused.length, capacity)
+        return reused.kv
     base = model.base_model
     device = next(model.parameters()).device
     fixed = device.type == "cpu" and decoder_is_compiled(model)
-    cache = TreeKVCache(base.config.num_hidden_layers, capacity, attention_dtype(base.config),
-                        base.config.max_position_embeddings if fixed else None)
+    context = base.config.max_position_embeddings
+    storage = context if fixed else min(context, 2 * capacity) if headroom else None
+    cache = TreeKVCache(base.config.num_hidden_layers, capacity, attention_dtype(base.config), storage)
     cache.allocate_for(base.config, base.dtype, device, static=fixed)
+    if reused is not None:
+        cache.copy_rows(reused.kv, reused.length)
     return cache
 
 
@@ -341,21 +385,26 @@ def _forward(run: _Run, tokens: torch.Tensor, positions: torch.Tensor, mask: tor
 
 
 def _prefill(run: _Run, ids: torch.Tensor) -> int:
-    """The prompt into the cache; returns the first token."""
-    positions = torch.arange(ids.numel(), device=run.device)
-    last, hidden = _forward(run, ids, positions, None)
+    """The prompt into the cache (from run.n: the rows before it came from a prompt cache); returns the first
+    token."""
+    start, end = run.n, ids.numel()
+    last, hidden = _forward(run, ids[start:], torch.arange(start, end, device=run.device), None)
     _, first = run.accept(run.model.lm_head(last[-1])[None], ids[-1:], run.plain)
-    run.n = ids.numel()
+    run.n = end
     if run.lookup is not None:
-        run.lookup.extend(ids.tolist())
+        run.lookup.extend(run.prompt)
     if run.heads_draft:
-        if run.prefix_cache is not None and ids.numel() > 1:
+        hidden = torch.cat([*run.unread, hidden]) if run.unread else hidden  # positions [unread_from, end)
+        read_from = run.unread_from
+        if run.prefix_cache is not None and end - 1 > read_from:
             # The prompt through the prefix layer now, as the base model's prefill: otherwise the first step
             # that runs the heads pays for it, and pacing would read that as the heads' cost.
-            next_embeds = run.model.embed_tokens(ids[None, 1:]) if run.unread_tokens is not None else None
-            run.model.heads.context(hidden[None, :-1], positions[None, :-1], run.prefix_cache, next_embeds)
-            run.unread_from = ids.numel() - 1
-        run.unread = [hidden[run.unread_from:]]
+            next_embeds = (run.model.embed_tokens(ids[None, read_from + 1:]) if run.unread_tokens is not None
+                           else None)
+            positions = torch.arange(read_from, end - 1, device=run.device)[None]
+            run.model.heads.context(hidden[None, :-1], positions, run.prefix_cache, next_embeds)
+            run.unread_from = end - 1
+        run.unread = [hidden[run.unread_from - read_from:]]
         if run.unread_tokens is not None:
             run.unread_tokens = [ids[run.unread_from:]]
     return first
@@ -427,7 +476,10 @@ def _compact(run: _Run, draft: Draft, accepted: torch.Tensor, hidden: torch.Tens
         run.unread.append(hidden[accepted])
     if run.unread_tokens is not None:
         run.unread_tokens.append(draft.tokens[accepted])
-    return draft.tokens[accepted[1:]].tolist()
+    tokens = draft.tokens[accepted].tolist()
+    if run.kept is not None:
+        run.kept.tokens += tokens
+    return tokens[1:]
 
 
 def _propose(model: HydraModel, tree: TreeBuffers, ctx: torch.Tensor, root: int) -> torch.Tensor:

@@ -152,6 +152,20 @@ class TreeKVCache(Cache):
                 buf[:, :, start:start + n] = buf[:, :, accepted_slots]
         self.length = start + n
 
+    def reopen(self, length: int, max_len: int) -> None:
+        """Start another call on these buffers: their first `length` rows kept, up to `max_len` tokens (at most
+        `storage_len`) (hydra.model.prompt_cache)."""
+        if not 0 <= length <= max_len <= self.storage_len:
+            raise ValueError(f"cannot reopen a cache of {self.storage_len} slots with {length} rows kept for "
+                             f"{max_len} tokens")
+        self.length, self.max_len = length, max_len
+
+    def copy_rows(self, source: TreeKVCache, length: int) -> None:
+        """Take over the first `length` rows of `source` (a cache of the same model, now too small)."""
+        for dst, src in zip(self.k + self.v, source.k + source.v, strict=True):
+            dst[:, :, :length] = src[:, :, :length]
+        self.length = length
+
     def crop(self, tokens_to_remove: int) -> None:
         """transformers' meaning: remove `-tokens_to_remove` tokens (0 removes none; > 0 is an error)."""
         if tokens_to_remove > 0:

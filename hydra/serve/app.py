@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hydra.inference.loading import context_length, render_prompt
 from hydra.model.generate import DecodeConfig
 from hydra.model.pacing import Pacer
+from hydra.model.prompt_cache import PromptCache
 from hydra.serve.engine import Engine, Job, QueueFull, Stats
 from hydra.serve.protocol import ChatCompletionRequest, CompletionRequest, error
 
@@ -93,6 +94,9 @@ def create_app(
     replies then repeat. `lookup`: prompt-lookup tokens per step (None: DecodeConfig's default)."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
     pacer = Pacer() if pace else None  # one for the server: each request starts from what earlier ones measured
+    # One for the server too: a request prefills only what follows the prefix it shares with the previous one
+    # (a chat's next turn, a regenerated reply).
+    prompt_cache = PromptCache()
     context = context_length(engine.model)
     created = int(time.time())
 
@@ -176,6 +180,7 @@ def create_app(
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         config = DecodeConfig(tree=tree, temperature=temperature, max_new_tokens=budget, seed=req.seed,
                               pace=pacer if pacer is not None and req.seed is None else False,
+                              prompt_cache=prompt_cache,
                               **({} if lookup is None else {"lookup": lookup}))
         job = Job(ids, config, speculative=req.speculative and engine.has_heads, stop=req.stop_list())
         try:

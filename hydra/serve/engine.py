@@ -46,6 +46,7 @@ class Stats:
 
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose prefill the prompt cache saved
     accept_lengths: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -55,6 +56,7 @@ class Stats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             "accepted_tokens_per_step": None if math.isnan(tau) else round(tau, 4),
             "decode_steps": len(self.accept_lengths),
             "decode_seconds": round(self.seconds, 4),
@@ -146,6 +148,8 @@ class Engine:
                     reason = "max_new_tokens"
                     break
                 delta, step = item
+                if not stats.accept_lengths and job.config.prompt_cache is not None:  # read before the next job
+                    stats.cached_tokens = job.config.prompt_cache.reused_tokens
                 tokens += step.tokens
                 stats.completion_tokens = len(tokens)
                 stats.accept_lengths.append(step.accept_length)

@@ -1,0 +1,109 @@
+"""Reuse across calls: what a decoding call computed for its tokens, kept for the next call whose prompt
+starts with them.
+
+A chat sends the whole conversation every turn, and without reuse every turn prefills all of it again: the
+earlier turns' keys and values, and for a Hydra++ prefix layer its own cache over them. Pass one
+`PromptCache` in `DecodeConfig.prompt_cache` to successive calls (the chat CLI and the server keep one): each
+call keeps its KV cache and the tokens in its slots, and the next call takes over the rows of the longest
+prefix its prompt shares with them, drops the rest (later slots are simply overwritten, as after a rejected
+tree) and prefills only what follows. Matching tokens rather than messages makes every edit safe: a removed
+exchange, a regenerated reply, a reply whose text re-tokenises differently, or another conversation share
+less or nothing, and are prefilled from where they differ.
+
+The kept rows were computed by tree and one-token forwards rather than by one prefill: the same values up to
+rounding, so a reply can differ from the one a fresh prefill gives where two tokens are near-tied (as a tree
+forward and a one-token forward do; in fp32 rarely, in bf16 more often).
+
+What a call keeps is updated after each step it hands out, never in the middle of one, so a call stopped
+between steps (a client that went away) leaves a consistent state. A call interrupted inside a step (Ctrl-C
+during a forward) should `clear()` it (the chat CLI does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from hydra.model.kv_cache import TreeKVCache
+
+
+@dataclass
+class Kept:
+    """One call's state after its latest step: cache slots [0, n) hold `tokens[:n]`."""
+
+    key: tuple  # which model and cache kind the rows belong to (rows of another are not reused)
+    kv: TreeKVCache
+    tokens: list[int]  # the token at each slot; may run past n (a step stopped after it was written)
+    n: int = 0
+    # The heads' state, where the run had a prefix layer: its cache holds positions [0, unread_from), and
+    # `unread` the base hidden states of [unread_from, n), which it has not read yet.
+    prefix_cache: DynamicCache | None = None
+    unread_from: int = 0
+    unread: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Reused:
+    """What a new call takes over: the cache rows of `length` prompt tokens and, for a prefix layer, its cache
+    over [0, unread_from) and the hidden states of [unread_from, length) (None where that is empty)."""
+
+    kv: TreeKVCache
+    length: int
+    prefix_cache: DynamicCache | None = None
+    unread_from: int = 0
+    unread: torch.Tensor | None = None
+
+
+class PromptCache:
+    """The state the latest call kept (see the module docstring). `reused_tokens`: how many prompt tokens the
+    latest call took from it rather than prefilling."""
+
+    def __init__(self):
+        self._kept: Kept | None = None
+        self._owner: object | None = None
+        self.reused_tokens = 0
+
+    def clear(self) -> None:
+        """Forget what was kept (the next call prefills its whole prompt)."""
+        self._kept, self._owner, self.reused_tokens = None, None, 0
+
+    def owned_by(self, owner: object) -> bool:
+        """Whether `owner` is the call that took the cache last (the one whose state it keeps)."""
+        return owner is self._owner
+
+    def keep(self, kept: Kept) -> None:
+        """Called by the owning run after each step it hands out."""
+        self._kept = kept
+
+    def take(self, owner: object, prompt: list[int], key: tuple, needs_prefix: bool,
+             prefix_reads_next: bool = False) -> Reused | None:
+        """Hand the rows of the longest prefix `prompt` shares with the kept tokens to a new call (`owner`),
+        which from now on is the one that keeps. The prompt's last token is always prefilled (its forward
+        gives the first token's logits). `key`: the new call's model and cache kind; `needs_prefix`: it runs
+        a prefix layer, so the kept heads' state must come too; `prefix_reads_next`: that layer's row at t
+        also read token t+1. None when nothing is reused."""
+        kept, self._kept, self._owner, self.reused_tokens = self._kept, None, owner, 0
+        if kept is None or kept.key != key or (needs_prefix and kept.prefix_cache is None):
+            return None
+        limit = min(kept.n, len(prompt) - 1)
+        length = 0
+        while length < limit and kept.tokens[length] == prompt[length]:
+            length += 1
+        if needs_prefix and prefix_reads_next and length <= kept.unread_from:
+            # The prefix layer's row at length-1 read the kept token at `length`, which the prompt may not
+            # share, and the hidden state of length-1 is gone with it: prefill that position again.
+            length -= 1
+        if length == 0:
+            return None
+        reused = Reused(kept.kv, length)
+        if needs_prefix:
+            # Positions the prefix layer read past `length` go; those it had not read yet stay unread.
+            reused.unread_from = min(kept.unread_from, length)
+            reused.prefix_cache = kept.prefix_cache
+            reused.prefix_cache.crop(reused.unread_from - reused.prefix_cache.get_seq_length())
+            if length > kept.unread_from:
+                reused.unread = torch.cat(kept.unread)[: length - kept.unread_from]
+        self.reused_tokens = length
+        return reused
