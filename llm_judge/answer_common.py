@@ -178,7 +178,7 @@ def answer_question(model, question: dict, generate, config) -> dict:
         out["steps"].append(len(accept))
         out["accept_lengths"].append(accept)
         out["finish_reasons"].append(reason)
-        out["reused_prompt_tokens"].append(cache.reused_tokens)
+        out["reused_prompt_tokens"].append(cache.reused_tokens if reason != "error" else 0)
     return out
 
 
