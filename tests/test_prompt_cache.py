@@ -5,6 +5,7 @@ and falls back to a full prefill where the kept state does not fit."""
 from __future__ import annotations
 
 import pytest
+import torch
 from test_generate import ARCHS, NEXT, make_base, make_cycle_base, random_heads
 
 from hydra.model.generate import DecodeConfig, generate, hydra_generate
@@ -72,6 +73,15 @@ def test_rows_of_another_model_are_not_reused(base):
     one, other = random_heads(base, "hydra-mlp"), random_heads(make_base(seed=3, max_pos=256), "hydra-mlp")
     prompt = PROMPT + reply(one, PROMPT, cache)[0]
     assert reply(other, prompt, cache) == reply(other, prompt)
+    assert cache.reused_tokens == 0
+
+
+def test_rows_of_another_dtype_are_not_reused():
+    model = random_heads(make_base(max_pos=256), "hydra-mlp")
+    cache = PromptCache()
+    prompt = PROMPT + reply(model, PROMPT, cache)[0]
+    model.to(torch.float64)
+    assert reply(model, prompt, cache) == reply(model, prompt)
     assert cache.reused_tokens == 0
 
 

@@ -270,7 +270,8 @@ class _Run:
         has_prefix = self.heads_draft and model.heads.prefix is not None
         reused, self.kept = None, None
         if config.prompt_cache is not None:
-            key = (model, decoder_is_compiled(model), attention_dtype(base.config), self.device)
+            # rows of another model, dtype, device or decoder kind are not reused
+            key = (model, decoder_is_compiled(model), base.dtype, attention_dtype(base.config), self.device)
             reused = config.prompt_cache.take(self, self.prompt, key, needs_prefix=has_prefix,
                                               prefix_reads_next=model.heads.context_reads_next_token)
         self.cache = new_kv_cache(model, self.capacity, reused, headroom=config.prompt_cache is not None)
