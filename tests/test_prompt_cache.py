@@ -89,11 +89,11 @@ def test_a_longer_call_than_the_kept_buffers_hold_copies_the_rows(base):
     model = random_heads(base, "prefix-mlp")
     cache = PromptCache()
     first, _ = reply(model, PROMPT, cache, max_new_tokens=4)
-    kept = cache._kept.kv
+    kept = cache._kept[0].kv
     prompt = PROMPT + first + list(range(20, 40))
     assert reply(model, prompt, cache, max_new_tokens=100) == reply(model, prompt, max_new_tokens=100)
     assert cache.reused_tokens >= len(PROMPT) + len(first) - 1
-    assert cache._kept.kv is not kept and cache._kept.kv.storage_len > kept.storage_len
+    assert cache._kept[0].kv is not kept and cache._kept[0].kv.storage_len > kept.storage_len
 
 
 @pytest.mark.parametrize("arch", ["hydra-mlp", "prefix-mlp+next"])
@@ -156,3 +156,20 @@ def test_a_call_taken_over_by_a_later_one_stops(base):
         next(earlier)
     assert reply(model, prompt + [1], cache) == reply(model, prompt + [1])
     assert cache.reused_tokens >= len(prompt)
+
+
+def test_entries_keep_interleaved_conversations_apart(base):
+    """With two entries, two conversations taking turns each reuse their own earlier turns; with one, each
+    turn finds the other conversation's tokens and shares nothing with them."""
+    model = random_heads(base, "prefix-mlp")
+    one, other = PROMPT, [30, 31, 32, 33, 34]
+    for entries, expect_reuse in ((2, True), (1, False)):
+        cache = PromptCache(entries)
+        first_one = reply(model, one, cache)[0]
+        first_other = reply(model, other, cache)[0]
+        for prompt in (one + first_one + [5], other + first_other + [6]):
+            assert reply(model, prompt, cache) == reply(model, prompt)
+            assert (cache.reused_tokens >= len(prompt) - 8) == expect_reuse, (entries, cache.reused_tokens)
+        assert len(cache._kept) == entries
+    with pytest.raises(ValueError, match="at least one entry"):
+        PromptCache(0)

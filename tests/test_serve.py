@@ -409,8 +409,9 @@ def test_requests_are_paced_unless_seeded(served):
 
 
 def test_a_next_turn_prefills_only_what_follows_the_previous_request(served):
-    """The server keeps one prompt cache: a chat's second turn reuses what the first computed (reported as
-    OpenAI's usage.prompt_tokens_details.cached_tokens) and replies as a fresh decoding does."""
+    """The server keeps a prompt cache: a chat's second turn reuses what the first computed (reported as
+    OpenAI's usage.prompt_tokens_details.cached_tokens) and replies as a fresh decoding does, here with
+    another conversation's request in between (two entries)."""
     from fastapi.testclient import TestClient
 
     from hydra.serve.app import create_app
@@ -419,8 +420,10 @@ def test_a_next_turn_prefills_only_what_follows_the_previous_request(served):
     _, model = served
     turns = [{"role": "user", "content": "Tell me a story."}]
     body = {"model": MODEL, "max_tokens": 16, "temperature": 0}
-    with TestClient(create_app(Engine(model, has_heads=True), MODEL)) as http:
+    with TestClient(create_app(Engine(model, has_heads=True), MODEL, prompt_cache_entries=2)) as http:
         first = http.post("/v1/chat/completions", json={**body, "messages": turns}).json()
+        other = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi."}]
+        assert http.post("/v1/chat/completions", json={**body, "messages": other}).status_code == 200
         turns += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                   {"role": "user", "content": "And then?"}]
         second = http.post("/v1/chat/completions", json={**body, "messages": turns, "stream": True,
@@ -525,6 +528,13 @@ def test_messages_the_chat_template_rejects_are_a_400(served, monkeypatch):
         monkeypatch.setattr(app_module, "render_prompt", render)
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_prompt_cache_of_no_entries_is_refused(capsys):
+    from hydra.serve.__main__ import main
+
+    assert main(["--prompt-cache-entries", "0"]) == 2
+    assert "--prompt-cache-entries >= 1" in capsys.readouterr().err
 
 
 def test_bad_command_line_is_one_error_line(tmp_path):

@@ -8,7 +8,8 @@ call keeps its KV cache and the tokens in its slots, and the next call takes ove
 prefix its prompt shares with them, drops the rest (later slots are simply overwritten, as after a rejected
 tree) and prefills only what follows. Matching tokens rather than messages makes every edit safe: a removed
 exchange, a regenerated reply, a reply whose text re-tokenises differently, or another conversation share
-less or nothing, and are prefilled from where they differ.
+less or nothing, and are prefilled from where they differ. `PromptCache(entries=N)` keeps the states of the
+latest N calls, for a server whose requests interleave several conversations.
 
 The kept rows were computed by tree and one-token forwards rather than by one prefill: the same values up to
 rounding, so a reply can differ from the one a fresh prefill gives where two tokens are near-tied (as a tree
@@ -57,46 +58,61 @@ class Reused:
 
 
 class PromptCache:
-    """The state the latest call kept (see the module docstring). `reused_tokens`: how many prompt tokens the
-    latest call took from it rather than prefilling."""
+    """The state the latest `entries` calls kept, newest first (see the module docstring). One entry serves
+    one conversation; a server that interleaves several keeps more, each holding its own KV buffers (on the
+    default model ~23 KB per token in bf16, 46 KB on an int4 base, whose cache is float32). With several
+    entries a call takes one over only if its prompt shares at least half of that entry's tokens.
+    `reused_tokens`: how many prompt tokens the latest call took from it rather than prefilling."""
 
-    def __init__(self):
-        self._kept: Kept | None = None
+    def __init__(self, entries: int = 1):
+        if not isinstance(entries, int) or entries < 1:
+            raise ValueError(f"a prompt cache keeps at least one entry, not {entries!r}")
+        self.entries = entries
+        self._kept: list[Kept] = []
         self._owner: object | None = None
         self.reused_tokens = 0
 
     def clear(self) -> None:
         """Forget what was kept (the next call prefills its whole prompt)."""
-        self._kept, self._owner, self.reused_tokens = None, None, 0
+        self._kept, self._owner, self.reused_tokens = [], None, 0
 
     def owned_by(self, owner: object) -> bool:
         """Whether `owner` is the call that took the cache last (the one whose state it keeps)."""
         return owner is self._owner
 
     def keep(self, kept: Kept) -> None:
-        """Called by the owning run after each step it hands out."""
-        self._kept = kept
+        """Called by the owning run after each step it hands out; the oldest entry beyond `entries` goes."""
+        if not self._kept or self._kept[0] is not kept:
+            self._kept = [kept, *(k for k in self._kept if k is not kept)][: self.entries]
 
     def take(self, owner: object, prompt: list[int], key: tuple, needs_prefix: bool,
              prefix_reads_next: bool = False) -> Reused | None:
-        """Hand the rows of the longest prefix `prompt` shares with the kept tokens to a new call (`owner`),
-        which from now on is the one that keeps. The prompt's last token is always prefilled (its forward
-        gives the first token's logits). `key`: the new call's model and cache kind; `needs_prefix`: it runs
-        a prefix layer, so the kept heads' state must come too; `prefix_reads_next`: that layer's row at t
-        also read token t+1. None when nothing is reused."""
-        kept, self._kept, self._owner, self.reused_tokens = self._kept, None, owner, 0
-        if kept is None or kept.key != key or (needs_prefix and kept.prefix_cache is None):
+        """Hand the rows of the longest prefix `prompt` shares with an entry's tokens to a new call (`owner`),
+        which from now on is the one that keeps; that entry leaves the cache (its buffers are the new
+        call's). The prompt's last token is always prefilled (its forward gives the first token's logits).
+        `key`: the new call's model and cache kind; `needs_prefix`: it runs a prefix layer, so the kept heads'
+        state must come too; `prefix_reads_next`: that layer's row at t also read token t+1. None when nothing
+        is reused."""
+        self._owner, self.reused_tokens = owner, 0
+        kept, length = None, 0
+        for entry in self._kept:
+            if entry.key != key or (needs_prefix and entry.prefix_cache is None):
+                continue
+            shared = _shared_prefix(entry.tokens, min(entry.n, len(prompt) - 1), prompt)
+            if needs_prefix and prefix_reads_next and shared <= entry.unread_from:
+                # The prefix layer's row at shared-1 read the kept token at `shared`, which the prompt may
+                # not share, and the hidden state of shared-1 is gone with it: prefill that position again.
+                shared -= 1
+            # With room for several conversations, a prompt that shares less than half of an entry's tokens
+            # (a system prompt, say) belongs to another one: it is prefilled whole and leaves the entry be
+            # (llama.cpp's server picks its slots by the same similarity, 0.5 by default).
+            if self.entries > 1 and 2 * shared < entry.n:
+                continue
+            if shared > length:
+                kept, length = entry, shared
+        if kept is None:
             return None
-        limit = min(kept.n, len(prompt) - 1)
-        length = 0
-        while length < limit and kept.tokens[length] == prompt[length]:
-            length += 1
-        if needs_prefix and prefix_reads_next and length <= kept.unread_from:
-            # The prefix layer's row at length-1 read the kept token at `length`, which the prompt may not
-            # share, and the hidden state of length-1 is gone with it: prefill that position again.
-            length -= 1
-        if length == 0:
-            return None
+        self._kept.remove(kept)
         reused = Reused(kept.kv, length)
         if needs_prefix:
             # Positions the prefix layer read past `length` go; those it had not read yet stay unread.
@@ -107,3 +123,11 @@ class PromptCache:
                 reused.unread = torch.cat(kept.unread)[: length - kept.unread_from]
         self.reused_tokens = length
         return reused
+
+
+def _shared_prefix(tokens: list[int], limit: int, prompt: list[int]) -> int:
+    """How many leading tokens, at most `limit`, `tokens` and `prompt` have in common."""
+    length = 0
+    while length < limit and tokens[length] == prompt[length]:
+        length += 1
+    return length

@@ -70,14 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="reply length when a chat request sets no max_tokens (completions default to 16, as OpenAI's)",
     )
+    p.add_argument(
+        "--prompt-cache-entries",
+        type=int,
+        default=1,
+        help="conversations whose KV cache is kept between requests, so that each request prefills only what "
+        "follows the prefix it shares with one of them (each keeps its own KV buffers)",
+    )
     p.add_argument("--open", action="store_true", help="open the web chat in a browser once serving")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_queue < 0 or args.max_tokens < 1:
-        print("[hydra] error: --max-queue must be >= 0 and --max-tokens >= 1", file=sys.stderr)
+    if args.max_queue < 0 or args.max_tokens < 1 or args.prompt_cache_entries < 1:
+        print("[hydra] error: --max-queue must be >= 0, --max-tokens >= 1 and --prompt-cache-entries >= 1",
+              file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[hydra] note: no heads found; every reply uses plain autoregressive decoding", file=sys.stderr)
     name = args.served_model_name or (Path(args.model).name if args.model else "hydra")
     app = create_app(Engine(model, has_heads, args.max_queue), name, args.max_tokens, args.tree,
-                     pace=not args.no_pace, lookup=args.lookup)
+                     pace=not args.no_pace, lookup=args.lookup,
+                     prompt_cache_entries=args.prompt_cache_entries)
     url = f"http://{args.host}:{args.port}"
     print(f"[hydra] serving {name!r} at {url}/v1 (web chat: {url}/)", flush=True)
     if args.open:  # the model is loaded; uvicorn binds the port well within this delay

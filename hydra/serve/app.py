@@ -89,14 +89,17 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     pace: bool = False,
     lookup: int | None = None,
+    prompt_cache_entries: int = 1,
 ) -> FastAPI:
     """`pace`: rest the heads while they do not pay (hydra.model.pacing), except for seeded requests, whose
-    replies then repeat. `lookup`: prompt-lookup tokens per step (None: DecodeConfig's default)."""
+    replies then repeat. `lookup`: prompt-lookup tokens per step (None: DecodeConfig's default).
+    `prompt_cache_entries`: conversations whose KV cache is kept between requests
+    (hydra.model.prompt_cache)."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
     pacer = Pacer() if pace else None  # one for the server: each request starts from what earlier ones measured
-    # One for the server too: a request prefills only what follows the prefix it shares with the previous one
+    # One for the server too: a request prefills only what follows the prefix it shares with an earlier one
     # (a chat's next turn, a regenerated reply).
-    prompt_cache = PromptCache()
+    prompt_cache = PromptCache(prompt_cache_entries)
     context = context_length(engine.model)
     created = int(time.time())
 
