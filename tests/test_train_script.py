@@ -382,6 +382,28 @@ def test_pipeline_prefix_options(tmp_path):
     assert cmd[i + 1:i + 3] == ["2", "15"]
 
 
+def test_pipeline_several_data_files(tmp_path):
+    """--data A B: no distillation, the split draws its validation chats from A and adds B to training only
+    (partition_train_test --extra-train); the time estimate counts both files' conversations."""
+    import gzip
+
+    from hydra.train.pipeline import count_conversations, parse_args, stages
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    a.write_text('{"id": 1}\n' * 3)
+    with gzip.open(b, "wt") as f:
+        f.write('{"id": 2}\n' * 5)
+    assert count_conversations([str(a), str(b), str(tmp_path / "missing.jsonl")]) == 8
+    todo = {s.name: s for s in stages(parse_args(["--workdir", str(tmp_path / "w"), "--data", str(a), str(b)]))}
+    assert "distill" not in todo
+    cmd = todo["split"].cmd
+    assert cmd[cmd.index("--input") + 1] == str(a)
+    assert cmd[cmd.index("--extra-train") + 1:] == [str(b)]
+    assert todo["split"].work == 8
+    one = {s.name: s for s in stages(parse_args(["--workdir", str(tmp_path / "w"), "--data", str(a)]))}
+    assert "--extra-train" not in one["split"].cmd
+
+
 @pytest.mark.slow
 def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_path):
     """scripts/train_default_heads.sh on a tiny configuration (split -> features -> train): the train stage is

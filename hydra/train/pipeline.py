@@ -3,11 +3,14 @@
     scripts/train_default_heads.sh                                  # CPU, over as many sessions as it takes
     scripts/train_default_heads.sh --device cuda                    # one GPU
     scripts/train_default_heads.sh --data data/self_distill_smollm2.jsonl.gz   # skip the distillation
+    scripts/train_default_heads.sh --data data/self_distill_smollm2.jsonl.gz \
+        data/self_distill_smollm2_more.jsonl.gz --init-heads hydra/heads/default  # all committed chats
     scripts/train_default_heads.sh --dry-run                        # print the stages and commands only
 
 Stages, in <workdir> (default runs/default-heads):
   distill   python -m hydra.data.self_distill -> self_distill.jsonl (resumes by conversation id)
-  split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl
+  split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl (files after the first --data
+            file go to training only, so the validation chats stay those of the first)
   features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
   train     hydra.train.train, Hydra++ with the teacher loss over the draft vocabulary -> heads/ (resumes from
             its newest checkpoint)
@@ -22,6 +25,7 @@ uses the throughput of the stages measured on this workdir so far (state.json), 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -74,9 +78,9 @@ def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
 
 def stages(a: argparse.Namespace) -> list[Stage]:
     py, w = [sys.executable], a.workdir
-    data = Path(a.data) if a.data else w / "self_distill.jsonl"
+    data, *extra = [Path(d) for d in a.data] if a.data else [w / "self_distill.jsonl"]
     split = w / "split"
-    n_prompts = a.num_prompts or 25_323
+    n_prompts = count_conversations(a.data) if a.data else a.num_prompts or 25_323
     tokens = n_prompts * 560  # ~560 tokens per conversation in data/self_distill_smollm2.jsonl.gz
     batch = "256" if a.device == "cuda" else "32"
     base = ["--base-model", a.base_model] if a.base_model else []
@@ -86,7 +90,8 @@ def stages(a: argparse.Namespace) -> list[Stage]:
                                "--batch-size", batch, "--dtype", "bfloat16", "--device", a.device] + base
               + (["--num-prompts", str(a.num_prompts)] if a.num_prompts else []), n_prompts),
         Stage("split", py + ["-m", "hydra.data.partition_train_test", "--input", str(data),
-                             "--output-dir", str(split)], n_prompts),
+                             "--output-dir", str(split)]
+              + (["--extra-train", *map(str, extra)] if extra else []), n_prompts),
         Stage("features", py + ["-m", "hydra.train.train"] + train_flags(a, split)
               + ["--output_dir", str(w / "heads"), "--fill_hidden_cache", "only"], tokens),
         Stage("train", py + ["-m", "hydra.train.train"] + train_flags(a, split)
@@ -101,6 +106,17 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     if a.data:
         out = out[1:]  # the data are given: no distillation
     return [s for s in out if s.name not in a.skip]
+
+
+def count_conversations(files: list[str]) -> int:
+    """Lines of the given .jsonl(.gz) files (one conversation each), for the time estimate; a .json list or a
+    missing file counts as nothing here (the split stage reports it)."""
+    total = 0
+    for name in files:
+        if name.endswith((".jsonl", ".jsonl.gz")) and os.path.isfile(name):
+            with (gzip.open(name, "rt") if name.endswith(".gz") else open(name)) as f:
+                total += sum(1 for _ in f)
+    return total
 
 
 def _fmt(seconds: float) -> str:
@@ -140,8 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "default-heads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--data", type=os.path.expanduser,
-                   default=None, help="a self-distilled ShareGPT file to use (skips the distillation)")
+    p.add_argument("--data", type=os.path.expanduser, nargs="+", default=None,
+                   help="self-distilled ShareGPT files to use instead of distilling (the validation chats come "
+                        "from the first; the others go to training only)")
     p.add_argument("--prompts", type=os.path.expanduser,
                    default=str(REPO / "data" / "train_prompts.jsonl.gz"))
     p.add_argument("--num-prompts", type=int, default=None, help="distill only the first N prompts")
@@ -172,7 +189,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
     a.workdir = a.workdir.expanduser()
-    a.data = os.path.expanduser(a.data) if a.data else None
     a.prompts = os.path.expanduser(a.prompts)
     a.draft_vocab = a.draft_vocab.expanduser()
     return a
