@@ -85,6 +85,24 @@ def test_rows_of_another_dtype_are_not_reused():
     assert cache.reused_tokens == 0
 
 
+@pytest.mark.parametrize("part", ["heads", "base"])
+def test_rows_of_weights_changed_in_place_are_not_reused(part):
+    """Training between calls (an optimizer step, load_state_dict) changes the weights of the same model
+    object: the kept rows and the prefix layer's state were computed with the old ones."""
+    model = random_heads(make_base(max_pos=256), "prefix-mlp")
+    cache = PromptCache()
+    prompt = PROMPT + reply(model, PROMPT, cache)[0]
+    module = model.heads.prefix if part == "heads" else model.base_model.model.layers[0].mlp
+    with torch.no_grad():
+        for weight in module.parameters():
+            weight.copy_(torch.randn_like(weight) * weight.std())
+    assert reply(model, prompt, cache) == reply(model, prompt)
+    assert cache.reused_tokens == 0
+    longer = prompt + [6, 7]  # unchanged weights since the last call: reused again
+    assert reply(model, longer, cache) == reply(model, longer)
+    assert cache.reused_tokens >= len(prompt)
+
+
 def test_a_longer_call_than_the_kept_buffers_hold_copies_the_rows(base):
     model = random_heads(base, "prefix-mlp")
     cache = PromptCache()

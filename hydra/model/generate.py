@@ -26,7 +26,7 @@ from hydra.model.hydra_model import HydraModel, decoder_is_compiled, exported_de
 from hydra.model.kv_cache import TreeKVCache
 from hydra.model.lookup import PromptLookup
 from hydra.model.pacing import Pacer
-from hydra.model.prompt_cache import Kept, PromptCache, Reused
+from hydra.model.prompt_cache import Kept, PromptCache, Reused, weights_version
 from hydra.model.quant import Int4Linear, base_quant
 from hydra.model.trees import (  # noqa: F401
     DEFAULT_TREE,
@@ -270,8 +270,9 @@ class _Run:
         has_prefix = self.heads_draft and model.heads.prefix is not None
         reused, self.kept = None, None
         if config.prompt_cache is not None:
-            # rows of another model, dtype, device or decoder kind are not reused
-            key = (model, decoder_is_compiled(model), base.dtype, attention_dtype(base.config), self.device)
+            # rows of another model, weights, dtype, device or decoder kind are not reused
+            key = (model, weights_version(model), decoder_is_compiled(model), base.dtype,
+                   attention_dtype(base.config), self.device)
             reused = config.prompt_cache.take(self, self.prompt, key, needs_prefix=has_prefix,
                                               prefix_reads_next=model.heads.context_reads_next_token)
         self.cache = new_kv_cache(model, self.capacity, reused, headroom=config.prompt_cache is not None)

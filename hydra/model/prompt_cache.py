@@ -34,7 +34,7 @@ from hydra.model.kv_cache import TreeKVCache
 class Kept:
     """One call's state after its latest step: cache slots [0, n) hold `tokens[:n]`."""
 
-    key: tuple  # which model and cache kind the rows belong to (rows of another are not reused)
+    key: tuple  # which model, weights and cache kind the rows belong to (rows of another are not reused)
     kv: TreeKVCache
     tokens: list[int]  # the token at each slot; may run past n (a step stopped after it was written)
     n: int = 0
@@ -123,6 +123,14 @@ class PromptCache:
                 reused.unread = torch.cat(kept.unread)[: length - kept.unread_from]
         self.reused_tokens = length
         return reused
+
+
+def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
+    """A stamp of the model's parameters that changes when any of them is changed in place (an optimizer
+    step, `load_state_dict`): rows and heads' state computed with other weights are not reused. Torch counts
+    in-place writes per tensor; parameters created under `torch.inference_mode` have no count (-1), and are
+    read-only outside it. Buffers are left out: some rotary embeddings rewrite theirs during a forward."""
+    return tuple(-1 if t.is_inference() else t._version for t in model.parameters())
 
 
 def _shared_prefix(tokens: list[int], limit: int, prompt: list[int]) -> int:
