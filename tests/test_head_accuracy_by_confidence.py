@@ -1,0 +1,48 @@
+"""scripts/head_accuracy_by_confidence.py: the vectorised binning equals a position-by-position count."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from test_generate import VOCAB, make_cycle_base, oracle_heads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from head_accuracy_by_confidence import EDGES, binned_accuracy, report  # noqa: E402
+
+
+def test_binned_accuracy_counts_every_assistant_target_once():
+    # heads that predict the cycle x -> x+1 that this base mostly follows: right often, not always
+    model = oracle_heads(make_cycle_base(), "hydra-mlp", num_heads=3)
+    model.heads.set_draft_vocab(torch.arange(0, VOCAB, 2))  # even tokens only: odd targets are misses
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (9, 14):
+        ids = torch.randint(0, VOCAB, (n,), generator=gen).tolist()
+        labels = [-100] * 3 + ids[3:n - 1] + [-100]  # a prompt, a reply, and one unlabelled token
+        rows.append({"input_ids": ids, "labels": labels})
+    counts, hits = binned_accuracy(model, rows)
+
+    want_counts, want_hits = torch.zeros_like(counts), torch.zeros_like(hits)
+    bounds = (0.0, *EDGES)
+    with torch.inference_mode():
+        for row in rows:
+            ids, labels = row["input_ids"], row["labels"]
+            out = model(torch.tensor([ids]))
+            probs = model.base_logits(out.base_hidden[0]).float().softmax(-1)
+            for i in range(3):
+                logits = model.head_logits(i, out.head_hidden[i, 0]).float()
+                for t in range(len(ids)):
+                    target_at = t + i + 2
+                    if target_at >= len(ids) or labels[target_at] == -100:
+                        continue
+                    p = probs[target_at - 1]
+                    b = max(k for k, lo in enumerate(bounds) if p.max() >= lo)
+                    guess = max(range(0, VOCAB, 2), key=lambda v: logits[t, v])
+                    want_counts[i, b] += 1
+                    want_hits[i, b] += guess == int(p.argmax())
+    assert torch.equal(counts, want_counts) and torch.equal(hits, want_hits)
+    assert (counts > 0).sum() >= 3 and 0 < hits.sum() < counts.sum()  # the case tests something
+    lines = report(counts, hits)
+    assert len(lines) == 2 + len(EDGES) + 1 and lines[-1].startswith("all")
