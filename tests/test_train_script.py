@@ -367,15 +367,17 @@ def test_pipeline_train_dtype(tmp_path, flag, bf16):
     for name in ("features", "train"):
         cmd = by_name[name]
         assert cmd[cmd.index("--bf16") + 1] == bf16
-        assert not {"--prefix_reads_next_token", "--prefix_num_layers", "--feature_layers"} & set(cmd)
+        assert not {"--prefix_reads_next_token", "--prefix_num_layers", "--feature_layers",
+                    "--time_budget_minutes"} & set(cmd)
 
 
 def test_pipeline_prefix_options(tmp_path):
     from hydra.train.pipeline import parse_args, stages
 
     argv = ["--workdir", str(tmp_path), "--prefix-reads-next-token", "--prefix-num-layers", "2",
-            "--feature-layers", "2", "15"]
+            "--feature-layers", "2", "15", "--time-budget", "6.5"]
     cmd = {s.name: s.cmd for s in stages(parse_args(argv))}["train"]
+    assert cmd[cmd.index("--time_budget_minutes") + 1] == "6.5"
     assert cmd[cmd.index("--prefix_reads_next_token") + 1] == "True"
     assert cmd[cmd.index("--prefix_num_layers") + 1] == "2"
     i = cmd.index("--feature_layers")
@@ -463,3 +465,32 @@ def test_feature_cache_key_of_a_large_weight():
     with torch.no_grad():
         big.weight.view(-1)[-1] += 1.0
     assert weights_fingerprint(big) != key
+
+
+def test_steps_within_budget():
+    from hydra.train.schedule import steps_within_budget
+
+    # 4 steps took 40 s: 10 s per step, 100 s left of a 140 s budget -> 10 more steps
+    assert steps_within_budget(140.0, 40.0, 4, done=4, planned=100) == 14
+    assert steps_within_budget(1e6, 40.0, 4, done=4, planned=100) == 100  # never more than planned
+    assert steps_within_budget(10.0, 40.0, 4, done=4, planned=100) == 4  # over budget already: stop here
+    assert steps_within_budget(140.0, 40.0, 4, done=10, planned=100) == 20  # counted from the steps done
+    assert steps_within_budget(140.0, 0.0, 0, done=0, planned=100) == 100  # nothing timed: the plan
+
+
+def test_time_budget_fixes_the_step_count_after_the_warm_up_and_a_resume_keeps_it(tiny_setup, tmp_path):
+    """A budget already spent at the end of the warm-up stops the run there, with the schedule's total and
+    the saved state saying so; a rerun with the same flags resumes nothing (the count is kept). A budget that
+    fits everything changes nothing."""
+    model_dir, data = tiny_setup
+    out = tmp_path / "short"
+    flags = dict(max_steps=12, warmup_steps=4, eval_steps=0, save_steps=2)
+    assert train.main(_args(model_dir, data, out, time_budget_minutes=1e-6, **flags)) == 0
+    state = read_state(list_checkpoints(out)[-1][1])
+    assert state["global_step"] == 4 and state["total_steps"] == 4 and state["time_budgeted"] is True
+    assert train.main(_args(model_dir, data, out, time_budget_minutes=1e-6, **flags)) == 0
+    assert [s for s, _ in list_checkpoints(out)][-1] == 4
+    long = tmp_path / "long"
+    assert train.main(_args(model_dir, data, long, time_budget_minutes=1e3, **flags)) == 0
+    state = read_state(list_checkpoints(long)[-1][1])
+    assert state["global_step"] == 12 and state["total_steps"] == 12 and state["time_budgeted"] is True

@@ -69,6 +69,8 @@ def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
         flags += ["--prefix_num_layers", str(a.prefix_num_layers)]
     if a.feature_layers:
         flags += ["--feature_layers", *map(str, a.feature_layers)]
+    if a.time_budget:
+        flags += ["--time_budget_minutes", str(a.time_budget)]
     if a.device == "cpu":
         flags += ["--use_cpu", "True"]
     if a.base_model:
@@ -182,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="minutes of training (train.py --time_budget_minutes): the planned epochs are cut, at "
+                        "the end of the warm-up, to what fits at the measured rate")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--save-steps", default="20")
     p.add_argument("--tree-name", default="smollm2_hydrapp_rebuilt")

@@ -36,6 +36,12 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """The main rank's `t`, on every rank (in place)."""
+        if self.enabled:
+            dist.broadcast(t, src=0)
+        return t
+
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients over ranks in one flat all-reduce (the loss is already normalised by the global
         batch's token count, so a sum is the mean gradient)."""

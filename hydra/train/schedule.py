@@ -6,6 +6,9 @@ convention), then:
   linear    f + (1 - f) * (total - step) / (total - warmup)
   constant  1
 where f = final_lr_multiplier (the original Hydra `--final_lr_multiplier`; 0 = decay to zero).
+
+With a time budget (`--time_budget_minutes`) the total is fixed once, at the end of the warm-up, whose
+learning rates do not depend on it (`steps_within_budget`), so the decay still ends at the last step.
 """
 
 from __future__ import annotations
@@ -45,3 +48,17 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, kind: str 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# Steps timed before a time budget fixes the total, when the warm-up is shorter than that.
+MIN_TIMED_STEPS = 3
+
+
+def steps_within_budget(budget_s: float, elapsed_s: float, steps_timed: int, done: int, planned: int) -> int:
+    """The total step count that fits a wall-time budget: the `done` steps plus as many more as the time left
+    allows at the rate of the `steps_timed` steps that took `elapsed_s` (their evaluations and checkpoints
+    included); never more than `planned`, never fewer than `done`."""
+    if steps_timed <= 0 or elapsed_s <= 0:
+        return planned
+    more = int(max(0.0, budget_s - elapsed_s) * steps_timed / elapsed_s)
+    return max(done, min(planned, done + more))

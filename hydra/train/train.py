@@ -60,7 +60,8 @@ from hydra.train import hidden_cache
 from hydra.train.data import BatchOrder, load_or_build_rows
 from hydra.train.loss import count_targets, hydra_loss, summarize
 from hydra.train.runtime import Dist, Logger, autocast_ctx, every, setup_distributed, step_seed
-from hydra.train.schedule import SCHEDULES, check_schedule, lr_multiplier, set_lr
+from hydra.train.schedule import (MIN_TIMED_STEPS, SCHEDULES, check_schedule, lr_multiplier, set_lr,
+                                  steps_within_budget)
 
 # Test hook: exit abruptly (like a kill) right after this many optimizer steps, checkpoint included.
 EXIT_AFTER_ENV = "HYDRA_TRAIN_EXIT_AFTER_STEP"
@@ -100,6 +101,10 @@ class TrainingArguments:
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if CUDA is available"})
     num_train_epochs: float = 3.0
     max_steps: int = field(default=-1, metadata={"help": "> 0 overrides num_train_epochs"})
+    time_budget_minutes: float = field(default=0.0, metadata={
+        "help": "> 0: at the end of the warm-up, cut the planned steps to what fits in this many minutes of "
+                "this run's wall time at the rate measured so far, so the schedule still ends at the last "
+                "step; the count is saved with the checkpoints and a resumed run keeps it"})
     global_batch_size: Optional[int] = field(default=None, metadata={
         "help": "rows per optimizer step over all processes; sets gradient_accumulation_steps"})
     per_device_train_batch_size: int = 8
@@ -258,6 +263,7 @@ class Run:
     cache: hidden_cache.HiddenCache | None
     start_step: int = 0
     tokens_seen: int = 0
+    budgeted: bool = False  # total_steps was fixed by --time_budget_minutes
 
     @property
     def use_amp(self) -> bool:
@@ -438,6 +444,8 @@ def _resume(run: Run) -> None:
         ckpt.load_heads(resume, run.model)
         ckpt.load_optimizer(resume, run.optimizer, run.d.device)
     run.start_step, run.tokens_seen = state["global_step"], state.get("tokens_seen", 0)
+    if state.get("time_budgeted") and run.args.time_budget_minutes > 0:  # the budget fixed it already
+        run.total_steps, run.budgeted = state["total_steps"], True
     if state.get("global_batch") != run.global_batch or state.get("total_steps") != run.total_steps:
         run.log.info(f"warning: {resume.name} was written with global batch {state.get('global_batch')} and "
                      f"{state.get('total_steps')} total steps; now {run.global_batch} and {run.total_steps}")
@@ -493,7 +501,7 @@ def save(run: Run, step: int) -> None:
     d = run.d
     state = {"global_step": step, "total_steps": run.total_steps, "epoch": run.order.epoch(step),
              "tokens_seen": run.tokens_seen, "global_batch": run.global_batch, "world_size": d.world,
-             "seed": run.args.seed}
+             "seed": run.args.seed, "time_budgeted": run.budgeted}
     if run.engine is not None:
         run.engine.save_checkpoint(str(ckpt.partial_dir(run.out_dir, step) / ckpt.DEEPSPEED_DIR), tag="state",
                                    exclude_frozen_parameters=True)
@@ -548,17 +556,25 @@ def train_step(run: Run, step: int, stats: torch.Tensor) -> tuple[float, float, 
     return lr, grad_norm, sum(len(run.train_rows[j]["input_ids"]) for j in rows)
 
 
+def _intervals(run: Run) -> tuple[int, int]:
+    """Steps between evaluations and between checkpoints (fractions of the run count on its total)."""
+    return every(run.args.eval_steps, run.total_steps), every(run.args.save_steps, run.total_steps)
+
+
 def fit(run: Run) -> None:
     """Train from run.start_step to run.total_steps: log, validate and checkpoint on schedule."""
     args, d, H = run.args, run.d, run.model.config.hydra_num_heads
-    eval_every, save_every = every(args.eval_steps, run.total_steps), every(args.save_steps, run.total_steps)
+    eval_every, save_every = _intervals(run)
     run.log.info(f"eval every {eval_every or '-'}, save every {save_every or '-'} steps")
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
+    started = time.time()
     if run.start_step == 0 and args.init_heads and eval_every:
         validate(run, 0)  # where the given heads start from
     stats = torch.zeros(H, 7, dtype=torch.float64, device=d.device)
     interval_tokens, interval_time, last_saved, last_eval = 0, 0.0, run.start_step, -1
-    for step in range(run.start_step, run.total_steps):
+    budget_at = max(args.warmup_steps, run.start_step + MIN_TIMED_STEPS)
+    step = run.start_step
+    while step < run.total_steps:
         t0 = time.time()
         lr, grad_norm, step_tokens = train_step(run, step, stats)
         run.tokens_seen += step_tokens
@@ -577,6 +593,9 @@ def fit(run: Run) -> None:
                           f"| lr {lr:.2e} | grad_norm {grad_norm:.3f} | {tps:.0f} tok/s")
             stats.zero_()
             interval_tokens, interval_time = 0, 0.0
+        if args.time_budget_minutes > 0 and not run.budgeted and done >= budget_at:
+            fit_budget(run, done, time.time() - started)  # before this step's checkpoint, which records it
+            eval_every, save_every = _intervals(run)
         if eval_every and done % eval_every == 0:
             validate(run, done)
             last_eval = done
@@ -587,11 +606,24 @@ def fit(run: Run) -> None:
             run.log.info(f"{EXIT_AFTER_ENV}={exit_after}: exiting abruptly")
             sys.stdout.flush()
             os._exit(3)
+        step = done
     final_step = max(run.start_step, run.total_steps)
     if last_eval != final_step and run.start_step < run.total_steps:
         validate(run, final_step)
     if last_saved != final_step or ckpt.latest_checkpoint(run.out_dir) is None:
         save(run, final_step)
+
+
+def fit_budget(run: Run, done: int, elapsed: float) -> None:
+    """Fix run.total_steps to what fits in --time_budget_minutes, from this run's rate so far (every rank
+    takes the main rank's count)."""
+    total = steps_within_budget(60 * run.args.time_budget_minutes, elapsed, done - run.start_step, done,
+                                run.total_steps)
+    count = torch.tensor([total], dtype=torch.long, device=run.d.device)
+    run.d.broadcast(count)
+    run.log.info(f"time budget {run.args.time_budget_minutes:g} min: {int(count)} steps instead of "
+                 f"{run.total_steps} ({elapsed / max(done - run.start_step, 1):.2f} s per step so far)")
+    run.total_steps, run.budgeted = int(count), True
 
 
 def main(argv: list[str] | None = None) -> int:
