@@ -142,6 +142,17 @@ def test_cleared_and_identical_prompts(base):
     assert cache.reused_tokens == len(prompt) - 1
 
 
+def test_a_refused_call_reports_nothing_reused(base):
+    model = random_heads(base, "hydra-mlp")
+    cache = PromptCache()
+    prompt = PROMPT + reply(model, PROMPT, cache)[0]
+    reply(model, prompt, cache)
+    assert cache.reused_tokens > 0
+    with pytest.raises(ValueError, match="temperature"):
+        reply(model, prompt, cache, temperature=-1.0)
+    assert cache.reused_tokens == 0
+
+
 def test_a_prompt_cache_that_is_not_one_is_refused(base):
     model = random_heads(base, "hydra-mlp")
     with pytest.raises(ValueError, match="prompt_cache must be"):

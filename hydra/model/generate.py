@@ -169,6 +169,11 @@ def _check_tree_fits_vocab(model: HydraModel, tree: TreeBuffers | DynamicTree) -
 
 
 def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.Tensor:
+    if config.prompt_cache is not None and not isinstance(config.prompt_cache, PromptCache):
+        raise ValueError(
+            f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
+    if config.prompt_cache is not None:  # a call refused below reuses nothing (not the previous call's count)
+        config.prompt_cache.reused_tokens = 0
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 2:
@@ -195,9 +200,6 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     if config.lookup is not None and (not isinstance(config.lookup, int) or isinstance(config.lookup, bool)
                                       or config.lookup < 0):
         raise ValueError(f"lookup must be a number of tokens >= 0 (0: off), got {config.lookup!r}")
-    if config.prompt_cache is not None and not isinstance(config.prompt_cache, PromptCache):
-        raise ValueError(
-            f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
     return ids
 
 
