@@ -169,11 +169,11 @@ def _check_tree_fits_vocab(model: HydraModel, tree: TreeBuffers | DynamicTree) -
 
 
 def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.Tensor:
-    if config.prompt_cache is not None and not isinstance(config.prompt_cache, PromptCache):
-        raise ValueError(
-            f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
-    if config.prompt_cache is not None:  # a call refused below reuses nothing (not the previous call's count)
-        config.prompt_cache.reused_tokens = 0
+    if config.prompt_cache is not None:
+        if not isinstance(config.prompt_cache, PromptCache):
+            raise ValueError(
+                f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
+        config.prompt_cache.reused_tokens = 0  # a call refused below reuses nothing (not the last call's count)
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 2:
