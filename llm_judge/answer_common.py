@@ -9,6 +9,8 @@ plus per-turn speed data:
                   "new_tokens": [int, int],          # tokens emitted per turn (stop token excluded)
                   "wall_time": [float, float],       # seconds around the whole generate call, prefill included
                                                      # (a second turn prefills only what follows the first)
+                  "first_token_time": [float, float],  # seconds to the first step's tokens (prefill)
+                  "prompt_tokens": [int, int],       # the whole rendered conversation up to this turn
                   "reused_prompt_tokens": [int, int],  # prompt tokens whose prefill the prompt cache saved
                   "steps": [int, int],               # decoding steps = base-model forwards, prefill included
                   "accept_lengths": [[int, ...], [int, ...]],  # tokens decided per step, bonus token included
@@ -139,47 +141,17 @@ def reorg_answer_file(path: Path) -> None:
 
 
 def answer_question(model, question: dict, generate, config) -> dict:
-    """Both turns of one question, each conditioned on the model's own earlier answers."""
-    import dataclasses
+    """Both turns of one question, each conditioned on the model's own earlier answers, as a FastChat choice."""
+    from hydra.inference.conversation import converse
 
-    from hydra.inference.loading import render_prompt, synchronize
-    from hydra.model.prompt_cache import PromptCache
-
-    tokenizer = model.tokenizer
-    device = next(model.parameters()).device
-    messages: list[dict] = []
-    cache = PromptCache()  # a later turn prefills only what follows the earlier ones, as the chat CLI does
-    out = {"index": 0, "turns": [], "new_tokens": [], "wall_time": [], "steps": [], "accept_lengths": [],
-           "finish_reasons": [], "reused_prompt_tokens": []}
-    for turn, text in enumerate(question["turns"]):
-        messages.append({"role": "user", "content": text})
-        ids = render_prompt(tokenizer, messages)
-        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + turn,
-                                  prompt_cache=cache)
-        tokens, accept = [], []
-        reason = None
-        try:
-            synchronize(device)
-            start = time.perf_counter()
-            for step in generate(model, ids, cfg):
-                tokens += step.tokens
-                accept.append(step.accept_length)
-                reason = step.finish_reason
-            synchronize(device)
-            wall = time.perf_counter() - start
-            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        except ValueError as e:  # the conversation does not fit the context
-            print(f"question {question['question_id']} turn {turn + 1}: {e}", file=sys.stderr)
-            answer, wall, reason = ERROR_ANSWER, 0.0, "error"
-        messages.append({"role": "assistant", "content": answer})
-        out["turns"].append(answer)
-        out["new_tokens"].append(len(tokens))
-        out["wall_time"].append(wall)
-        out["steps"].append(len(accept))
-        out["accept_lengths"].append(accept)
-        out["finish_reasons"].append(reason)
-        out["reused_prompt_tokens"].append(cache.reused_tokens if reason != "error" else 0)
-    return out
+    turns = converse(model, question["turns"], generate, config, error_reply=ERROR_ANSWER,
+                     label=f"question {question['question_id']} ")
+    return {"index": 0, "turns": [t.reply for t in turns], "new_tokens": [len(t.tokens) for t in turns],
+            "wall_time": [t.wall_time for t in turns], "steps": [len(t.accept_lengths) for t in turns],
+            "accept_lengths": [t.accept_lengths for t in turns], "finish_reasons": [t.finish_reason for t in turns],
+            "reused_prompt_tokens": [t.reused_prompt_tokens for t in turns],
+            "prompt_tokens": [t.prompt_tokens for t in turns],
+            "first_token_time": [t.first_token_time for t in turns]}
 
 
 def main(method: str, argv: list[str] | None = None) -> int:

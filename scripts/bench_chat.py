@@ -18,18 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hydra.choices import QUANT_CHOICES
-from hydra.inference.loading import load_model, render_prompt
+from hydra.inference.conversation import converse
+from hydra.inference.loading import load_model
 from hydra.model.compiled import warm_up
 from hydra.model.generate import DecodeConfig, ar_generate, hydra_generate
 from hydra.model.pacing import Pacer
-from hydra.model.prompt_cache import PromptCache
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 
@@ -48,27 +47,16 @@ class Arm:
     replies: list[list[list[int]]] = field(default_factory=list)  # per conversation, per turn
 
     def converse(self, model, turns: list[str], max_new_tokens: int) -> None:
-        config = DecodeConfig(max_new_tokens=max_new_tokens, pace=self.pacer,
-                              prompt_cache=PromptCache() if self.cached else None)
-        generate = hydra_generate if self.speculative else ar_generate
-        messages, replies = [], []
-        for turn, text in enumerate(turns):
-            messages.append({"role": "user", "content": text})
-            ids = render_prompt(model.tokenizer, messages)
-            tokens, first, start = [], None, time.perf_counter()
-            for step in generate(model, ids, config):
-                first = first if first is not None else time.perf_counter() - start
-                tokens += step.tokens
-            self.seconds += time.perf_counter() - start
-            self.tokens += len(tokens)
-            if turn > 0:
-                self.prefill_later += first
-                self.prompt_later += len(ids)
-                self.reused += config.prompt_cache.reused_tokens if self.cached else 0
-            replies.append(tokens)
-            messages.append({"role": "assistant",
-                             "content": model.tokenizer.decode(tokens, skip_special_tokens=True).strip()})
-        self.replies.append(replies)
+        config = DecodeConfig(max_new_tokens=max_new_tokens, pace=self.pacer)
+        done = converse(model, turns, hydra_generate if self.speculative else ar_generate, config, self.cached)
+        for t in done:
+            self.seconds += t.wall_time
+            self.tokens += len(t.tokens)
+        for t in done[1:]:
+            self.prefill_later += t.first_token_time
+            self.prompt_later += t.prompt_tokens
+            self.reused += t.reused_prompt_tokens
+        self.replies.append([t.tokens for t in done])
 
 
 def conversations(path: Path, num_questions: int, chain: int | None) -> list[list[str]]:

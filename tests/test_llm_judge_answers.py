@@ -57,6 +57,8 @@ def test_answers_format_resume_and_greedy_equality(tiny, tmp_path):
                     assert set(c["accept_lengths"][t]) == {1}
             # the second turn prefilled only what follows the first (the question's own prompt cache)
             assert c["reused_prompt_tokens"][0] == 0 and c["reused_prompt_tokens"][1] > 0
+            assert c["prompt_tokens"][1] > c["reused_prompt_tokens"][1] and c["prompt_tokens"][1] > c["prompt_tokens"][0]
+            assert all(0 < f <= w for f, w in zip(c["first_token_time"], c["wall_time"], strict=True))
     assert read(hyd)[0]["decoding"]["tree"] == "tree_16" and read(hyd)[0]["decoding"]["pace"] is True
     assert read(hyd)[0]["decoding"]["lookup"] == 6
     # Greedy speculative decoding is lossless: identical text through the identical harness.

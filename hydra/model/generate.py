@@ -54,6 +54,11 @@ WALK_ABOVE = 4
 LOOKUP_TOKENS, INT4_LOOKUP_TOKENS = 8, 3
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the base model's context: a property of the conversation, not of the
+    decoding configuration (callers that ask many prompts record it for that prompt and go on)."""
+
+
 @dataclass
 class DecodeConfig:
     # tree name / JSON file / list of paths / "dynamic:N..." or a DynamicTree; None: the heads' config.tree,
@@ -189,7 +194,7 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
         raise ValueError(f"the prompt has token ids outside the base model's vocabulary [0, {vocab})")
     context = model.base_model.config.max_position_embeddings
     if ids.numel() >= context:
-        raise ValueError(f"prompt is {ids.numel()} tokens; the context holds {context}")
+        raise PromptTooLongError(f"prompt is {ids.numel()} tokens; the context holds {context}")
     if not config.temperature >= 0:  # also catches nan
         raise ValueError(f"temperature must be >= 0, got {config.temperature}")
     if not isinstance(config.pace, bool | Pacer):  # a ValueError, as for every other bad DecodeConfig field
