@@ -38,8 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # Rough throughput defaults for the first estimate only (work units per second); measured rates replace them.
+# CPU: features ~ the fifth CPU run's fill rate (~390-510 trained tokens/s, heads training beside it); train
+# ~ its rate on rows read from the feature cache (README, "Trained heads shipped in this repository").
 DEFAULT_RATES = {
-    "cpu": {"distill": 0.3, "split": 1e3, "features": 300.0, "train": 400.0, "tree": 0.15, "mtbench": 0.06},
+    "cpu": {"distill": 0.3, "split": 1e3, "features": 450.0, "train": 1250.0, "tree": 0.15, "mtbench": 0.06},
     "cuda": {"distill": 40.0, "split": 1e3, "features": 2e5, "train": 5e4, "tree": 2.0, "mtbench": 0.5},
 }
 
@@ -83,7 +85,9 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     data, *extra = [Path(d) for d in a.data] if a.data else [w / "self_distill.jsonl"]
     split = w / "split"
     n_prompts = count_conversations(a.data) if a.data else a.num_prompts or 25_323
-    tokens = n_prompts * 560  # ~560 tokens per conversation in data/self_distill_smollm2.jsonl.gz
+    # ~300 trained tokens per conversation: the fifth CPU run's 24,794 committed chats packed into 554 steps
+    # of 16 rows of 1,024 positions, ~13,470 trained tokens per step
+    tokens = n_prompts * 300
     batch = "256" if a.device == "cuda" else "32"
     base = ["--base-model", a.base_model] if a.base_model else []
     out = [
