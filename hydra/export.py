@@ -35,8 +35,13 @@ from safetensors.torch import load_file, save_file
 
 from hydra.model.base_model import to_dtype
 from hydra.model.config import HydraConfig
-from hydra.model.hydra_model import (CONFIG_NAME, DRAFT_VOCAB_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
-                                     load_hydra_config)
+from hydra.model.hydra_model import (
+    CONFIG_NAME,
+    DRAFT_VOCAB_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    load_hydra_config,
+)
 
 FORMATS = ("medusa", "vllm")
 MEDUSA_WEIGHTS = "medusa_lm_head.safetensors"
@@ -48,11 +53,12 @@ class GroundedHeadsError(ValueError):
 
 
 def grounded_message(config: HydraConfig) -> str:
-    return (f"these are grounded Hydra heads (hydra_head_arch={config.hydra_head_arch!r}): each head also reads "
-            "the embeddings of the draft tokens before it on its tree path. Medusa-format readers (FasterDecoding "
-            "Medusa, TGI, TensorRT-LLM, vLLM) only run ungrounded heads that read the base hidden state, and no "
-            "serving engine runs grounded Hydra heads today. Decode them with this package "
-            "(python -m hydra.inference.cli --model FOLDER), or train ungrounded heads (--head-arch mlp) to export.")
+    return (f"these are grounded Hydra heads (hydra_head_arch={config.hydra_head_arch!r}): each head also "
+            "reads the embeddings of the draft tokens before it on its tree path. Medusa-format readers "
+            "(FasterDecoding Medusa, TGI, TensorRT-LLM, vLLM) only run ungrounded heads that read the base "
+            "hidden state, and no serving engine runs grounded Hydra heads today. Decode them with this "
+            "package (python -m hydra.inference.cli --model FOLDER), or train ungrounded heads "
+            "(--head-arch mlp) to export.")
 
 
 def _load_heads(folder: Path) -> tuple[HydraConfig, dict[str, torch.Tensor]]:
@@ -61,13 +67,15 @@ def _load_heads(folder: Path) -> tuple[HydraConfig, dict[str, torch.Tensor]]:
         raise GroundedHeadsError(grounded_message(config))
     if config.hidden_state_offset:
         raise ValueError(f"these heads read hidden_states[-{config.hidden_state_offset + 1}] "
-                         "(hidden_state_offset > 0); serving engines feed Medusa heads the final hidden state only")
+                         "(hidden_state_offset > 0); serving engines feed Medusa heads the final hidden "
+                         "state only")
     if config.feature_layers:
         raise ValueError(f"these heads also read hidden_states{config.feature_layers} (feature_layers); "
                          "serving engines feed Medusa heads the final hidden state only")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        legacy = " (legacy hydra_lm_head.pt files hold grounded heads)" if (folder / LEGACY_WEIGHTS_NAME).exists() else ""
+        legacy = (" (legacy hydra_lm_head.pt files hold grounded heads)"
+                  if (folder / LEGACY_WEIGHTS_NAME).exists() else "")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}{legacy}")
     return config, load_file(str(weights))
 
@@ -89,8 +97,8 @@ def _base_lm_head(config: HydraConfig, base_model: str | None) -> torch.Tensor:
         weight = out.weight.detach().clone()
     want = (config.vocab_size, config.hidden_size)
     if None not in want and tuple(weight.shape) != want:
-        raise ValueError(f"base model {name} has an output layer of shape {tuple(weight.shape)}, but the heads "
-                         f"were trained for (vocab_size, hidden_size) = {want}")
+        raise ValueError(f"base model {name} has an output layer of shape {tuple(weight.shape)}, but the "
+                         f"heads were trained for (vocab_size, hidden_size) = {want}")
     return weight.float()
 
 
@@ -117,26 +125,28 @@ def convert_state(config: HydraConfig, state: dict[str, torch.Tensor], fmt: str,
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     H, L = config.hydra_num_heads, config.hydra_num_layers
-    expected = {f"mlps.{h}.blocks.{l}.linear.{p}" for h in range(H) for l in range(L) for p in ("weight", "bias")}
+    expected = {f"mlps.{h}.blocks.{b}.linear.{p}"
+                for h in range(H) for b in range(L) for p in ("weight", "bias")}
     if not config.share_lm_head:
         expected |= {f"lm_heads.{h}.{p}" for h in range(H) for p in ("weight", "bias")}
     if set(state) != expected:
-        raise ValueError(f"the heads file does not match its config: missing {sorted(expected - set(state))[:4]}, "
+        raise ValueError(f"the heads file does not match its config: missing "
+                         f"{sorted(expected - set(state))[:4]}, "
                          f"unexpected {sorted(set(state) - expected)[:4]}")
     if config.share_lm_head and base_lm_head is None:
         raise ValueError("heads with share_lm_head=True need the base model's output layer")
     if not config.share_lm_head:
         bias = max(float(state[f"lm_heads.{h}.bias"].abs().max()) for h in range(H))
         if bias > 0:
-            warnings.warn(f"the heads' output layers have biases (max |b| = {bias:.3g}); Medusa and vLLM output "
-                          "layers have none, so they are dropped. Outputs stay exact (every draft is verified); "
-                          "the acceptance rate may change.", stacklevel=2)
+            warnings.warn(f"the heads' output layers have biases (max |b| = {bias:.3g}); Medusa and vLLM "
+                          "output layers have none, so they are dropped. Outputs stay exact (every draft is "
+                          "verified); the acceptance rate may change.", stacklevel=2)
     out: dict[str, torch.Tensor] = {}
     for h in range(H):
-        for l in range(L):
+        for b in range(L):
             for p in ("weight", "bias"):
-                src = state[f"mlps.{h}.blocks.{l}.linear.{p}"]
-                out[f"{h}.{l}.linear.{p}" if fmt == "medusa" else f"blocks.{h}.layers.{l}.{p}"] = src
+                src = state[f"mlps.{h}.blocks.{b}.linear.{p}"]
+                out[f"{h}.{b}.linear.{p}" if fmt == "medusa" else f"blocks.{h}.layers.{b}.{p}"] = src
         lm = base_lm_head if config.share_lm_head else state[f"lm_heads.{h}.weight"]
         if fmt == "medusa":
             out[f"{h}.{L}.weight"] = lm
@@ -171,7 +181,8 @@ def export_heads(folder: str | Path, out: str | Path, fmt: str = "medusa", base_
     else:
         cfg = {"model_type": "medusa", "hidden_size": int(d), "vocab_size": int(vocab),
                "num_heads": config.hydra_num_heads, "num_hidden_layers": config.hydra_num_layers,
-               "medusa_fc_bias": True, "truncated_vocab_size": int(vocab), "base_model_name_or_path": base_name}
+               "medusa_fc_bias": True, "truncated_vocab_size": int(vocab),
+               "base_model_name_or_path": base_name}
         if config.share_lm_head:
             cfg["original_lm_head"] = True
         draft_vocab = folder / DRAFT_VOCAB_NAME
@@ -192,11 +203,12 @@ def _readme(config: HydraConfig, fmt: str, base_name: str) -> str:
     shared = ("The heads were trained with `share_lm_head=True`: "
               + ("the base model's output layer is copied into every head's output layer `{h}.{L}.weight`, "
                  "because Medusa v1 readers expect one per head.\n" if fmt == "medusa" else
-                 "the file holds it once as `lm_heads.0.weight` and the config sets `original_lm_head: true`.\n")
+                 "the file holds it once as `lm_heads.0.weight` and the config sets "
+                 "`original_lm_head: true`.\n")
               if config.share_lm_head else "")
-    use = ("FasterDecoding Medusa (`MedusaModel.from_pretrained(DIR)`), TGI (`--model-id DIR`; the base model is "
-           "read from `base_model_name_or_path`) and TensorRT-LLM (`examples/medusa/convert_checkpoint.py "
-           "--medusa_model_dir DIR`)" if fmt == "medusa" else
+    use = ("FasterDecoding Medusa (`MedusaModel.from_pretrained(DIR)`), TGI (`--model-id DIR`; the base "
+           "model is read from `base_model_name_or_path`) and TensorRT-LLM "
+           "(`examples/medusa/convert_checkpoint.py --medusa_model_dir DIR`)" if fmt == "medusa" else
            "vLLM: `speculative_config={\"method\": \"medusa\", \"model\": DIR, \"num_speculative_tokens\": "
            f"{config.hydra_num_heads}}}` (top-1 chain proposals, lossless verification)")
     return (f"# {config.hydra_num_heads} Medusa heads for {base_name}\n\n"

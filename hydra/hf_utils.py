@@ -25,8 +25,13 @@ import re
 import sys
 from pathlib import Path
 
-from hydra.model.hydra_model import (CONFIG_NAME, DRAFT_VOCAB_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
-                                     load_hydra_config)
+from hydra.model.hydra_model import (
+    CONFIG_NAME,
+    DRAFT_VOCAB_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    load_hydra_config,
+)
 
 IGNORE_PATTERNS = [".*", "**/.*", "__pycache__/*", "*.tmp", "*.partial"]
 
@@ -113,7 +118,8 @@ def upload(folder: str | Path, repo: str, private: bool = False, endpoint: str |
     kind = validate_folder(folder)
     api = HfApi(endpoint=endpoint, token=token)
     url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", ignore_patterns=IGNORE_PATTERNS,
+    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                      ignore_patterns=IGNORE_PATTERNS,
                       commit_message=commit_message or f"Upload {kind} heads")
     return str(url)
 
@@ -132,7 +138,8 @@ def _upload_main(argv: list[str]) -> int:
     try:
         kind = validate_folder(args.folder)
         files = sorted(str(f.relative_to(args.folder)) for f in Path(args.folder).rglob("*")
-                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(args.folder).parts))
+                       if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(args.folder).parts))
         print(f"[hydra] uploading {kind} heads ({', '.join(files)}) to {args.repo}", flush=True)
         url = upload(args.folder, args.repo, args.private, args.endpoint, commit_message=args.commit_message)
     except FolderError as e:
@@ -161,7 +168,8 @@ def _export_main(argv: list[str]) -> int:
     p.add_argument("--out", type=os.path.expanduser, required=True, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="medusa")
     p.add_argument("--base-model", type=os.path.expanduser, default=None,
-                   help="base model to read the shared output layer from (default: the one in the heads' config)")
+                   help="base model to read the shared output layer from (default: the one in the heads' "
+                        "config)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the exported tensors (default: as stored)")
     args = p.parse_args(argv)
@@ -183,7 +191,8 @@ def _export_main(argv: list[str]) -> int:
     if config.share_lm_head:
         print("[hydra] note: the heads share the base model's output layer; "
               + ("it was copied into every head's {h}.{L}.weight (Medusa v1 readers need one per head)"
-                 if args.format == "medusa" else "written once as lm_heads.0.weight with original_lm_head: true"))
+                 if args.format == "medusa"
+                 else "written once as lm_heads.0.weight with original_lm_head: true"))
     print(f"[hydra] wrote {', '.join(str(f) for f in files)}")
     return 0
 

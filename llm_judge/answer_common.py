@@ -7,8 +7,9 @@ plus per-turn speed data:
     {"question_id", "answer_id", "model_id", "tstamp",
      "choices": [{"index": 0, "turns": [str, str],
                   "new_tokens": [int, int],          # tokens emitted per turn (stop token excluded)
-                  "wall_time": [float, float],       # seconds around the whole generate call, prefill included
-                                                     # (a second turn prefills only what follows the first)
+                  "wall_time": [float, float],       # seconds around the whole generate call, prefill
+                                                     # included (a second turn prefills only what follows
+                                                     # the first)
                   "first_token_time": [float, float],  # seconds to the first step's tokens (prefill)
                   "prompt_tokens": [int, int],       # the whole rendered conversation up to this turn
                   "reused_prompt_tokens": [int, int],  # prompt tokens whose prefill the prompt cache saved
@@ -38,7 +39,8 @@ REPO_ROOT = LLM_JUDGE_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a fresh clone: make `hydra` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-JUDGE_DATA_DIR = LLM_JUDGE_DIR / "data"  # FastChat's layout: mt_bench/question.jsonl, judge_prompts.jsonl, ...
+# FastChat's layout: mt_bench/question.jsonl, judge_prompts.jsonl, ...
+JUDGE_DATA_DIR = LLM_JUDGE_DIR / "data"
 DEFAULT_QUESTION_FILE = JUDGE_DATA_DIR / "mt_bench" / "question.jsonl"
 DEFAULT_ANSWER_DIR = LLM_JUDGE_DIR / "data" / "mt_bench" / "model_answer"
 DEFAULT_MAX_NEW_TOKEN = 256
@@ -49,7 +51,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES  # after the sys.path set-up above
 
     p = argparse.ArgumentParser(
-        description=f"Generate MT-Bench answers with {'Hydra speculative' if method == 'hydra' else 'plain autoregressive'} "
+        description=f"Generate MT-Bench answers with "
+                    f"{'Hydra speculative' if method == 'hydra' else 'plain autoregressive'} "
                     "decoding, recording wall time, new tokens and decoding steps per turn.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", type=os.path.expanduser, default=None,
@@ -71,7 +74,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's own)")
+                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's "
+                        "own)")
     p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                    help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
                         "the base, else float); see README, Quantized base model")
@@ -93,8 +97,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         p.add_argument("--posterior-alpha", type=float, default=None)
         p.add_argument("--pace", action="store_true",
                        help="rest the heads while they decide fewer tokens per second than plain steps "
-                            "(hydra.model.pacing; tau then counts the plain steps too, and with --temperature > 0 "
-                            "samples no longer repeat for a given --seed)")
+                            "(hydra.model.pacing; tau then counts the plain steps too, and with "
+                            "--temperature > 0 samples no longer repeat for a given --seed)")
     return p
 
 
@@ -141,14 +145,16 @@ def reorg_answer_file(path: Path) -> None:
 
 
 def answer_question(model, question: dict, generate, config) -> dict:
-    """Both turns of one question, each conditioned on the model's own earlier answers, as a FastChat choice."""
+    """Both turns of one question, each conditioned on the model's own earlier answers, as a FastChat
+    choice."""
     from hydra.inference.conversation import converse
 
     turns = converse(model, question["turns"], generate, config, error_reply=ERROR_ANSWER,
                      label=f"question {question['question_id']} ")
     return {"index": 0, "turns": [t.reply for t in turns], "new_tokens": [len(t.tokens) for t in turns],
             "wall_time": [t.wall_time for t in turns], "steps": [len(t.accept_lengths) for t in turns],
-            "accept_lengths": [t.accept_lengths for t in turns], "finish_reasons": [t.finish_reason for t in turns],
+            "accept_lengths": [t.accept_lengths for t in turns],
+            "finish_reasons": [t.finish_reason for t in turns],
             "reused_prompt_tokens": [t.reused_prompt_tokens for t in turns],
             "prompt_tokens": [t.prompt_tokens for t in turns],
             "first_token_time": [t.first_token_time for t in turns]}
@@ -158,7 +164,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
     args = build_parser(method).parse_args(argv)
     if args.max_new_token < 1:
         raise SystemExit("--max-new-token must be >= 1")
-    questions = load_questions(args.question_file or DEFAULT_QUESTION_FILE, args.question_begin, args.question_end)
+    questions = load_questions(args.question_file or DEFAULT_QUESTION_FILE, args.question_begin,
+                               args.question_end)
 
     import shortuuid
     import torch
@@ -193,9 +200,11 @@ def main(method: str, argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     kwargs = {}
     if method == "hydra":
-        optional = {"tree": args.tree, "sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
-                    "posterior_alpha": args.posterior_alpha, "lookup": args.lookup}
-        kwargs = {k: v for k, v in optional.items() if v is not None} | {"pace": Pacer() if args.pace else False}
+        optional = {"tree": args.tree, "sampling": args.sampling,
+                    "posterior_threshold": args.posterior_threshold, "posterior_alpha": args.posterior_alpha,
+                    "lookup": args.lookup}
+        kwargs = ({k: v for k, v in optional.items() if v is not None}
+                  | {"pace": Pacer() if args.pace else False})
     config = DecodeConfig(temperature=args.temperature, max_new_tokens=args.max_new_token,
                           seed=args.seed if args.temperature > 0 else None, **kwargs)
     try:  # a bad tree, temperature or sampling rule fails here, before any record is written
@@ -213,7 +222,8 @@ def main(method: str, argv: list[str] | None = None) -> int:
     if method == "hydra":
         decoding.update(tree=tree_spec(config.tree, model.config), lookup=lookup_tokens(model, config),
                         sampling=config.sampling, pace=config.pace is not False,
-                        posterior_threshold=config.posterior_threshold, posterior_alpha=config.posterior_alpha)
+                        posterior_threshold=config.posterior_threshold,
+                        posterior_alpha=config.posterior_alpha)
 
     warm = dict(todo[0], turns=todo[0]["turns"][:1])
     for _ in tqdm(range(args.warmup), desc="warmup", disable=args.warmup == 0):

@@ -1,7 +1,8 @@
 """MT-Bench single-answer grading by an LLM judge behind any OpenAI-compatible endpoint.
 
 Usage:
-    export OPENAI_API_KEY=...        # or name another variable with --api-key-env; local servers may need none
+    export OPENAI_API_KEY=...        # or name another variable with --api-key-env; local servers may
+                                     # need none
     python llm_judge/gen_judgement.py --judge-endpoint https://api.openai.com/v1 --judge-model gpt-4 \
         [--model-list hydra-default baseline-default] [--parallel 4] [--first-n 10]
     python llm_judge/show_result.py --judge-model gpt-4
@@ -29,8 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Run as a script, this file's folder is on sys.path.
-from answer_common import (DEFAULT_ANSWER_DIR, DEFAULT_QUESTION_FILE, ERROR_ANSWER, JUDGE_DATA_DIR, LLM_JUDGE_DIR,
-                           is_error_record, load_questions)
+from answer_common import (
+    DEFAULT_ANSWER_DIR,
+    DEFAULT_QUESTION_FILE,
+    ERROR_ANSWER,
+    JUDGE_DATA_DIR,
+    LLM_JUDGE_DIR,
+    is_error_record,
+    load_questions,
+)
 
 from hydra.data.jsonl import read_jsonl, read_resumable
 
@@ -47,7 +55,8 @@ def load_answers(answer_dir: Path, models: list[str] | None) -> dict[str, dict]:
     """{model_id: {question_id: record}} from <answer_dir>/<model>.jsonl."""
     files = [answer_dir / f"{m}.jsonl" for m in models] if models else sorted(answer_dir.glob("*.jsonl"))
     if not files:
-        raise SystemExit(f"no answer files in {answer_dir}: run gen_model_answer_hydra.py / _baseline.py first")
+        raise SystemExit(f"no answer files in {answer_dir}: run gen_model_answer_hydra.py / _baseline.py "
+                         "first")
     answers = {}
     for path in files:
         if not path.is_file():
@@ -55,8 +64,8 @@ def load_answers(answer_dir: Path, models: list[str] | None) -> dict[str, dict]:
         records = read_jsonl(path)
         answers[path.stem] = {rec["question_id"]: rec for rec in records if not is_error_record(rec)}
         if len(answers[path.stem]) < len(records):
-            print(f"gen_judgement: {path}: {len(records) - len(answers[path.stem])} error records ({ERROR_ANSWER}) "
-                  "not judged; rerun gen_model_answer_*.py to answer them", file=sys.stderr)
+            print(f"gen_judgement: {path}: {len(records) - len(answers[path.stem])} error records "
+                  f"({ERROR_ANSWER}) not judged; rerun gen_model_answer_*.py to answer them", file=sys.stderr)
     return answers
 
 
@@ -74,7 +83,8 @@ def parse_rating(judgment: str) -> int | float:
     return float(value) if "." in value else int(value)
 
 
-def build_prompt(templates: dict, question: dict, answer: dict, turn: int, ref: dict | None) -> tuple[str, str, str]:
+def build_prompt(templates: dict, question: dict, answer: dict, turn: int,
+                 ref: dict | None) -> tuple[str, str, str]:
     """(prompt name, system prompt, user prompt) for grading `turn` (1 or 2) of one answer."""
     name = ("single-math-v1" if ref is not None else "single-v1") + ("-multi-turn" if turn == 2 else "")
     template = templates[name]
@@ -85,7 +95,8 @@ def build_prompt(templates: dict, question: dict, answer: dict, turn: int, ref: 
         if turn == 2:
             kwargs["ref_answer_2"] = ref["choices"][0]["turns"][1]
     if turn == 2:
-        user = template["prompt_template"].format(question_1=question["turns"][0], question_2=question["turns"][1],
+        user = template["prompt_template"].format(question_1=question["turns"][0],
+                                                  question_2=question["turns"][1],
                                                   answer_1=turns[0], answer_2=turns[1], **kwargs)
     else:
         user = template["prompt_template"].format(question=question["turns"][0], answer=turns[0], **kwargs)
@@ -95,8 +106,8 @@ def build_prompt(templates: dict, question: dict, answer: dict, turn: int, ref: 
 class JudgeClient:
     """POST <endpoint>/chat/completions with retries (OpenAI wire format)."""
 
-    def __init__(self, endpoint: str, model: str, api_key: str | None, max_retries: int = 5, timeout: float = 120.0,
-                 max_tokens: int = 2048):
+    def __init__(self, endpoint: str, model: str, api_key: str | None, max_retries: int = 5,
+                 timeout: float = 120.0, max_tokens: int = 2048):
         import requests
 
         self.url = endpoint.rstrip("/") + "/chat/completions"
@@ -133,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="MT-Bench single-answer grading with an OpenAI-compatible judge.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--judge-endpoint", default=None,
-                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: $OPENAI_BASE_URL)")
+                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
+                        "(default: $OPENAI_BASE_URL)")
     p.add_argument("--judge-model", default="gpt-4")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--model-list", nargs="+", default=None, help="model ids to judge (default: all answer files)")
+    p.add_argument("--model-list", nargs="+", default=None,
+                   help="model ids to judge (default: all answer files)")
     p.add_argument("--answer-dir", type=os.path.expanduser, default=str(DEFAULT_ANSWER_DIR))
     p.add_argument("--question-file", type=os.path.expanduser,
                    default=None, help="default: llm_judge/data/mt_bench/question.jsonl")
@@ -154,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
     endpoint = args.judge_endpoint or next((os.environ[e] for e in ENDPOINT_ENVS if os.environ.get(e)), None)
     if not endpoint:
-        print("gen_judgement: no judge endpoint configured. Pass --judge-endpoint URL (an OpenAI-compatible base "
-              "URL such as https://api.openai.com/v1, or a local vLLM/llama.cpp server's http://host:port/v1) or "
-              "set OPENAI_BASE_URL, and put the API key in $OPENAI_API_KEY (or the variable named by "
-              "--api-key-env).", file=sys.stderr)
+        print("gen_judgement: no judge endpoint configured. Pass --judge-endpoint URL (an OpenAI-compatible "
+              "base URL such as https://api.openai.com/v1, or a local vLLM/llama.cpp server's "
+              "http://host:port/v1) or set OPENAI_BASE_URL, and put the API key in $OPENAI_API_KEY (or the "
+              "variable named by --api-key-env).", file=sys.stderr)
         return 2
     api_key = os.environ.get(args.api_key_env)
     if not api_key:

@@ -44,7 +44,8 @@ def summarize(judgments: list[dict], models: list[str] | None = None) -> tuple[s
         stats[model] = {"turn1": sum(by_turn[1]) / len(by_turn[1]) if by_turn[1] else None,
                         "turn2": sum(by_turn[2]) / len(by_turn[2]) if by_turn[2] else None,
                         "avg": sum(both) / len(both), "n": len(both), "unparsed": unparsed[model]}
-        row = f"| {model} | {_mean(by_turn[1])} | {_mean(by_turn[2])} | {_mean(both)} | {len(both)} | {unparsed[model]} |"
+        row = (f"| {model} | {_mean(by_turn[1])} | {_mean(by_turn[2])} | {_mean(both)} | {len(both)} "
+               f"| {unparsed[model]} |")
         rows.append((stats[model]["avg"], row))
     lines = ["| model | turn 1 | turn 2 | average | judgments | unparsed |", "|---|---|---|---|---|---|"]
     lines += [r for _, r in sorted(rows, key=lambda r: -r[0])]
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Show MT-Bench single-answer scores.")
     p.add_argument("--judge-model", default="gpt-4")
     p.add_argument("--input-file", type=os.path.expanduser, default=None,
-                   help="judgment jsonl (default: llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl)")
+                   help="judgment jsonl "
+                        "(default: llm_judge/data/mt_bench/model_judgment/<judge-model>_single.jsonl)")
     p.add_argument("--model-list", nargs="+", default=None)
     p.add_argument("--question-file", type=os.path.expanduser, default=None, help="for --per-category")
     p.add_argument("--per-category", action="store_true")

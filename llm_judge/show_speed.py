@@ -51,9 +51,9 @@ def load_answer_file(path: str | Path) -> dict:
         else:
             records[rec["question_id"]] = rec
     if errors:
-        print(f"show_speed: warning: {path}: {len(errors)} error records ({ERROR_ANSWER}) left out, questions "
-              f"{errors[:10]}{' ...' if len(errors) > 10 else ''}; rerun gen_model_answer_*.py to answer them",
-              file=sys.stderr)
+        print(f"show_speed: warning: {path}: {len(errors)} error records ({ERROR_ANSWER}) left out, "
+              f"questions {errors[:10]}{' ...' if len(errors) > 10 else ''}; rerun gen_model_answer_*.py to "
+              "answer them", file=sys.stderr)
     return records
 
 
@@ -64,8 +64,8 @@ def label_of(path: str | Path, records: dict) -> str:
 
 def aggregate(records: dict, qids: list, categories: dict) -> dict[str, dict[str, float]]:
     """{category or 'overall': {"tokens", "time", "steps", "questions"}} summed over both turns."""
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: {"tokens": 0, "decided": 0, "time": 0.0, "steps": 0,
-                                                              "questions": 0})
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: {"tokens": 0, "decided": 0, "time": 0.0,
+                                                              "steps": 0, "questions": 0})
     for qid in qids:
         choice = records[qid]["choices"][0]
         for key in (categories.get(qid, "?"), OVERALL):
@@ -132,7 +132,8 @@ def plot(speedups: dict[str, dict[str, float]], path: Path, title: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("show_speed: --plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+        print("show_speed: --plot needs matplotlib (pip install matplotlib); no plot written",
+              file=sys.stderr)
         return False
     labels = list(speedups)
     cats = list(next(iter(speedups.values())))
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         hydras[label if label not in hydras else Path(path).stem] = recs
     table, speedups = speed_table(baseline, hydras, categories)
     decoding = next(iter(baseline.values())).get("decoding", {})
-    where = ", ".join(f"{k} {decoding[k]}" for k in ("device", "dtype", "max_new_token", "temperature") if k in decoding)
+    where = ", ".join(f"{k} {decoding[k]}" for k in ("device", "dtype", "max_new_token", "temperature")
+                      if k in decoding)
     print(f"baseline: {label_of(args.baseline, baseline)}" + (f" ({where})" if where else "") + "\n")
     print(table)
     if args.check_equal:

@@ -48,7 +48,8 @@ class Arm:
 
     def converse(self, model, turns: list[str], max_new_tokens: int) -> None:
         config = DecodeConfig(max_new_tokens=max_new_tokens, pace=self.pacer)
-        done = converse(model, turns, hydra_generate if self.speculative else ar_generate, config, self.cached)
+        done = converse(model, turns, hydra_generate if self.speculative else ar_generate, config,
+                        self.cached)
         for t in done:
             self.seconds += t.wall_time
             self.tokens += len(t.tokens)
@@ -67,7 +68,8 @@ def conversations(path: Path, num_questions: int, chain: int | None) -> list[lis
 
 
 def same_later_turns(a: Arm, b: Arm) -> tuple[int, int]:
-    pairs = [(x, y) for ra, rb in zip(a.replies, b.replies, strict=True) for x, y in zip(ra[1:], rb[1:])]
+    pairs = [(x, y) for ra, rb in zip(a.replies, b.replies, strict=True)
+             for x, y in zip(ra[1:], rb[1:], strict=True)]
     return sum(x == y for x, y in pairs), len(pairs)
 
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm in arms:
         print(f"| {arm.name} | {arm.prefill_later:.2f} | {arm.seconds:.1f} | {arm.tokens} | "
               f"{arm.tokens / max(arm.seconds, 1e-9):.1f} | {arm.prompt_later} | {arm.reused} |")
-    for a, b in zip(arms[::2], arms[1::2]):
+    for a, b in zip(arms[::2], arms[1::2], strict=True):
         same, pairs = same_later_turns(a, b)
         print(f"{a.name} vs {b.name}: later turns identical {same}/{pairs}, their prefill "
               f"{b.prefill_later / max(a.prefill_later, 1e-9):.2f}x faster, tok/s "

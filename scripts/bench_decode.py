@@ -1,12 +1,16 @@
-"""Decoding benchmark: plain autoregressive vs speculative decoding with each head set / tree, in one process.
+"""Decoding benchmark: plain autoregressive vs speculative decoding with each head set / tree, in one
+process.
 
-    python scripts/bench_decode.py --num-prompts 8 --max-new-tokens 128                 # random heads, all archs
+    python scripts/bench_decode.py --num-prompts 8 --max-new-tokens 128      # random heads, all archs
     python scripts/bench_decode.py --heads hydra/heads/default runs/medusa --trees mc_sim_7b_63 tree_32
-    python scripts/bench_decode.py --dtypes float32 --check-equal                       # losslessness count
-    python scripts/bench_decode.py --heads hydra/heads/default --hf --dtypes bfloat16   # + transformers' generate
+    python scripts/bench_decode.py --dtypes float32 --check-equal            # losslessness count
+    python scripts/bench_decode.py --heads hydra/heads/default --hf \
+        --dtypes bfloat16                                        # + transformers' generate
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --hf \
-        --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp, interleaved
-    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 --compile off on
+        --llama-cpp <the GGUF file>                              # 4-bit base, HF generate and llama.cpp,
+                                                                 # interleaved
+    python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant none int4 \
+        --compile off on
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --quant int4 \
         --compile torch.compile on                               # the two ways of compiling, interleaved
     python scripts/bench_decode.py --heads hydra/heads/default --dtypes bfloat16 --pace off on \
@@ -82,7 +86,8 @@ class Tally:
         self.tokens += len(tokens)
         self.outputs.append(tokens)
         if accept_lengths:
-            self.decided += sum(accept_lengths[1:])  # tau leaves out the prefill step (see hydra.model.generate)
+            # tau leaves out the prefill step (see hydra.model.generate)
+            self.decided += sum(accept_lengths[1:])
             self.verify_steps += len(accept_lengths) - 1
 
     @property
@@ -138,7 +143,8 @@ def llama_cpp_decoder(gguf: Path, max_new_tokens: int, stop_ids: set[int], conte
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise SystemExit("[hydra] error: --llama-cpp needs llama-cpp-python: pip install '.[llamacpp]'") from None
+        raise SystemExit("[hydra] error: --llama-cpp needs llama-cpp-python: "
+                         "pip install '.[llamacpp]'") from None
 
     threads = torch.get_num_threads()
     llm = Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -169,8 +175,9 @@ def main() -> None:
     ap.add_argument("--heads-quant", nargs="*", default=["auto"], choices=HEADS_QUANT_CHOICES,
                     help="each head set with each of these weights (auto: the base's kind)")
     ap.add_argument("--compile", nargs="*", default=["off"], choices=COMPILE_MODES,
-                    help="each base model eager (off) and/or with its decoder compiled (hydra.model.compiled; "
-                         "on: the default way, exported ahead of time on a CPU; torch.compile: that way)")
+                    help="each base model eager (off) and/or with its decoder compiled "
+                         "(hydra.model.compiled; on: the default way, exported ahead of time on a CPU; "
+                         "torch.compile: that way)")
     ap.add_argument("--pace", nargs="*", default=["off"], choices=("off", "on"),
                     help="each tree with the heads on every step (off) and/or paced (on)")
     ap.add_argument("--lookup", nargs="*", type=int, default=[DecodeConfig.lookup],
@@ -181,15 +188,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--check-equal", action="store_true", help="count prompts where speculative == AR output")
     ap.add_argument("--hf", action="store_true",
-                    help="also time transformers' generate: plain greedy and prompt lookup (--prompt-lookup tokens)")
-    ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for --hf (0: skip)")
+                    help="also time transformers' generate: plain greedy and prompt lookup "
+                         "(--prompt-lookup tokens)")
+    ap.add_argument("--prompt-lookup", type=int, default=10,
+                    help="prompt_lookup_num_tokens for --hf (0: skip)")
     ap.add_argument("--llama-cpp", type=lambda p: Path(os.path.expanduser(p)), default=None, metavar="GGUF",
-                    help="also time llama.cpp's plain greedy decoding of this GGUF file (pip install '.[llamacpp]')")
+                    help="also time llama.cpp's plain greedy decoding of this GGUF file "
+                         "(pip install '.[llamacpp]')")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.hf and "off" not in args.compile:
-        raise SystemExit("[hydra] error: --hf times transformers' generate on an eager base: add 'off' to --compile")
+        raise SystemExit("[hydra] error: --hf times transformers' generate on an eager base: add 'off' to "
+                         "--compile")
     if args.llama_cpp and not args.llama_cpp.is_file():
         raise SystemExit(f"[hydra] error: --llama-cpp {args.llama_cpp}: no such file")
     torch.manual_seed(0)
@@ -202,10 +213,12 @@ def main() -> None:
     groups: list[tuple[str, Tally, list[Tally]]] = []  # (base label, its AR, its tallies)
     hf_first = prompts = None
     for dtype in args.dtypes:
-        for quant, compiled in itertools.product(args.quant, sorted(set(args.compile), key=COMPILE_MODES.index)):
-            label = dtype + ("" if quant == "none" else f"+{quant}") + {"off": "", "on": "+compiled",
-                                                                         "torch.compile": "+torch.compile"}[compiled]
-            base, tokenizer = load_base_model(args.base_model, dtype=dtype, quant=None if quant == "none" else quant)
+        for quant, compiled in itertools.product(args.quant,
+                                                 sorted(set(args.compile), key=COMPILE_MODES.index)):
+            label = dtype + ("" if quant == "none" else f"+{quant}") + {
+                "off": "", "on": "+compiled", "torch.compile": "+torch.compile"}[compiled]
+            base, tokenizer = load_base_model(args.base_model, dtype=dtype,
+                                              quant=None if quant == "none" else quant)
             prompts = prompts or load_prompts(tokenizer, Path(args.question_file), args.num_prompts)
             if args.heads:
                 models = {}
@@ -223,7 +236,8 @@ def main() -> None:
             config = DecodeConfig(max_new_tokens=args.max_new_tokens)
             ar = Tally("AR", "-", hydra_decoder(first, config, speculative=False))
             tallies = [ar]
-            if args.hf and hf_first is None and compiled == "off":  # transformers' generate runs on the first base model only
+            # transformers' generate runs on the first base model only
+            if args.hf and hf_first is None and compiled == "off":
                 stop_ids = stop_token_ids(first, config)
                 hf_first = Tally("HF generate", "-", hf_decoder(first, args.max_new_tokens, stop_ids))
                 tallies.append(hf_first)
@@ -242,7 +256,8 @@ def main() -> None:
     if args.llama_cpp:
         stop_ids = stop_token_ids(first, DecodeConfig())
         context = max(len(p) for p in prompts) + args.max_new_tokens + 8
-        llama = Tally("llama.cpp", "-", llama_cpp_decoder(args.llama_cpp, args.max_new_tokens, stop_ids, context))
+        llama = Tally("llama.cpp", "-",
+                      llama_cpp_decoder(args.llama_cpp, args.max_new_tokens, stop_ids, context))
         groups.append(("gguf", llama, [llama]))
     everything = [t for _, _, tallies in groups for t in tallies]
     for t in everything:  # warm-up: first calls allocate and pick kernels
@@ -258,7 +273,9 @@ def main() -> None:
             tau = "-" if t.tau is None else f"{t.tau:.2f}"
             line = f"| {label} | {t.name} | {t.tree} | {t.speed:.1f} | {tau} | {t.speed / ar.speed:.2f}x |"
             if args.check_equal:
-                line += " - |" if t is ar else f" {sum(a == b for a, b in zip(t.outputs, ar.outputs))}/{len(prompts)} |"
+                line += (" - |" if t is ar else
+                         f" {sum(a == b for a, b in zip(t.outputs, ar.outputs, strict=True))}"
+                         f"/{len(prompts)} |")
             if args.hf:
                 line += f" {t.speed / hf_first.speed:.2f}x |"
             print(line, flush=True)

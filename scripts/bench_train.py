@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra.train import hidden_cache, train
-from hydra.train.runtime import autocast_ctx
+from hydra.train import hidden_cache, train  # noqa: E402
+from hydra.train.runtime import autocast_ctx  # noqa: E402
 
 RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
     "medusa": ["--hydra_head_arch", "mlp", "--hydra_num_layers", "1", "--lm_loss_weight", "1.0",
@@ -100,7 +100,8 @@ def main() -> int:
         with torch.no_grad(), autocast_ctx(any_run.base_amp, any_run.d.device):
             hidden_cache.fill(any_run.model, cache, used, any_run.batch, args.rows, lambda m: None)
         print(f"# {torch.get_num_threads()} thread(s), device {any_run.d.device}, bf16 {args.bf16}, "
-              f"{args.num_heads} heads, {args.rows} x {args.max_length}-token rows per step, loss chunk {args.chunk}, "
+              f"{args.num_heads} heads, {args.rows} x {args.max_length}-token rows per step, "
+              f"loss chunk {args.chunk}, "
               f"draft vocabulary {len(vocab)} tokens")
         for run in runs.values():  # warm-up: one step of every configuration
             for option in OPTIONS:

@@ -1,20 +1,20 @@
-"""Build a candidate tree for a head set on this machine: measured head accuracies along accepted paths, and the
-measured cost of verifying N tree tokens.
+"""Build a candidate tree for a head set on this machine: measured head accuracies along accepted paths, and
+the measured cost of verifying N tree tokens.
 
     python scripts/build_tree.py --heads hydra/heads/default --data data/val.jsonl --name smollm2_hydra \
         --sizes 8 16 24 32 48 64
 
-1. Accuracy. Teacher-forced on held-out self-distilled chats (the base model's own greedy replies, i.e. the path
-   greedy decoding accepts), for every assistant position t we record the rank vector (r_1, ..., r_D): r_d is the
-   rank, under head d-1 conditioned on the true path x_{t+1..t+d}, of the token the base model picks next. A tree
-   node [r_1..r_k] is accepted at t exactly when the rank vector starts with it, so the expected accepted length
-   of a tree is the sum over its nodes of the empirical frequency of that prefix. This is the joint, path-
-   conditional statistic Hydra heads need; Medusa's recipe (gen_results.py) multiplies per-head marginals, which
-   assumes the heads are independent.
+1. Accuracy. Teacher-forced on held-out self-distilled chats (the base model's own greedy replies, i.e. the
+   path greedy decoding accepts), for every assistant position t we record the rank vector (r_1, ..., r_D):
+   r_d is the rank, under head d-1 conditioned on the true path x_{t+1..t+d}, of the token the base model
+   picks next. A tree node [r_1..r_k] is accepted at t exactly when the rank vector starts with it, so the
+   expected accepted length of a tree is the sum over its nodes of the empirical frequency of that prefix.
+   This is the joint, path-conditional statistic Hydra heads need; Medusa's recipe (gen_results.py) multiplies
+   per-head marginals, which assumes the heads are independent.
 2. Growth. The best tree of each size adds nodes greedily by frequency (a node becomes addable once its parent
    and its older sibling are in), which is optimal for this additive objective.
-3. Size. For each candidate size the script times real decoding steps (proposal + verification + acceptance) on
-   this machine and picks the size with the best predicted tokens/s = (1 + E[accepted]) / step time.
+3. Size. For each candidate size the script times real decoding steps (proposal + verification + acceptance)
+   on this machine and picks the size with the best predicted tokens/s = (1 + E[accepted]) / step time.
 The chosen tree is written to hydra/model/tree_files/<name>.json and can be used as --tree <name>.
 """
 
@@ -42,7 +42,7 @@ def rank_vectors(model: HydraModel, rows: list[list[int]], masks: list[list[bool
     """Counts of every accepted-path prefix (tuple of ranks) over all assistant positions, plus () = total."""
     counts: Counter = Counter()
     depth = model.config.hydra_num_heads
-    for ids, is_target in zip(rows, masks):
+    for ids, is_target in zip(rows, masks, strict=True):
         x = torch.tensor(ids)[None]
         out = model(x)
         greedy = model.base_logits(out.base_hidden[0]).argmax(-1)  # base choice after each position
@@ -86,7 +86,8 @@ def load_counts(path: Path) -> Counter:
 
 
 def write_draft_vocab(model: HydraModel, data: str, size: int, heads_folder: Path) -> None:
-    """The `size` most frequent assistant tokens of `data` (plus the stop tokens) become the draft vocabulary."""
+    """The `size` most frequent assistant tokens of `data` (plus the stop tokens) become the draft
+    vocabulary."""
     from safetensors.torch import save_file
 
     from hydra.model.hydra_model import DRAFT_VOCAB_NAME
@@ -94,7 +95,8 @@ def write_draft_vocab(model: HydraModel, data: str, size: int, heads_folder: Pat
     counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
     for rec in load_sharegpt(data)[0]:
         ex = render_and_mask(rec, model.tokenizer, 4096)
-        ids = torch.tensor([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100], dtype=torch.long)
+        ids = torch.tensor([t for t, label in zip(ex["input_ids"], ex["labels"], strict=True)
+                            if label != -100], dtype=torch.long)
         counts += torch.bincount(ids, minlength=counts.numel())
     ranked = counts.clone()
     if model.tokenizer.eos_token_id is not None:  # always draftable, however rare
@@ -159,14 +161,15 @@ def main() -> None:
     ap.add_argument("--timing-dtype", default="bfloat16")
     ap.add_argument("--timing-steps", type=int, default=24)
     ap.add_argument("--draft-vocab-size", type=int, default=0,
-                    help="also write draft_vocab.safetensors into --heads: the K most frequent assistant tokens of "
-                         "--vocab-data (0: keep the heads as they are)")
+                    help="also write draft_vocab.safetensors into --heads: the K most frequent assistant "
+                         "tokens of --vocab-data (0: keep the heads as they are)")
     ap.add_argument("--vocab-data", type=os.path.expanduser,
                     default=None, help="ShareGPT jsonl for token counts (default: --data)")
     ap.add_argument("--prompt-tokens", type=int, default=400, help="context length used for timing")
     ap.add_argument("--counts", type=os.path.expanduser, default=None,
-                    help="JSON file of the measured path counts: read if it exists, else written after measuring "
-                         "(the measurement is the slow part; timing on another thread count can then reuse it)")
+                    help="JSON file of the measured path counts: read if it exists, else written after "
+                         "measuring (the measurement is the slow part; timing on another thread count can "
+                         "then reuse it)")
     args = ap.parse_args()
 
     model = HydraModel.from_pretrained(args.heads, dtype="float32")
@@ -207,7 +210,8 @@ def main() -> None:
     out = TREE_DIR / f"{args.name}.json"
     meta = {"heads": str(args.heads), "expected_tau": round(tau, 3), "step_ms": round(t * 1e3, 2),
             "ar_step_ms": round(ar_time * 1e3, 2), "predicted_speedup": round(speedup, 3),
-            "timing_dtype": args.timing_dtype, "timing_threads": torch.get_num_threads(), "positions": counts[()]}
+            "timing_dtype": args.timing_dtype, "timing_threads": torch.get_num_threads(),
+            "positions": counts[()]}
     out.write_text(write_tree_json(choices, meta))
     print(f"wrote {out} ({len(choices)} nodes, expected tau {tau:.2f}, predicted {speedup:.2f}x)")
 

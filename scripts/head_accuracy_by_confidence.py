@@ -10,7 +10,7 @@ model's own probability of that token there (its top-1 probability after reading
 missed mostly where the base is unsure, no draft could do much better; where the base is sure, a miss is the
 heads' own limit. Accuracy is over the heads' draft vocabulary (a target outside it is a miss), as decoding
 proposes from it.
-"""
+"""  # noqa: E501 - the first line is the --help description (main: __doc__.split("\n")[0])
 
 from __future__ import annotations
 
@@ -53,14 +53,15 @@ def binned_accuracy(model: HydraModel, rows: list[dict[str, list[int]]],
 
 
 def report(counts: torch.Tensor, hits: torch.Tensor, edges: tuple[float, ...] = EDGES) -> list[str]:
-    names = [f"[{lo:.1f}, {hi:.1f})" for lo, hi in zip((0.0, *edges), (*edges, 1.0))]
+    names = [f"[{lo:.1f}, {hi:.1f})" for lo, hi in zip((0.0, *edges), (*edges, 1.0), strict=True)]
     names[-1] = names[-1].replace(")", "]")
     lines = ["base top-1 prob | " + " | ".join(f"head {i + 1}: share, top-1" for i in range(len(counts)))]
     for k, name in enumerate(names):
-        cells = [f"{c[k] / c.sum():.3f}, {h[k] / max(c[k], 1):.3f}" for c, h in zip(counts, hits)]
+        cells = [f"{c[k] / c.sum():.3f}, {h[k] / max(c[k], 1):.3f}"
+                 for c, h in zip(counts, hits, strict=True)]
         lines.append(f"{name:15} | " + " | ".join(cells))
     lines.append(f"{'all':15} | " + " | ".join(f"1.000, {h.sum() / c.sum():.3f} ({int(c.sum())} positions)"
-                                                for c, h in zip(counts, hits)))
+                                                for c, h in zip(counts, hits, strict=True)))
     return lines
 
 

@@ -57,7 +57,7 @@ class LlamaCpp:
         """One forward over `tokens`; every token outputs logits and its hidden state."""
         b = self.batch
         b.n_tokens = len(tokens)
-        for i, (token, pos, ids) in enumerate(zip(tokens, positions, seqs)):
+        for i, (token, pos, ids) in enumerate(zip(tokens, positions, seqs, strict=True)):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, len(ids), 1
             for j, s in enumerate(ids):
                 b.seq_id[i][j] = s

@@ -80,8 +80,9 @@ def record(args: argparse.Namespace) -> None:
     turns = unseen_prompts(args.num_prompts)
     print(f"[hydra] {len(turns)} unseen prompts (asked for {args.num_prompts})", flush=True)
     for turn in turns:
-        ids = model.tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)
+        ids = model.tokenizer.apply_chat_template([{"role": "user", "content": turn}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
         pacer = RecordingPacer()
         # The lookup off: replaying models a resting step as a plain step.
         generate(model, ids, DecodeConfig(tree=args.tree, max_new_tokens=args.max_new_tokens, pace=pacer,
@@ -173,7 +174,8 @@ def replay(args: argparse.Namespace) -> None:
             for seed in range(args.seeds):
                 rng = random.Random(seed)
                 replies = [Reply(thinned(t, qs[i % len(qs)], rng)) for i, t in enumerate(traces)]
-                ratios.append(sum(r.seconds(None, False) for r in replies) / sum(r.seconds(None) for r in replies))
+                ratios.append(sum(r.seconds(None, False) for r in replies)
+                              / sum(r.seconds(None) for r in replies))
                 oracle = oracle_seconds(replies)
                 for w, lim in columns:
                     scores[w, lim].append(score(replies, w, oracle, lim))
@@ -187,7 +189,8 @@ def main() -> None:
                     help="write a trace file (JSON) of --num-prompts replies")
     ap.add_argument("--replay", nargs="*", type=os.path.expanduser, default=[], help="trace files to replay")
     ap.add_argument("--weights", nargs="*", type=float, default=[0.15, WEIGHT, 0.05],
-                    help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the default)")
+                    help="newest-step weights of the pacers compared (hydra.model.pacing.WEIGHT is the "
+                         "default)")
     ap.add_argument("--limits", nargs="*", type=parse_limits, default=[(PROBE_SHARE, MAX_REST)],
                     help="probing limits compared, SHARE:STEPS each (the pacer's default: "
                          f"{PROBE_SHARE}:{MAX_REST})")

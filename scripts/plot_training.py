@@ -1,7 +1,7 @@
 """Validation top-1 of each head against training tokens, from train.py's log.jsonl files.
 
-    python scripts/plot_training.py assets/training_logs/hydrapp.jsonl assets/training_logs/hydrapp_cpu_long.jsonl \
-        --output assets/hydrapp_top1.png
+    python scripts/plot_training.py assets/training_logs/hydrapp.jsonl \
+        assets/training_logs/hydrapp_cpu_long.jsonl --output assets/hydrapp_top1.png
 
 Logs given after the first are continued runs (train.py --init_heads): each starts where the one before it
 ended on the token axis. An evaluation's token count is the `tokens_seen` of the training record of the same
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     offset, placed = 0, []
-    for path, (x, y, end) in zip(args.logs, runs):
+    for path, (x, y, end) in zip(args.logs, runs, strict=True):
         placed.append((Path(path).name, x + offset, y, offset))
         offset += end
     print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in range(placed[0][2].shape[1])) + " |")
     for name, x, y, _ in placed:
-        for xi, yi in zip(x, y):
+        for xi, yi in zip(x, y, strict=True):
             print(f"| {name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
     if args.output:
         import matplotlib
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(7, 4))
         for h in range(placed[0][2].shape[1]):
             color = f"C{h}"
-            for k, (name, x, y, start) in enumerate(placed):
+            for k, (_name, x, y, _start) in enumerate(placed):
                 ax.plot(x / 1e6, y[:, h], "o-" if k == 0 else "s-", color=color, ms=3,
                         label=f"head {h + 1}" if k == 0 else None)
         for name, _, _, start in placed[1:]:

@@ -111,7 +111,7 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
         jobs += [(f"head call R={r}", lambda r=r: head(r)) for r in (1, 4, 8, 16)]
         jobs += [("context update", context)]
         times: dict[str, list[float]] = defaultdict(list)
-        for name, fn in jobs:
+        for _name, fn in jobs:
             fn()  # warm-up
         for _ in range(reps):
             random.shuffle(jobs)
@@ -123,7 +123,8 @@ def measure_costs(model, prompt: list[int], reps: int) -> None:
     print(f"context {n} tokens, {reps} reps, threads {torch.get_num_threads()}")
     print("| piece | median ms | / verify T=1 |")
     print("|---|---:|---:|")
-    for name, _ in sorted(jobs, key=lambda j: (j[0].split()[0], int(j[0].split("=")[-1]) if "=" in j[0] else 0)):
+    for name, _ in sorted(jobs, key=lambda j: (j[0].split()[0],
+                                               int(j[0].split("=")[-1]) if "=" in j[0] else 0)):
         ms = statistics.median(times[name])
         print(f"| {name} | {1e3 * ms:.1f} | {ms / base:.3f} |")
 
@@ -141,7 +142,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quant", choices=QUANT_CHOICES, default=None, help="quantized base (README: 4-bit base)")
+    ap.add_argument("--quant", choices=QUANT_CHOICES, default=None,
+                    help="quantized base (README: 4-bit base)")
     ap.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
                     help="the heads' weights (auto: the base's kind, else float)")
     ap.add_argument("--compile", action="store_true", help="compile the base decoder (hydra.model.compiled)")

@@ -121,7 +121,7 @@ def test_greedy_matches_brute_force_on_mc_sim():
         tokens = torch.randint(0, v, (tree.size,), generator=gen)
         logits = torch.randn(tree.size, v, generator=gen)
         pred = logits.argmax(-1)
-        ok = [p for p in paths if all(tokens[c] == pred[u] for u, c in zip(p, p[1:]))]
+        ok = [p for p in paths if all(tokens[c] == pred[u] for u, c in zip(p, p[1:], strict=False))]
         best = max(len(p) for p in ok)
         got, nxt = greedy_accept(logits, tokens, tree)
         assert tuple(got.tolist()) in ok and len(got) == best
@@ -273,9 +273,10 @@ def test_typical_matches_brute_force_on_mc_sim():
         logits = 2.0 * torch.randn(tree.size, v, generator=gen)
         p = torch.softmax(logits.double(), -1)
         thr = [_threshold(row) for row in p.tolist()]
-        ok = [q for q in paths if all(p[u, tokens[c]] > thr[u] for u, c in zip(q, q[1:]))]
+        ok = [q for q in paths if all(p[u, tokens[c]] > thr[u] for u, c in zip(q, q[1:], strict=False))]
         best = max(len(q) for q in ok)
-        score = {q: sum(math.log(p[u, tokens[c]]) for u, c in zip(q, q[1:])) for q in ok if len(q) == best}
+        score = {q: sum(math.log(p[u, tokens[c]]) for u, c in zip(q, q[1:], strict=False))
+                 for q in ok if len(q) == best}
         got, nxt = typical_accept(logits, tokens, tree, temperature=1.0)
         got = tuple(got.tolist())
         assert got in score and score[got] == pytest.approx(max(score.values()), abs=1e-5)

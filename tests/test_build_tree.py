@@ -16,7 +16,8 @@ V = 16
 
 
 class FixedLogitModel:
-    """Stands in for HydraModel: the base model's greedy choices and each head's rank of its target are given."""
+    """Stands in for HydraModel: the base model's greedy choices and each head's rank of its target are
+    given."""
 
     def __init__(self, greedy: list[int], head_ranks: list[list[int]]):
         self.greedy, self.head_ranks = greedy, head_ranks
@@ -57,10 +58,12 @@ def test_rank_vectors_counts_accepted_path_prefixes():
 
 
 def test_rank_vectors_stops_where_the_data_leaves_the_greedy_path():
-    # the data token at position 2 (4) is not the base model's choice there (5): depth 2 is unreachable from t=0
+    # the data token at position 2 (4) is not the base model's choice there (5): depth 2 is unreachable from
+    # t=0
     model = FixedLogitModel(greedy=[2, 5, 4, 9], head_ranks=[[0, 0, 0, 0], [0, 0, 0, 0]])
     counts = rank_vectors(model, [[1, 2, 3, 4]], [[True, True, False, False]], max_rank=10)
-    assert counts == Counter({(): 2, (0,): 1})  # t=1 is off the path already; masked positions are not counted
+    # t=1 is off the path already; masked positions are not counted
+    assert counts == Counter({(): 2, (0,): 1})
 
 
 def test_rank_vectors_caps_ranks():
@@ -70,7 +73,8 @@ def test_rank_vectors_caps_ranks():
 
 
 def test_grow_tree_is_greedy_by_frequency_and_keeps_parents_first():
-    counts = Counter({(): 100, (0,): 50, (1,): 20, (2,): 5, (0, 0): 30, (0, 1): 10, (0, 0, 0): 25, (1, 0): 12})
+    counts = Counter({(): 100, (0,): 50, (1,): 20, (2,): 5, (0, 0): 30, (0, 1): 10, (0, 0, 0): 25,
+                      (1, 0): 12})
     choices, gain = grow_tree(counts, 4)
     assert choices == [[0], [0, 0], [0, 0, 0], [1]]
     assert abs(gain - (50 + 30 + 25 + 20) / 100) < 1e-12

@@ -1,7 +1,7 @@
 """The chat CLI, through a real pseudo-terminal (pexpect) and in-process.
 
-A tiny random Llama (SmolLM2's real tokenizer and chat template, 2 layers, d=32, 256-token context) plus random
-heads are saved to a temporary folder once per module; the CLI loads them like any heads folder.
+A tiny random Llama (SmolLM2's real tokenizer and chat template, 2 layers, d=32, 256-token context) plus
+random heads are saved to a temporary folder once per module; the CLI loads them like any heads folder.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import save_tiny_model
 
 pexpect = pytest.importorskip("pexpect")
 
 REPO = Path(__file__).resolve().parents[1]
-STATS = re.compile(r"\[stats\] (\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s, tau ([\d.]+) tokens/step \((\d+) steps\)")
+STATS = re.compile(r"\[stats\] (\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s, "
+                   r"tau ([\d.]+) tokens/step \((\d+) steps\)")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,16 @@ def transcript(child) -> str:
 
 
 def test_chat_session_through_a_pty(tiny_folder):
-    child = spawn("--model", str(tiny_folder / "heads"), "--max-new-tokens", "8", "--stats", "--device", "cpu",
-                  "--system", "You are terse.")
+    child = spawn("--model", str(tiny_folder / "heads"), "--max-new-tokens", "8", "--stats", "--device",
+                  "cpu", "--system", "You are terse.")
     try:
         child.expect(r"4 hydra-mlp heads, tree mc_sim_7b_63, prompt lookup 8 tokens")
         child.expect_exact("USER: ")
         child.sendline("Hello, who are you?")
         child.expect_exact("ASSISTANT: ")
         child.expect(STATS)
-        n, tps, tau, steps = int(child.match[1]), float(child.match[3]), float(child.match[4]), int(child.match[5])
+        n, tps, tau, steps = (int(child.match[1]), float(child.match[3]), float(child.match[4]),
+                              int(child.match[5]))
         reply = child.before
         assert n == 8 and 1 <= steps <= 8 and tps > 0 and tau >= 1.0
         assert "[reply stopped at --max-new-tokens 8]" in reply
@@ -129,7 +130,7 @@ def test_bad_heads_folder_is_a_clear_error(tmp_path):
     assert main(["--model", str(tmp_path / "nope"), "--device", "cpu"]) == 1
 
 
-# --- in-process: streaming granularity, commands, the no-heads fallback --------------------------------------
+# --- in-process: streaming granularity, commands, the no-heads fallback -------------------------------------
 class Recorder(io.StringIO):
     def __init__(self):
         super().__init__()
@@ -172,7 +173,8 @@ def test_reply_streams_step_by_step_and_commands(tiny_model, tmp_path):
     ar = Chat(tiny_model, False, DecodeConfig(max_new_tokens=5), None, Recorder(), stats=True)
     ar.messages.append({"role": "user", "content": "Hi"})
     assert ar.reply()
-    assert "[stats] 5 tokens in" in ar.out.getvalue() and "tau 1.00 tokens/step (5 steps)" in ar.out.getvalue()
+    assert ("[stats] 5 tokens in" in ar.out.getvalue()
+            and "tau 1.00 tokens/step (5 steps)" in ar.out.getvalue())
 
 
 def test_a_chat_prefills_only_what_the_previous_call_did_not_compute(tiny_model):
@@ -182,8 +184,8 @@ def test_a_chat_prefills_only_what_the_previous_call_did_not_compute(tiny_model)
     from hydra.model.generate import DecodeConfig
     from hydra.model.prompt_cache import PromptCache
 
-    chats = [Chat(tiny_model, True, DecodeConfig(max_new_tokens=12, prompt_cache=cache), "Be brief.", Recorder(),
-                  stats=True) for cache in (PromptCache(), None)]
+    chats = [Chat(tiny_model, True, DecodeConfig(max_new_tokens=12, prompt_cache=cache), "Be brief.",
+                  Recorder(), stats=True) for cache in (PromptCache(), None)]
     for chat in chats:
         for line in ("Hi", "And then?", "!!regen", "!!remove", "Something else"):
             if line.startswith("!!"):

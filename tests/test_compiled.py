@@ -95,11 +95,11 @@ def test_exported_forward_matches_the_eager_one():
         for tokens, positions, mask in steps:
             outs = [fn(input_ids=tokens[None], position_ids=positions[None], past_key_values=cache,
                        use_cache=True, attention_mask=mask, output_hidden_states=True).hidden_states
-                    for fn, cache in zip((model.decoder, exported), caches)]
+                    for fn, cache in zip((model.decoder, exported), caches, strict=True)]
             assert caches[0].length == caches[1].length
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
             n = caches[0].length
-            for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
                 torch.testing.assert_close(b[:, :, :n], a[:, :, :n], rtol=1e-5, atol=1e-5)
 
 

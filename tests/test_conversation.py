@@ -1,5 +1,6 @@
-"""hydra.inference.conversation.converse on a tiny model in fp32: the history carries the model's own replies,
-the prompt cache changes nothing but the prefill, and a turn past the context is an error turn, not a crash."""
+"""hydra.inference.conversation.converse on a tiny model in fp32: the history carries the model's own
+replies, the prompt cache changes nothing but the prefill, and a turn past the context is an error turn, not a
+crash."""
 
 from __future__ import annotations
 

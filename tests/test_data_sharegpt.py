@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from hydra.data.partition_train_test import main as partition_main
 from hydra.data.partition_train_test import split_records
@@ -19,8 +20,6 @@ from hydra.data.sharegpt import (
     tokenize_records,
 )
 from hydra.model.base_model import load_tokenizer
-
-from helpers import write_jsonl
 
 CONVERSATION = {"id": "c1", "conversations": [
     {"from": "system", "value": "You are terse."},
@@ -47,7 +46,7 @@ def plain_tokenizer(tokenizer):
 def labelled_runs(example: dict) -> list[list[int]]:
     """Contiguous runs of labelled token ids."""
     runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label == IGNORE_INDEX:
             if current:
                 runs.append(current)
@@ -206,9 +205,12 @@ def test_extra_training_files_keep_the_validation_set(tmp_path):
     --input file alone gives, so heads trained on --input before are still scored on unseen conversations."""
     def chats(prefix, n):
         return [{"id": f"{prefix}{i}", "conversations": [{"from": "human", "value": f"q {i}"},
-                                                          {"from": "gpt", "value": f"a {i}"}]} for i in range(n)]
-    first, more = write_jsonl(tmp_path / "a.jsonl", chats("a", 40)), write_jsonl(tmp_path / "b.jsonl", chats("b", 7))
-    read = lambda d, name: [json.loads(x)["id"] for x in (tmp_path / d / name).read_text().splitlines()]
+                                                          {"from": "gpt", "value": f"a {i}"}]}
+                for i in range(n)]
+    first, more = (write_jsonl(tmp_path / "a.jsonl", chats("a", 40)),
+                   write_jsonl(tmp_path / "b.jsonl", chats("b", 7)))
+    def read(d, name):
+        return [json.loads(x)["id"] for x in (tmp_path / d / name).read_text().splitlines()]
     assert partition_main(["--input", str(first), "--output-dir", str(tmp_path / "alone")]) == 0
     assert partition_main(["--input", str(first), "--extra-train", str(more),
                            "--output-dir", str(tmp_path / "more")]) == 0

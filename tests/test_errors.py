@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import save_tiny_model
 
 from hydra.data.jsonl import iter_jsonl, read_jsonl, read_resumable
 from hydra.model.trees import get_tree
-
-from helpers import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,8 @@ def test_truncated_base_model_weights(tiny, tmp_path, capsys):
     shutil.copytree(tiny / "base", base)
     weights = base / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
-    rc, err = chat_main(["--model", str(tiny / "heads"), "--base-model", str(base), "--device", "cpu"], capsys)
+    rc, err = chat_main(["--model", str(tiny / "heads"), "--base-model", str(base), "--device", "cpu"],
+                        capsys)
     assert rc == 1
     assert_one_error_line(err, str(base), "damaged")
 
@@ -105,7 +105,7 @@ def test_wrong_value_types_in_heads_config(tiny, tmp_path, capsys, field, value)
     assert_one_error_line(err, str(heads / "config.json"), repr(field))
 
 
-# --- !!save / !!load keep the conversation -------------------------------------------------------------------
+# --- !!save / !!load keep the conversation ------------------------------------------------------------------
 class _Out:
     def __init__(self):
         self.text = ""
@@ -158,7 +158,7 @@ def test_load_rejects_malformed_messages_and_keeps_the_conversation(chat, tmp_pa
     assert chat.reply()  # the next turn works
 
 
-# --- `~` in path arguments -----------------------------------------------------------------------------------
+# --- `~` in path arguments ----------------------------------------------------------------------------------
 def test_tilde_is_expanded(tiny, tmp_path, monkeypatch, capsys, chat):
     home = tmp_path / "home"
     home.mkdir()
@@ -193,15 +193,16 @@ def test_every_path_option_expands_tilde():
         if file.parts[-2] == "train":
             continue  # hydra/train/train.py keeps the original recipe's flags (its own tests cover them)
         for node in ast.walk(ast.parse(file.read_text())):
-            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args
-                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in path_flags):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"
+                    and node.args and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value in path_flags):
                 types = [ast.unparse(k.value) for k in node.keywords if k.arg == "type"]
                 assert types == ["os.path.expanduser"], f"{file.name}: {node.args[0].value} does not expand ~"
                 checked += 1
     assert checked >= 30
 
 
-# --- JSON Lines ----------------------------------------------------------------------------------------------
+# --- JSON Lines ---------------------------------------------------------------------------------------------
 def test_read_resumable_drops_only_a_torn_last_line(tmp_path, capsys):
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": 1}\n\n[1, 2]\n{"id": 2}\n{"id": 3, "conv')

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_base, randomize_
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from hydra.hf_utils import main as hf_main
 from hydra.hf_utils import validate_folder
-
-from helpers import make_tiny_base, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +41,30 @@ def make_heads(base_folder: Path, out: Path, zero_bias: bool = True, **cfg):
 
 
 def medusa_v1_logits(tensors: dict, h: int, L: int, x: torch.Tensor) -> torch.Tensor:
-    for l in range(L):  # FasterDecoding ResBlock: x + SiLU(W x + b)
-        x = x + F.silu(F.linear(x, tensors[f"{h}.{l}.linear.weight"], tensors[f"{h}.{l}.linear.bias"]))
+    for k in range(L):  # FasterDecoding ResBlock: x + SiLU(W x + b)
+        x = x + F.silu(F.linear(x, tensors[f"{h}.{k}.linear.weight"], tensors[f"{h}.{k}.linear.bias"]))
     return F.linear(x, tensors[f"{h}.{L}.weight"])  # bias-free output layer
 
 
 def vllm_logits(tensors: dict, cfg: dict, h: int, x: torch.Tensor) -> torch.Tensor:
-    for l in range(cfg["num_hidden_layers"]):  # vLLM ResidualBlock with medusa_fc_bias
-        x = x + F.silu(F.linear(x, tensors[f"blocks.{h}.layers.{l}.weight"], tensors[f"blocks.{h}.layers.{l}.bias"]))
-    return F.linear(x, tensors["lm_heads.0.weight" if cfg.get("original_lm_head") else f"lm_heads.{h}.weight"])
+    for k in range(cfg["num_hidden_layers"]):  # vLLM ResidualBlock with medusa_fc_bias
+        x = x + F.silu(F.linear(x, tensors[f"blocks.{h}.layers.{k}.weight"],
+                                tensors[f"blocks.{h}.layers.{k}.bias"]))
+    return F.linear(x, tensors["lm_heads.0.weight" if cfg.get("original_lm_head")
+                               else f"lm_heads.{h}.weight"])
 
 
 @pytest.mark.parametrize("share", [False, True])
 def test_medusa_v1_export_matches_our_heads(base_folder, tmp_path, share):
     model = make_heads(base_folder, tmp_path / "heads", hydra_num_heads=3, hydra_num_layers=2,
                        hydra_head_arch="mlp", share_lm_head=share)
-    assert hf_main(["export-medusa", "--folder", str(tmp_path / "heads"), "--out", str(tmp_path / "medusa")]) == 0
+    assert hf_main(["export-medusa", "--folder", str(tmp_path / "heads"),
+                    "--out", str(tmp_path / "medusa")]) == 0
     cfg = json.loads((tmp_path / "medusa" / "config.json").read_text())
     assert cfg == {"medusa_num_heads": 3, "medusa_num_layers": 2, "base_model_name_or_path": str(base_folder)}
     tensors = load_file(str(tmp_path / "medusa" / "medusa_lm_head.safetensors"))
-    assert set(tensors) == {f"{h}.{l}.linear.{p}" for h in range(3) for l in range(2) for p in ("weight", "bias")} | \
-        {f"{h}.2.weight" for h in range(3)}
+    assert set(tensors) == {f"{h}.{k}.linear.{p}" for h in range(3) for k in range(2)
+                            for p in ("weight", "bias")} | {f"{h}.2.weight" for h in range(3)}
     x = torch.randn(5, 32)
     for h in range(3):
         ours = model.head_logits(h, model.heads.head_hidden(h, x))
@@ -81,19 +83,22 @@ def test_vllm_export_matches_our_heads(base_folder, tmp_path, share):
                     "--format", "vllm"]) == 0
     cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert cfg["model_type"] == "medusa" and cfg["medusa_fc_bias"] is True and "architectures" not in cfg
-    assert (cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["num_hidden_layers"]) == (32, 100, 2, 1)
+    assert (cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"],
+            cfg["num_hidden_layers"]) == (32, 100, 2, 1)
     assert cfg.get("original_lm_head", False) is share
     tensors = load_file(str(tmp_path / "vllm" / "model.safetensors"))
     lm = {"lm_heads.0.weight"} if share else {"lm_heads.0.weight", "lm_heads.1.weight"}
     assert set(tensors) == {f"blocks.{h}.layers.0.{p}" for h in range(2) for p in ("weight", "bias")} | lm
     x = torch.randn(4, 32)
     for h in range(2):
-        torch.testing.assert_close(vllm_logits(tensors, cfg, h, x), model.head_logits(h, model.heads.head_hidden(h, x)))
+        torch.testing.assert_close(vllm_logits(tensors, cfg, h, x),
+                                   model.head_logits(h, model.heads.head_hidden(h, x)))
     assert validate_folder(tmp_path / "vllm") == "vllm"
 
 
 def test_shared_output_layer_of_a_tied_base_model(tmp_path):
-    """Tied embeddings (like SmolLM2): the checkpoint has no lm_head.weight; the embedding is the output layer."""
+    """Tied embeddings (like SmolLM2): the checkpoint has no lm_head.weight; the embedding is the output
+    layer."""
     make_tiny_base(max_position_embeddings=128, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
     model = make_heads(tmp_path / "base", tmp_path / "heads", hydra_num_heads=2, hydra_head_arch="mlp")
     assert hf_main(["export-medusa", "--folder", str(tmp_path / "heads"), "--out", str(tmp_path / "o")]) == 0
@@ -113,9 +118,11 @@ def test_draft_vocabulary_becomes_vllm_token_map(base_folder, tmp_path):
                     "--format", "vllm"]) == 0
     cfg = json.loads((tmp_path / "v" / "config.json").read_text())
     tensors = load_file(str(tmp_path / "v" / "model.safetensors"))
-    assert cfg["truncated_vocab_size"] == 7 and cfg["vocab_size"] == 100 and torch.equal(tensors["token_map"], vocab)
+    assert (cfg["truncated_vocab_size"] == 7 and cfg["vocab_size"] == 100
+            and torch.equal(tensors["token_map"], vocab))
     x = torch.randn(3, 32)
-    # vLLM slices each loaded lm_heads weight with token_map and scatters the logits back to the full vocabulary.
+    # vLLM slices each loaded lm_heads weight with token_map and scatters the logits back to the full
+    # vocabulary.
     sliced = {**tensors, "lm_heads.1.weight": tensors["lm_heads.1.weight"][vocab]}
     full = model.head_logits(1, model.heads.head_hidden(1, x))
     torch.testing.assert_close(vllm_logits(sliced, cfg, 1, x), full[:, vocab])

@@ -45,7 +45,8 @@ def test_fused_siblings_give_the_same_logits(family, kind):
     assert type(layer.self_attn.q_k_v_proj.layer) is KIND[kind]
     products = [m for m in base.model.modules() if type(m) is KIND[kind]]
     assert len(products) == 4 * base.config.num_hidden_layers  # q_k_v, o, gate_up, down
-    assert all(torch.equal(_weight(m), w) for m, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), weights))
+    assert all(torch.equal(_weight(m), w)
+               for m, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), weights, strict=True))
     with torch.inference_mode():
         after = base(ids).logits
     if kind == "float":  # one GEMM over stacked rows may block its sums differently from three

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_first_two_tokens_follow_base, make_heads, make_tiny_base, randomize_
 from transformers import LlamaForCausalLM
 
 from hydra.model import HEAD_ARCHS, HydraConfig, HydraModel
 from hydra.model import generate as gen_mod
 from hydra.model.generate import DecodeConfig, StepOutput, ar_generate, generate, hydra_generate, stream_text
 from hydra.model.pacing import Pacer
-
-from helpers import assert_first_two_tokens_follow_base, make_heads, make_tiny_base, randomize_
 
 VOCAB = 64
 EXAMPLE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # the worked example of test_trees.py (depth 2)
@@ -77,7 +76,7 @@ def oracle_heads(base, arch: str, num_heads: int = 4) -> HydraModel:
     e = base.model.embed_tokens.weight
     d = e.shape[1]
     with torch.no_grad():
-        for i, mlp in enumerate(model.heads.mlps):
+        for _i, mlp in enumerate(model.heads.mlps):
             for block in mlp.blocks:
                 block.linear.weight.zero_()
                 block.linear.bias.zero_()
@@ -131,7 +130,7 @@ def test_greedy_lossless_with_high_acceptance(cycle_base, arch):
     taus = []
     for prompt in PROMPTS:
         ar = run(model, prompt, speculative=False, max_new_tokens=60)
-        deviations = sum((b - a) % VOCAB != 1 for a, b in zip(ar.tokens, ar.tokens[1:]))
+        deviations = sum((b - a) % VOCAB != 1 for a, b in zip(ar.tokens, ar.tokens[1:], strict=False))
         assert 5 <= deviations <= 45  # the base model is neither purely periodic nor unpredictable
         for tree in ("chain_4", "tree_16", "mc_sim_7b_63", EXAMPLE, *DYNAMIC):
             out = run(model, prompt, tree=tree, max_new_tokens=60)
@@ -271,7 +270,7 @@ def test_tree_forward_equals_per_path_sequential_decoding(monkeypatch, attn, tre
     spy.consume(hydra_generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=4, stop_token_ids=[])))
     spy.close()
     assert len(spy.proposals) >= 2 and len(spy.verified) == len(spy.proposals)
-    for (buffers, _, root, emitted, tokens), logits in zip(spy.proposals, spy.verified):
+    for (buffers, _, root, emitted, tokens), logits in zip(spy.proposals, spy.verified, strict=True):
         assert emitted[-1] == root and int(tokens[0]) == root
         assert logits.shape == (buffers.size, VOCAB)
         context = prompt + emitted[:-1]
@@ -350,7 +349,7 @@ def _reference_dynamic(model, spec, ctx, root) -> set[tuple[int, ...]]:
                 hid = heads.head_hidden(d, ctx[None])
             logp = torch.log_softmax(heads.head_logits(d, hid, lm_head)[0].float(), -1)
             top = logp.topk(spec.topk)
-            for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+            for lp, tok in zip(top.values.tolist(), top.indices.tolist(), strict=True):
                 new[path + (tok,)] = score[path] + lp
         score |= new
         frontier = sorted(new, key=lambda p: -new[p])[: spec.topk]
@@ -371,7 +370,8 @@ def test_dynamic_proposals_match_unvectorised_reference(monkeypatch, base, arch)
     model = random_heads(base, arch, seed=11)
     spy = _Spy(monkeypatch, model)
     for spec in ("dynamic:10:4:3:fixed", "dynamic:4:3:2:fixed"):
-        spy.consume(hydra_generate(model, PROMPTS[2], DecodeConfig(tree=spec, max_new_tokens=12, stop_token_ids=[])))
+        spy.consume(hydra_generate(model, PROMPTS[2],
+                                   DecodeConfig(tree=spec, max_new_tokens=12, stop_token_ids=[])))
         assert len(spy.proposals) >= 5
         parsed = gen_mod.resolve_tree(spec, model.config)
         with torch.no_grad():

@@ -89,7 +89,7 @@ def _random_heads(base, tokenizer, arch: str, seed: int) -> HydraModel:
 def _check_lossless(model, prompts, reference, tree=TREE) -> float:
     tokenizer = model.tokenizer
     total_tokens = total_steps = 0
-    for i, (ids, (want, reason)) in enumerate(zip(prompts, reference)):
+    for i, (ids, (want, reason)) in enumerate(zip(prompts, reference, strict=True)):
         config = DecodeConfig(tree=tree, max_new_tokens=NEW_TOKENS)
         tokens, steps = _collect(hydra_generate(model, ids, config))
         assert tokens == want, f"prompt {i}: speculative output differs from greedy decoding"
@@ -131,14 +131,14 @@ def test_greedy_lossless_long_acceptance(real, prompts, reference, monkeypatch):
         row = rows[int(torch.randint(0, rows.shape[0], (1,), generator=gen))].tolist()
         nodes = [x for x in row if x != tree.size][1:]
         depth = int(torch.randint(0, len(nodes) + 1, (1,), generator=gen))
-        for node, tok in zip(nodes[:depth], truth):
+        for node, tok in zip(nodes[:depth], truth, strict=False):
             tokens[node] = tok
         state["moved"] += depth > 0 and nodes[0] != 1
         return tokens.to(ctx.device)
 
     monkeypatch.setattr(gen_mod, "_propose", oracle)
     total_tokens = total_steps = longest = 0
-    for ids, (want, reason) in list(zip(prompts, reference))[:3]:
+    for ids, (want, reason) in list(zip(prompts, reference, strict=True))[:3]:
         state["emitted"], state["truth"] = [], want
         steps = []
         # lookup=0: the accepted paths are the oracle's own (a lookup branch would add deeper ones)
@@ -175,7 +175,7 @@ def test_ar_generate_equals_hf_generate(real, prompts, reference):
     base, _ = real
     eos = base.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    for ids, (want, _) in list(zip(prompts, reference))[:2]:
+    for ids, (want, _) in list(zip(prompts, reference, strict=True))[:2]:
         with torch.no_grad():
             hf = base.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()

@@ -20,7 +20,6 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
-
 from helpers import LocalServer, make_tiny_base, randomize_, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +41,8 @@ class FakeHub(LocalServer):
             def log_message(self, *args):
                 pass
 
-            def _send(self, code: int, body: bytes = b"", headers: dict | None = None, ctype="application/json"):
+            def _send(self, code: int, body: bytes = b"", headers: dict | None = None,
+                      ctype="application/json"):
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -67,12 +67,14 @@ class FakeHub(LocalServer):
                 body = self._body()
                 if path == "/api/repos/create":
                     req = json.loads(body)
-                    repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                    repo_id = (f"{req['organization']}/{req['name']}" if req.get("organization")
+                               else req["name"])
                     url = f"{hub.url}/{repo_id}"
                     if repo_id in hub.repos:
                         return self._json(409, {"error": "You already created this model repo", "url": url})
                     hub.repos[repo_id] = {"files": {}, "sha": "0" * 40,
-                                          "private": req.get("visibility") == "private" or bool(req.get("private"))}
+                                          "private": (req.get("visibility") == "private"
+                                                      or bool(req.get("private")))}
                     return self._json(200, {"url": url, "name": repo_id})
                 parts = path.split("/")  # /api/models/{ns}/{name}/{preupload|commit}/{rev}
                 if len(parts) == 7 and parts[1:3] == ["api", "models"]:
@@ -83,12 +85,14 @@ class FakeHub(LocalServer):
                     if parts[5] == "preupload":
                         files = json.loads(body)["files"]
                         return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                           "shouldIgnore": False, "oid": None} for f in files]})
+                                                           "shouldIgnore": False, "oid": None}
+                                                          for f in files]})
                     if parts[5] == "commit":
                         lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
                         for item in lines:
                             if item["key"] == "file":
-                                repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                                repo["files"][item["value"]["path"]] = base64.b64decode(
+                                    item["value"]["content"])
                             elif item["key"] != "header":
                                 return self._json(400, {"error": f"unsupported commit item {item['key']}"})
                         repo["sha"] = hashlib.sha1(json.dumps(sorted(
@@ -115,9 +119,11 @@ class FakeHub(LocalServer):
                     if len(parts) == 5 or parts[5] == "revision":  # model_info / repo_info
                         return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo["sha"],
                                                 "private": repo["private"],
-                                                "siblings": [{"rfilename": p} for p in sorted(repo["files"])]})
+                                                "siblings": [{"rfilename": p}
+                                                             for p in sorted(repo["files"])]})
                     if parts[5] == "tree":  # list_repo_tree (flat repos only)
-                        return self._json(200, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_oid(d)}
+                        return self._json(200, [{"type": "file", "path": p, "size": len(d),
+                                                 "oid": git_blob_oid(d)}
                                                 for p, d in sorted(repo["files"].items())])
                 # /{ns}/{name}/resolve/{rev}/{file}
                 if len(parts) >= 6 and parts[3] == "resolve":
@@ -128,7 +134,8 @@ class FakeHub(LocalServer):
                     if name not in repo["files"]:
                         return self._error(404, "EntryNotFound", "Entry not found")
                     data = repo["files"][name]
-                    return self._send(200, data, {"X-Repo-Commit": repo["sha"], "ETag": f'"{git_blob_oid(data)}"'},
+                    return self._send(200, data,
+                                      {"X-Repo-Commit": repo["sha"], "ETag": f'"{git_blob_oid(data)}"'},
                                       ctype="application/octet-stream")
                 self._error(404, "EntryNotFound", f"no route {path}")
 
@@ -156,7 +163,8 @@ def hub_env(hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
@@ -170,8 +178,10 @@ def test_upload_then_load_by_repo_id(hub_env, tmp_path):
     from hydra.model import HydraModel
 
     base = make_tiny_base()
-    heads = save_heads(base, tmp_path / "heads", "some/base-model", hydra_num_heads=3, hydra_head_arch="prefix-mlp")
-    assert main(["--folder", str(heads), "--repo", "me/tiny-heads", "--endpoint", hub_env.url, "--private"]) == 0
+    heads = save_heads(base, tmp_path / "heads", "some/base-model", hydra_num_heads=3,
+                       hydra_head_arch="prefix-mlp")
+    assert main(["--folder", str(heads), "--repo", "me/tiny-heads", "--endpoint", hub_env.url,
+                 "--private"]) == 0
     repo = hub_env.repos["me/tiny-heads"]
     assert repo["private"] is True
     assert repo["files"]["config.json"] == (heads / "config.json").read_bytes()
@@ -198,13 +208,15 @@ def test_cli_chats_with_heads_loaded_by_hub_id(hub, tmp_path):
     heads = tmp_path / "heads"
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_fake",
                HF_HUB_OFFLINE="0", TOKENIZERS_PARALLELISM="false")
-    up = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "--folder", str(heads), "--repo", "me/chat-heads"],
+    up = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "--folder", str(heads),
+                         "--repo", "me/chat-heads"],
                         check=False, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
     assert up.returncode == 0, up.stderr
     assert "HydraModel.from_pretrained('me/chat-heads')" in up.stdout
-    chat = subprocess.run([sys.executable, "-m", "hydra.inference.cli", "--model", "me/chat-heads", "--device", "cpu",
-                           "--max-new-tokens", "5", "--stats", "--tree", "chain_4"],
-                          input="Hello\n", check=False, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+    chat = subprocess.run([sys.executable, "-m", "hydra.inference.cli", "--model", "me/chat-heads",
+                           "--device", "cpu", "--max-new-tokens", "5", "--stats", "--tree", "chain_4"],
+                          input="Hello\n", check=False, capture_output=True, text=True, env=env,
+                          cwd=str(REPO), timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "4 hydra-mlp heads, tree chain_4" in chat.stdout and "[stats] 5 tokens" in chat.stdout
 
@@ -253,6 +265,7 @@ def test_upload_reports_hub_errors(tmp_path, capsys):
 
 
 def test_help_mentions_both_commands():
-    r = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "-h"], check=False, capture_output=True, text=True,
-                       cwd=str(REPO), timeout=120)
-    assert r.returncode == 0 and "--folder" in r.stdout and "--private" in r.stdout and "export-medusa" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "hydra.hf_utils", "-h"], check=False, capture_output=True,
+                       text=True, cwd=str(REPO), timeout=120)
+    assert (r.returncode == 0 and "--folder" in r.stdout and "--private" in r.stdout
+            and "export-medusa" in r.stdout)

@@ -19,10 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "llm_judge"))
 
-import gen_judgement
-import show_result
-import show_speed
-from helpers import LocalServer, write_jsonl
+import gen_judgement  # noqa: E402
+import show_result  # noqa: E402
+import show_speed  # noqa: E402
+from helpers import LocalServer, write_jsonl  # noqa: E402
 
 JUDGE_DATA = REPO / "llm_judge" / "data"
 QUESTIONS = [json.loads(line) for line in (JUDGE_DATA / "mt_bench" / "question.jsonl").open()]
@@ -54,7 +54,8 @@ class FakeJudge(LocalServer):
                 judge.requests.append({"auth": self.headers.get("Authorization"), **body})
                 data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                                    "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply(body)}}]}).encode()
+                                                "message": {"role": "assistant",
+                                                            "content": reply(body)}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -75,7 +76,7 @@ def answer_record(q: dict, model: str, turns: list[str], new_tokens=(10, 20), wa
     choice = {"index": 0, "turns": turns, "new_tokens": list(new_tokens), "wall_time": list(wall),
               "steps": list(steps)}
     if per_step:
-        choice["accept_lengths"] = [spread(n, s) for n, s in zip(new_tokens, steps)]
+        choice["accept_lengths"] = [spread(n, s) for n, s in zip(new_tokens, steps, strict=True)]
     return {"question_id": q["question_id"], "answer_id": "a", "model_id": model, "tstamp": 0.0,
             "choices": [choice]}
 
@@ -85,7 +86,8 @@ def answers(tmp_path) -> Path:
     d = tmp_path / "model_answer"
     for model in ("model-a", "model-b"):
         write_jsonl(d / f"{model}.jsonl", [answer_record(q, model, [f"{model} answer 1 to {q['question_id']}",
-                                                                    f"{model} answer 2"]) for q in (WRITING, MATH)])
+                                                                    f"{model} answer 2"])
+                                           for q in (WRITING, MATH)])
     return d
 
 
@@ -99,7 +101,8 @@ def test_judging_against_a_local_openai_compatible_server(answers, tmp_path, mon
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     out = tmp_path / "judgment.jsonl"
     with FakeJudge(fail_first=1) as judge:
-        assert gen_judgement.main(judge_args(answers, out, judge.url, "--parallel", "2", "--max-retries", "2")) == 0
+        assert gen_judgement.main(judge_args(answers, out, judge.url, "--parallel", "2",
+                                             "--max-retries", "2")) == 0
         assert len(judge.requests) == 8  # 2 models x 2 questions x 2 turns (one 500 retried)
         assert all(r["auth"] == "Bearer test-key" and r["model"] == "judge-x" and r["temperature"] == 0
                    for r in judge.requests)
@@ -110,14 +113,17 @@ def test_judging_against_a_local_openai_compatible_server(answers, tmp_path, mon
     records = [json.loads(line) for line in out.open()]
     assert len(records) == 8 and all(r["score"] == 8 for r in records)
     by_key = {(r["model"], r["question_id"], r["turn"]): r for r in records}
-    ref = json.loads(next(line for line in (JUDGE_DATA / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()
+    ref = json.loads(next(line
+                          for line in (JUDGE_DATA / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()
                           if json.loads(line)["question_id"] == MATH["question_id"]))
     math1 = by_key[("model-a", MATH["question_id"], 1)]
     assert math1["judge"] == ["judge-x", "single-math-v1"]
-    assert ref["choices"][0]["turns"][0] in math1["user_prompt"] and "model-a answer 1" in math1["user_prompt"]
+    assert (ref["choices"][0]["turns"][0] in math1["user_prompt"]
+            and "model-a answer 1" in math1["user_prompt"])
     math2 = by_key[("model-b", MATH["question_id"], 2)]
     assert math2["judge"] == ["judge-x", "single-math-v1-multi-turn"]
-    assert ref["choices"][0]["turns"][1] in math2["user_prompt"] and "model-b answer 2" in math2["user_prompt"]
+    assert (ref["choices"][0]["turns"][1] in math2["user_prompt"]
+            and "model-b answer 2" in math2["user_prompt"])
     assert by_key[("model-a", WRITING["question_id"], 1)]["judge"] == ["judge-x", "single-v1"]
     w2 = by_key[("model-a", WRITING["question_id"], 2)]
     assert w2["judge"] == ["judge-x", "single-v1-multi-turn"] and WRITING["turns"][1] in w2["user_prompt"]
@@ -152,7 +158,8 @@ def test_parse_rating():
 
 def test_no_endpoint_is_a_clear_message(answers):
     env = {k: v for k, v in os.environ.items() if k not in gen_judgement.ENDPOINT_ENVS}
-    r = subprocess.run([sys.executable, str(REPO / "llm_judge" / "gen_judgement.py"), "--answer-dir", str(answers)],
+    r = subprocess.run([sys.executable, str(REPO / "llm_judge" / "gen_judgement.py"),
+                        "--answer-dir", str(answers)],
                        check=False, capture_output=True, text=True, env=env, cwd=str(REPO.parent), timeout=60)
     assert r.returncode == 2
     assert "no judge endpoint configured" in r.stderr and "--judge-endpoint" in r.stderr

@@ -13,10 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "llm_judge"))
 
-import answer_common
-from helpers import save_tiny_model
+import answer_common  # noqa: E402
+from helpers import save_tiny_model  # noqa: E402
 
-QUESTIONS = [json.loads(line) for line in (REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl").open()]
+QUESTIONS = [json.loads(line)
+             for line in (REPO / "llm_judge" / "data" / "mt_bench" / "question.jsonl").open()]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def run(method: str, tiny: Path, answer_file: Path, *extra: str) -> int:
-    return answer_common.main(method, ["--model-path", str(tiny / "heads"), "--question-file", str(tiny / "q.jsonl"),
+    return answer_common.main(method, ["--model-path", str(tiny / "heads"),
+                                       "--question-file", str(tiny / "q.jsonl"),
                                        "--answer-file", str(answer_file), "--max-new-token", "6", "--dtype",
                                        "float32", "--device", "cpu", "--warmup", "0", *extra])
 
@@ -57,7 +59,8 @@ def test_answers_format_resume_and_greedy_equality(tiny, tmp_path):
                     assert set(c["accept_lengths"][t]) == {1}
             # the second turn prefilled only what follows the first (the question's own prompt cache)
             assert c["reused_prompt_tokens"][0] == 0 and c["reused_prompt_tokens"][1] > 0
-            assert c["prompt_tokens"][1] > c["reused_prompt_tokens"][1] and c["prompt_tokens"][1] > c["prompt_tokens"][0]
+            assert (c["prompt_tokens"][1] > c["reused_prompt_tokens"][1]
+                    and c["prompt_tokens"][1] > c["prompt_tokens"][0])
             assert all(0 < f <= w for f, w in zip(c["first_token_time"], c["wall_time"], strict=True))
     assert read(hyd)[0]["decoding"]["tree"] == "tree_16" and read(hyd)[0]["decoding"]["pace"] is True
     assert read(hyd)[0]["decoding"]["lookup"] == 6
@@ -91,12 +94,12 @@ def test_question_range_and_missing_heads(tiny, tmp_path, monkeypatch):
 
 def test_scripts_help_runs_from_any_directory(tmp_path):
     for script in ("gen_model_answer_hydra.py", "gen_model_answer_baseline.py"):
-        r = subprocess.run([sys.executable, str(REPO / "llm_judge" / script), "-h"], check=False, capture_output=True,
-                           text=True, cwd=str(tmp_path), timeout=120)
+        r = subprocess.run([sys.executable, str(REPO / "llm_judge" / script), "-h"], check=False,
+                           capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
         assert r.returncode == 0, r.stderr
-        for flag in ("--model-path", "--base-model", "--model-id", "--answer-file", "--dtype", "--temperature",
-                     "--max-new-token", "--question-file", "--question-begin", "--question-end", "--warmup",
-                     "--num-threads"):
+        for flag in ("--model-path", "--base-model", "--model-id", "--answer-file", "--dtype",
+                     "--temperature", "--max-new-token", "--question-file", "--question-begin",
+                     "--question-end", "--warmup", "--num-threads"):
             assert flag in r.stdout
         assert ("--tree" in r.stdout) == ("hydra" in script)
 
@@ -147,7 +150,8 @@ def test_malformed_question_line_names_file_and_line(tiny, tmp_path):
 def test_tilde_in_answer_and_question_files(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "q.jsonl").write_text((tiny / "q.jsonl").read_text())
-    assert answer_common.main("baseline", ["--model-path", str(tiny / "heads"), "--question-file", "~/q.jsonl",
-                                           "--answer-file", "~/out/a.jsonl", "--max-new-token", "2", "--dtype",
-                                           "float32", "--device", "cpu", "--warmup", "0"]) == 0
+    assert answer_common.main("baseline", ["--model-path", str(tiny / "heads"),
+                                           "--question-file", "~/q.jsonl", "--answer-file", "~/out/a.jsonl",
+                                           "--max-new-token", "2", "--dtype", "float32", "--device", "cpu",
+                                           "--warmup", "0"]) == 0
     assert len(read(tmp_path / "out" / "a.jsonl")) == 2

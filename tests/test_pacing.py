@@ -80,8 +80,8 @@ def test_heads_that_pay_keep_speculating():
     the first and one per REMEASURE_EVERY speculative steps, plus a few rests after runs of one-token steps
     (15 of 300 steps on seed 0, where a newest-step weight of 0.15 benched the heads for 52)."""
     for seed in range(4):
-        decisions, speed = drive(Pacer(), 300, 1.22, lambda rng: 1 + (rng.random() < 0.45) + (rng.random() < 0.15),
-                                 seed)
+        decisions, speed = drive(Pacer(), 300, 1.22,
+                                 lambda rng: 1 + (rng.random() < 0.45) + (rng.random() < 0.15), seed)
         assert sum(not d for d in decisions) <= 300 // (REMEASURE_EVERY + 1) + 16
         assert speed > 1.25
 
@@ -223,7 +223,7 @@ def test_replay_walks_recorded_steps_by_token_position():
     assert score([losing] * 4, 0.08) > 0.9
 
     recorder = RecordingPacer()
-    for k in range(8):
+    for _k in range(8):
         speculated = recorder.speculate()
         recorder.record(0.1, 2 if speculated else 1, speculated)
     assert [s for _, _, s in recorder.steps] == [False, True, True, True] * 2

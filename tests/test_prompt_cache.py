@@ -123,7 +123,7 @@ def test_a_call_stopped_between_steps_leaves_what_it_had_decided(arch):
     cache = PromptCache()
     config = DecodeConfig(stop_token_ids=[], max_new_tokens=60, prompt_cache=cache)
     steps = hydra_generate(model, PROMPT, config)
-    decided = [t for _, step in zip(range(4), steps) for t in step.tokens]
+    decided = [t for _, step in zip(range(4), steps, strict=False) for t in step.tokens]
     steps.close()
     prompt = PROMPT + decided + [1, 2]
     assert reply(model, prompt, cache) == reply(model, prompt)

@@ -52,7 +52,8 @@ def test_int4_kernel_layout():
 
 
 def test_q4_1_blocks_match_gguf_dequantize():
-    """The packed layer built from Q4_1 blocks (zero = m + 8d) is gguf's own dequantisation of those blocks."""
+    """The packed layer built from Q4_1 blocks (zero = m + 8d) is gguf's own dequantisation of those
+    blocks."""
     n, k = 32, 128
     raw = quants.quantize(_random_weight(n, k), GGMLQuantizationType.Q4_1)
     ref = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_1))
@@ -86,12 +87,14 @@ def test_requantised_layers_stay_within_half_a_step():
     int8 = int8_from_weight(w, torch.float32)
     assert ((int8.dequantize() - w).abs() <= int8.scale[:, None] / 2 + 1e-6).all()
     q8 = q8_from_weight(w, torch.float32)
-    steps = q8.scales_and_zeros[:w.shape[1] // GROUP, :, 0].T.repeat_interleave(GROUP, 1) / 16  # d = (16d) / 16
+    # d = (16d) / 16
+    steps = q8.scales_and_zeros[:w.shape[1] // GROUP, :, 0].T.repeat_interleave(GROUP, 1) / 16
     assert ((q8.dequantize() - w).abs() <= steps / 2 + 1e-6).all() and q8.weight is w
 
 
 @pytest.mark.parametrize("quant,attention", [("int4", "sdpa"), ("int8", "sdpa"), ("int4", FP32_ATTENTION)])
-def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factory, randomize, quant, attention):
+def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factory, randomize, quant,
+                                                                attention):
     """Verification runs the quantized base itself, so greedy speculative decoding == plain greedy decoding
     of the quantized base (fp32 activations here, as the fp32 losslessness tests; bf16 is measured, README).
     With the fp32 attention that quantized bases use, tree masks reach it in additive form."""
@@ -105,7 +108,8 @@ def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factor
         use_fp32_attention(base)
     linear = Int4Linear if quant == "int4" else Int8Linear
     layer = base.model.layers[0]
-    assert all(isinstance(m, linear) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj))
+    assert all(isinstance(m, linear)
+               for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj))
     assert base.lm_head.weight is float_out  # what the heads read
     with torch.inference_mode():
         quant_logits = base(torch.tensor([PROMPTS[2]])).logits
@@ -115,7 +119,8 @@ def test_greedy_speculative_equals_greedy_on_the_quantized_base(tiny_base_factor
         model = HydraModel(base, HydraConfig(hydra_num_heads=4, hydra_num_layers=2, hydra_head_arch=arch))
         randomize(model.heads, seed=1, scale=0.3)
         for prompt in PROMPTS:
-            ar = generate(model, prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=[]), speculative=False)
+            ar = generate(model, prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=[]),
+                          speculative=False)
             for tree in TREES:
                 out = generate(model, prompt, DecodeConfig(tree=tree, max_new_tokens=30, stop_token_ids=[]))
                 assert out.tokens == ar.tokens, (quant, arch, tree, prompt)
@@ -348,7 +353,8 @@ def test_dynamic_trees_price_steps_with_the_base_s_measured_costs(monkeypatch, t
     seen = []
     choose = gen_mod.choose_size
     monkeypatch.setattr(gen_mod, "choose_size",
-                        lambda scores, overhead, tree: seen.append(tree.costs) or choose(scores, overhead, tree))
+                        lambda scores, overhead, tree: (seen.append(tree.costs)
+                                                        or choose(scores, overhead, tree)))
     for quant, want in ((None, StepCosts()), ("int4", INT4_STEP_COSTS)):
         base = tiny_base_factory(seed=3)
         if quant:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import save_tiny_model
 
 from hydra.data.self_distill import length_sorted_batches, main, read_done_ids, read_prompts
 from hydra.data.sharegpt import load_sharegpt
-
-from helpers import save_tiny_model
 
 PROMPTS = [
     {"id": "p0", "source": "t", "turns": ["Say hello."]},

@@ -32,7 +32,8 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     heads = save_tiny_served_model(folder)
     server = Server(
-        "--model", str(heads), "--dtype", "float32", "--max-queue", "8", "--no-pace", log=folder / "server.log"
+        "--model", str(heads), "--dtype", "float32", "--max-queue", "8", "--no-pace",
+        log=folder / "server.log"
     )
     model, _ = load_model(str(heads), dtype="float32", device="cpu")
     yield server, model
@@ -124,8 +125,8 @@ def test_stop_strings_cut_the_reply(served, client):
                   if stop in model.tokenizer.decode(out.tokens[:n], skip_special_tokens=True))
     for stream in (False, True):
         extra = {"stream_options": {"include_usage": True}} if stream else {}
-        got, finishes, usage, _ = ask(client, "Tell me a story.", stream, max_tokens=24, stop=[stop, "\x00never"],
-                                      **extra)
+        got, finishes, usage, _ = ask(client, "Tell me a story.", stream, max_tokens=24,
+                                      stop=[stop, "\x00never"], **extra)
         assert got == want and finishes == ["stop"], stream
         assert usage.completion_tokens == needed < len(out.tokens), stream
     # a speculative step that decides the stop's last token and more after it counts only up to the stop
@@ -389,7 +390,8 @@ def test_lookup_reaches_every_request(served):
 
 def test_requests_are_paced_unless_seeded(served):
     """With pacing on (the server's default), requests are decoded paced by one Pacer that carries over from
-    request to request, with the same greedy reply; a seeded request is not paced, so that its samples repeat."""
+    request to request, with the same greedy reply; a seeded request is not paced, so that its samples
+    repeat."""
     from fastapi.testclient import TestClient
 
     from hydra.serve.app import create_app
@@ -400,8 +402,10 @@ def test_requests_are_paced_unless_seeded(served):
             "temperature": 0}
     with TestClient(create_app(engine, MODEL, pace=True)) as http:
         greedy = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
-        assert http.post("/v1/chat/completions", json={**body, "temperature": 1, "seed": 3}).status_code == 200
-        assert http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == greedy
+        assert http.post("/v1/chat/completions",
+                         json={**body, "temperature": 1, "seed": 3}).status_code == 200
+        assert (http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+                == greedy)
     paced = [c.pace for c in configs]
     assert isinstance(paced[0], Pacer) and paced[1] is False and paced[2] is paced[0]
     assert paced[0].probes > 0  # the heads were timed (and the second unseeded request started from that)
@@ -433,7 +437,8 @@ def test_a_next_turn_prefills_only_what_follows_the_previous_request(served):
     usage = events[-1]["usage"]
     ids = render_prompt(model.tokenizer, turns)
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert len(chat_ids(model, "Tell me a story.")) <= usage["prompt_tokens_details"]["cached_tokens"] < len(ids)
+    assert (len(chat_ids(model, "Tell me a story."))
+            <= usage["prompt_tokens_details"]["cached_tokens"] < len(ids))
     assert text == expected(model, ids, max_new_tokens=16)[0]
 
 
@@ -507,7 +512,8 @@ def test_a_stream_closed_while_queued_does_not_keep_the_model():
 
 def test_messages_the_chat_template_rejects_are_a_400(served, monkeypatch):
     """A template's raise_exception (e.g. Mistral's on a role order it does not take) throws jinja2's
-    TemplateError, not a ValueError: it must still be a 400 naming the messages, and the server keeps serving."""
+    TemplateError, not a ValueError: it must still be a 400 naming the messages, and the server keeps
+    serving."""
     from fastapi.testclient import TestClient
     from jinja2 import TemplateError
 
@@ -516,7 +522,8 @@ def test_messages_the_chat_template_rejects_are_a_400(served, monkeypatch):
 
     _, model = served
     engine = Engine(model, has_heads=True)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0}
     render = app_module.render_prompt
     with TestClient(app_module.create_app(engine, MODEL)) as http:
         def rejecting(tokenizer, messages):

@@ -1,4 +1,5 @@
-"""--head_init medusa: a fresh grounded head computes what a fresh Medusa head computes from the same context."""
+"""--head_init medusa: a fresh grounded head computes what a fresh Medusa head computes from the same
+context."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def test_fresh_grounded_head_equals_fresh_medusa_head(tiny_base):
     before = grounded(ids).head_hidden
     init_heads_like_medusa(grounded)
     with torch.no_grad():  # the weights a Medusa head has and a grounded one shares: take them over
-        for g, m in zip(grounded.heads.mlps, medusa.heads.mlps):
+        for g, m in zip(grounded.heads.mlps, medusa.heads.mlps, strict=True):
             m.blocks[0].linear.bias.copy_(g.blocks[0].linear.bias)
-            for gb, mb in zip(g.blocks[1:], m.blocks[1:]):
+            for gb, mb in zip(g.blocks[1:], m.blocks[1:], strict=True):
                 mb.load_state_dict(gb.state_dict())
     out_g, out_m = grounded(ids), medusa(ids)
     torch.testing.assert_close(out_g.head_hidden, out_m.head_hidden)

@@ -78,7 +78,7 @@ def test_chunked_equals_reference(tiny_base, randomize, arch, share_lm_head):
                                  chunk_size=chunk)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
-        for p, g, r in zip(params, grads, ref_grads):
+        for _p, g, r in zip(params, grads, ref_grads, strict=True):
             if r is None:
                 assert g is None or torch.count_nonzero(g) == 0
             else:
@@ -124,7 +124,7 @@ def test_draft_vocab_loss_equals_reference(tiny_base, randomize, arch, share_lm_
                              vocab=vocab, topk=True)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         if r is None:
             assert g is None or torch.count_nonzero(g) == 0
         else:
@@ -240,7 +240,7 @@ def test_few_steps_lower_the_loss(tiny_base, arch, loss_kind):
         loss.backward()
         opt.step()
     after = per_head()
-    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
 
 
 def test_bf16_autocast_close_to_fp32(tiny_base, randomize):

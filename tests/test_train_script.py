@@ -204,7 +204,8 @@ def test_hidden_state_cache_matches_recomputing(tiny_setup, tmp_path, reads):
     flags_file = (folder / "filled.bin").read_bytes()
     assert sum(flags_file) >= 12  # 8 steps x 4 rows cover every train row of the ~15, plus the val row(s)
     if sum(flags_file) < len(flags_file):  # some row unseen: the fill stage completes it
-        assert train.main(_args(model_dir, data, tmp_path / "fill", fill_hidden_cache="only", **cache_flags)) == 0
+        assert train.main(_args(model_dir, data, tmp_path / "fill", fill_hidden_cache="only",
+                                **cache_flags)) == 0
     assert features.joinpath(folder.name) == next(features.iterdir())  # still one folder: reused, not rebuilt
     assert all((folder / "filled.bin").read_bytes())
     again = tmp_path / "again"  # every row read from the cache: still the same heads
@@ -238,8 +239,9 @@ def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
 
 def _continue_with_option(tiny_setup, tmp_path, new_weights: str, **option):
     """Train Hydra++ heads without `option`, then continue them with it (--init_heads). The option's weights
-    (names starting with `new_weights`) start as a no-op, so the second run's first evaluation equals the first
-    run's last; its last differs (training moved them). Returns (second run's weights, its loaded model)."""
+    (names starting with `new_weights`) start as a no-op, so the second run's first evaluation equals the
+    first run's last; its last differs (training moved them). Returns (second run's weights, its loaded
+    model)."""
     model_dir, data = tiny_setup
     flags = dict(max_steps=3, per_device_train_batch_size=4, eval_steps=3, hydra_head_arch="prefix-mlp",
                  teacher_loss_weight=1.0, lm_loss_weight=0.0)
@@ -327,20 +329,22 @@ def test_paths_expand_the_home_folder(monkeypatch, tmp_path):
          "--draft_vocab", "~/v.safetensors", "--hidden_cache_dir", "~/f", "--init_heads", "~/h"])
     assert data_args.data_path == str(tmp_path / "d.jsonl") and args.output_dir == str(tmp_path / "out")
     assert model_args.model_name_or_path == str(tmp_path / "m")
-    assert args.draft_vocab == str(tmp_path / "v.safetensors") and args.hidden_cache_dir == str(tmp_path / "f")
+    assert (args.draft_vocab == str(tmp_path / "v.safetensors")
+            and args.hidden_cache_dir == str(tmp_path / "f"))
     assert args.init_heads == str(tmp_path / "h")
 
 
 def test_pipeline_stage_markers(tmp_path):
-    """run_stages: a stage runs until it succeeds once, then is skipped; a failed stage stops the run without a
-    marker, and the next run starts at it (not before it)."""
+    """run_stages: a stage runs until it succeeds once, then is skipped; a failed stage stops the run without
+    a marker, and the next run starts at it (not before it)."""
     from hydra.train.pipeline import Stage, run_stages
 
     calls = tmp_path / "calls.txt"
 
     def stage(name: str, fail_flag: Path | None = None) -> Stage:
         code = (f"import pathlib, sys; pathlib.Path({str(calls)!r}).open('a').write({name!r} + '\\n'); "
-                f"sys.exit(3 if {fail_flag is not None} and pathlib.Path({str(fail_flag)!r}).exists() else 0)")
+                f"sys.exit(3 if {fail_flag is not None} and pathlib.Path({str(fail_flag)!r}).exists() "
+                "else 0)")
         return Stage(name, [sys.executable, "-c", code], work=1.0)
 
     flag = tmp_path / "fail"
@@ -396,7 +400,8 @@ def test_pipeline_several_data_files(tmp_path):
     with gzip.open(b, "wt") as f:
         f.write('{"id": 2}\n' * 5)
     assert count_conversations([str(a), str(b), str(tmp_path / "missing.jsonl")]) == 8
-    todo = {s.name: s for s in stages(parse_args(["--workdir", str(tmp_path / "w"), "--data", str(a), str(b)]))}
+    todo = {s.name: s
+            for s in stages(parse_args(["--workdir", str(tmp_path / "w"), "--data", str(a), str(b)]))}
     assert "distill" not in todo
     cmd = todo["split"].cmd
     assert cmd[cmd.index("--input") + 1] == str(a)
@@ -416,12 +421,14 @@ def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_pat
     model_dir, data = tiny_setup
     save_file({"token_ids": torch.arange(0, 2000)}, str(tmp_path / "dv.safetensors"))
     argv = [str(REPO / "scripts" / "train_default_heads.sh"), "--workdir", str(tmp_path / "w"),
-            "--data", str(data), "--base-model", str(model_dir), "--draft-vocab", str(tmp_path / "dv.safetensors"),
-            "--epochs", "3", "--rows", "4", "--max-length", "256", "--save-steps", "1", "--skip", "tree", "mtbench"]
+            "--data", str(data), "--base-model", str(model_dir),
+            "--draft-vocab", str(tmp_path / "dv.safetensors"), "--epochs", "3", "--rows", "4",
+            "--max-length", "256", "--save-steps", "1", "--skip", "tree", "mtbench"]
     env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(argv, capture_output=True, text=True, timeout=600,
                            env={**env, train.EXIT_AFTER_ENV: "2"})
-    assert first.returncode != 0 and "stage train failed" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    assert first.returncode != 0 and "stage train failed" in first.stdout, (
+        first.stdout[-2000:] + first.stderr[-2000:])
     done = tmp_path / "w" / ".done"
     assert sorted(p.name for p in done.iterdir()) == ["features", "split"]
     heads = tmp_path / "w" / "heads"

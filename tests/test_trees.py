@@ -69,7 +69,8 @@ def _check_consistent(tree) -> None:
     # exactly what the vectorised proposal does with token rows (decoding relies on it).
     rows = [()]
     for d in range(tree.max_depth):
-        level = [rows[r] + (k,) for r, k in zip(tree.parent_row[d].tolist(), tree.rank[d].tolist())]
+        level = [rows[r] + (k,)
+                 for r, k in zip(tree.parent_row[d].tolist(), tree.rank[d].tolist(), strict=True)]
         assert level == [p for p in paths if len(p) == d + 1]
         assert tree.topk[d] == max(p[-1] for p in level) + 1
         rows = [level[j] for j in tree.expand[d].tolist()]
@@ -122,7 +123,7 @@ def test_padding_uses_sentinel_slot_not_last_node():
     lengths = (tree.retrieve < t).sum(1)
     # leaves at depth 2..4 (+ root): every depth-1 node has children
     assert set(lengths.tolist()) == {3, 4, 5}
-    for row, n in zip(tree.retrieve.tolist(), lengths.tolist()):
+    for row, n in zip(tree.retrieve.tolist(), lengths.tolist(), strict=True):
         assert row[n:] == [t] * (5 - n)
         assert t - 1 not in row or row.index(t - 1) == n - 1  # the last node appears only as a real leaf
     # A one-node tree: padding-free; a chain has no padding either.
@@ -177,7 +178,7 @@ def test_to_device_keeps_everything():
     assert all(isinstance(x, torch.Tensor) for x in tree.parent_row + tree.rank + tree.expand)
 
 
-# --- dynamic trees: per-step selection ------------------------------------------------------------------------
+# --- dynamic trees: per-step selection ----------------------------------------------------------------------
 def _random_candidates(seed: int, depth: int = 4, k: int = 3, ties: bool = False):
     """Candidates as an EAGLE-2 expansion makes them: proposal order, every parent before its children, a
     child's score = its parent's + a log-probability <= 0 (exactly 0 for some nodes when `ties`)."""
@@ -243,7 +244,7 @@ def test_select_step_tree_ties_keep_parents_first():
     assert keep.tolist() == [0, 1, 2, 3] and tree.parent.tolist() == [-1, 0, 0, 1]
 
 
-# --- dynamic trees: spec, size rule, resolve_tree ---------------------------------------------------------------
+# --- dynamic trees: spec, size rule, resolve_tree -----------------------------------------------------------
 def test_parse_dynamic_tree():
     assert parse_dynamic_tree("dynamic", 4) == DynamicTree(8, 4, 4)
     assert parse_dynamic_tree("dynamic:16", 3) == DynamicTree(16, 3, 4)
@@ -268,7 +269,8 @@ def test_resolve_tree_precedence_and_depth_check():
             resolve_tree(deep, heads)
     with pytest.raises(ValueError, match="unknown tree"):
         resolve_tree("no_such_tree", heads)
-    with pytest.raises(ValueError, match="unknown tree 'dynamic8'.*dynamic:8"):  # a typo names the dynamic form
+    # a typo names the dynamic form
+    with pytest.raises(ValueError, match="unknown tree 'dynamic8'.*dynamic:8"):
         resolve_tree("dynamic8", heads)
 
 

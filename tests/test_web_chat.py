@@ -108,7 +108,8 @@ def run_conversation(driver, server: Server, model, max_tokens: int, first: str,
 
 def test_web_chat_streams_and_toggles(tmp_path, browser):
     heads = save_tiny_served_model(tmp_path)
-    server = Server("--model", str(heads), "--dtype", "float32", "--max-tokens", "48", log=tmp_path / "server.log")
+    server = Server("--model", str(heads), "--dtype", "float32", "--max-tokens", "48",
+                    log=tmp_path / "server.log")
     try:
         model, _ = load_model(str(heads), dtype="float32", device="cpu")
         run_conversation(browser, server, model, 48, "Hello, who are you?", "Tell me more.")

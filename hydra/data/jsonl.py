@@ -33,7 +33,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every record of a JSON Lines file; a line that is not a JSON object is a ValueError naming file:line."""
+    """Every record of a JSON Lines file; a line that is not a JSON object is a ValueError naming
+    file:line."""
     records = []
     for line_no, record in iter_jsonl(path):
         if not isinstance(record, dict):

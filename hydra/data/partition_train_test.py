@@ -22,8 +22,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,9 +45,9 @@ def split_records(records: Sequence[Any], test_size: float = 0.05,
     else:
         raise ValueError(f"test_size must be a fraction in (0, 1) or a count in [0, {n}], got {test_size}")
     if n_test >= n:  # e.g. a single conversation: the validation share (rounded up) takes it
-        raise ValueError(f"{n} conversation{'s' if n != 1 else ''} cannot be split into training and validation "
-                         f"sets ({n_test} would go to validation, none to training): give at least "
-                         f"{n_test + 1}, or a folder with train.jsonl and val.jsonl")
+        raise ValueError(f"{n} conversation{'s' if n != 1 else ''} cannot be split into training and "
+                         f"validation sets ({n_test} would go to validation, none to training): give at "
+                         f"least {n_test + 1}, or a folder with train.jsonl and val.jsonl")
     permutation = np.random.default_rng(seed).permutation(n)
     val = [records[i] for i in permutation[:n_test]]
     train = [records[i] for i in permutation[n_test:]]

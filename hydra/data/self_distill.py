@@ -19,8 +19,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -45,7 +46,8 @@ def read_prompts(path: str | os.PathLike, num_prompts: int | None = None,
         prompt = _to_prompt(record)
         if prompt is None:
             raise ValueError(f"{Path(path).expanduser()}:{line_no}: expected {{'id', 'turns': [str, ...]}} "
-                             "or a ShareGPT record whose 'conversations' is a list of {'from', 'value'} turns")
+                             "or a ShareGPT record whose 'conversations' is a list of {'from', 'value'} "
+                             "turns")
         if prompt["id"] not in seen:  # an id is the resume key: keep its first occurrence only
             seen.add(prompt["id"])
             prompts.append(prompt)
@@ -95,7 +97,7 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     new = output[:, batch["input_ids"].shape[1]:].cpu()
     is_stop = torch.isin(new, torch.tensor(list(stop_ids)))
     results = []
-    for row, stops in zip(new, is_stop):
+    for row, stops in zip(new, is_stop, strict=True):
         hit_limit = not bool(stops.any())
         n = len(row) if hit_limit else int(stops.nonzero()[0, 0])
         reply = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
@@ -130,8 +132,8 @@ def distill_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
             texts.append(text)
         if not active:
             break
-        for i, (reply, hit_limit, n_new) in zip(active, generate_replies(model, tokenizer, texts,
-                                                                         generation_config, stop_ids)):
+        for i, (reply, hit_limit, n_new) in zip(
+                active, generate_replies(model, tokenizer, texts, generation_config, stop_ids), strict=True):
             counts["new_tokens"] += n_new
             if not reply:  # keep the turns before it; a record with no reply at all is not written
                 alive[i] = False
@@ -140,7 +142,8 @@ def distill_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
             counts["truncated_replies"] += hit_limit
             histories[i].append({"role": "user", "content": prompts[i]["turns"][turn]})
             histories[i].append({"role": "assistant", "content": reply, "truncated": hit_limit})
-    records = [_to_sharegpt(prompt, history) for prompt, history in zip(prompts, histories) if history]
+    records = [_to_sharegpt(prompt, history)
+               for prompt, history in zip(prompts, histories, strict=True) if history]
     return records, counts
 
 

@@ -20,8 +20,9 @@ import gzip
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase

@@ -3,7 +3,8 @@
 Usage:
     python -m hydra.inference.cli                                  # the shipped heads on the default model
     python -m hydra.inference.cli --model HEADS_DIR_OR_HUB_ID [--base-model MODEL] [--stats]
-    python -m hydra.inference.cli --temperature 0.7 --sampling typical --tree mc_sim_7b_63 --max-new-tokens 256
+    python -m hydra.inference.cli --temperature 0.7 --sampling typical --tree mc_sim_7b_63 \
+        --max-new-tokens 256
 
 Commands typed at the prompt (FastChat conventions):
     !!exit            leave (so do Ctrl-D and Ctrl-C at the prompt)
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior-alpha", type=float, default=None, help="typical acceptance delta")
     p.add_argument("--tree", type=os.path.expanduser, default=None,
                    help="candidate tree: a name in hydra.model.trees, a JSON file, or "
-                        "dynamic[:N[:DEPTH[:K]]][:fixed] (grown per step from the heads' confidence) (default: the heads' own)")
+                        "dynamic[:N[:DEPTH[:K]]][:fixed] (grown per step from the heads' confidence) "
+                        "(default: the heads' own)")
     p.add_argument("--lookup", type=int, default=None,
                    help="draft up to this many tokens per step by prompt lookup too, copied from where the "
                         "conversation's last tokens occurred before (0: off; default: the engine's)")
@@ -73,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compilation of a minute or two on a CPU the first time, seconds later; see README, "
                         "Compiled decoder")
     p.add_argument("--no-pace", action="store_true",
-                   help="run the heads on every step, even while they decide fewer tokens per second than plain "
-                        "steps (default: they rest then, unless --seed is given, so seeded replies repeat)")
+                   help="run the heads on every step, even while they decide fewer tokens per second than "
+                        "plain steps (default: they rest then, unless --seed is given, so seeded replies "
+                        "repeat)")
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stats", action="store_true",
@@ -87,7 +90,8 @@ class Chat:
 
     def __init__(self, model, speculative: bool, config, system: str | None, out: TextIO, stats: bool):
         self.model, self.tokenizer = model, model.tokenizer
-        self.speculative, self.config, self.system, self.out, self.stats = speculative, config, system, out, stats
+        self.speculative, self.config, self.system = speculative, config, system
+        self.out, self.stats = out, stats
         self.messages: list[dict] = []
         self.reset()
 
@@ -151,15 +155,18 @@ class Chat:
         self.messages.append({"role": "assistant",
                               "content": self.tokenizer.decode(tokens, skip_special_tokens=True).strip()})
         if reason == "length":
-            self._say(f"[the context ({context} tokens) is full: the reply was cut; type !!reset to start over]")
+            self._say(f"[the context ({context} tokens) is full: the reply was cut; "
+                      "type !!reset to start over]")
         elif reason == "max_new_tokens":
             self._say(f"[reply stopped at --max-new-tokens {self.config.max_new_tokens}]")
         if self.stats:
             n = len(tokens)
             tau = mean_accept_length(accept_lengths) if len(accept_lengths) > 1 else 1.0
             cache = self.config.prompt_cache
-            reused = f", {cache.reused_tokens} of {len(ids)} prompt tokens reused" if cache is not None else ""
-            self._say(f"[stats] {n} tokens in {elapsed:.2f} s, {n / elapsed if elapsed > 0 else 0.0:.1f} tokens/s, "
+            reused = (f", {cache.reused_tokens} of {len(ids)} prompt tokens reused" if cache is not None
+                      else "")
+            self._say(f"[stats] {n} tokens in {elapsed:.2f} s, "
+                      f"{n / elapsed if elapsed > 0 else 0.0:.1f} tokens/s, "
                       f"tau {tau:.2f} tokens/step ({len(accept_lengths)} steps){reused}")
         return True
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     speculative = has_heads and not args.ar
     if not has_heads and not args.ar:
-        print(f"[hydra] note: no trained heads in hydra/{DEFAULT_HEADS_DIR.parent.name}/{DEFAULT_HEADS_DIR.name} "
+        print(f"[hydra] note: no trained heads in "
+              f"hydra/{DEFAULT_HEADS_DIR.parent.name}/{DEFAULT_HEADS_DIR.name} "
               "and no --model given: plain autoregressive decoding", flush=True)
     optional = {"sampling": args.sampling, "posterior_threshold": args.posterior_threshold,
                 "posterior_alpha": args.posterior_alpha, "lookup": args.lookup}
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     what = (f"{cfg.hydra_num_heads} {heads_kind}{cfg.hydra_head_arch} heads, tree {tree_spec(args.tree, cfg)}"
             + (f", prompt lookup {lookup} tokens" if lookup else "")
             if speculative else "plain autoregressive decoding")
-    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} ({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
+    print(f"[hydra] {args.base_model or cfg.base_model_name_or_path} on {device} "
+          f"({args.dtype}{', ' + args.quant if args.quant else ''}), {what}. "
           "Commands: !!exit !!reset !!remove !!regen !!save !!load; Ctrl-D exits.", flush=True)
     chat = Chat(model, speculative, config, args.system, sys.stdout, args.stats)
     run(chat)

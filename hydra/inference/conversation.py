@@ -43,7 +43,8 @@ def converse(model, turns: list[str], generate: Callable, config, cached: bool =
     for i, text in enumerate(turns):
         messages.append({"role": "user", "content": text})
         ids = render_prompt(model.tokenizer, messages)
-        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + i, prompt_cache=cache)
+        cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + i,
+                                  prompt_cache=cache)
         turn = Turn(reply=error_reply, prompt_tokens=len(ids))
         try:
             synchronize(device)

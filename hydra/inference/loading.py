@@ -41,7 +41,8 @@ def load_model(heads: str | Path | None = None, base_model: str | None = None, d
     if heads is None:
         if heads_required:
             raise FileNotFoundError(
-                f"no heads given and none shipped in {DEFAULT_HEADS_DIR.relative_to(DEFAULT_HEADS_DIR.parents[2])}: "
+                f"no heads given and none shipped in "
+                f"{DEFAULT_HEADS_DIR.relative_to(DEFAULT_HEADS_DIR.parents[2])}: "
                 "pass a heads folder or Hub repo id")
         base, tokenizer = load_base_model(base_model, dtype, device, quant=quant)
         config = HydraConfig(hydra_num_heads=1, hydra_head_arch="mlp",

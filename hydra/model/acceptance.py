@@ -74,10 +74,12 @@ def greedy_walk(row_logits: Callable[[int], torch.Tensor], tokens: torch.Tensor,
 
 
 def typical_accept(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
-                   posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> tuple[torch.Tensor, int]:
+                   posterior_threshold: float = 0.09,
+                   posterior_alpha: float = 0.3) -> tuple[torch.Tensor, int]:
     probs = tempered_probs(logits, temperature)
     entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
-    threshold = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
+    threshold = torch.minimum(torch.full_like(entropy, posterior_threshold),
+                              posterior_alpha * torch.exp(-entropy))
     paths = tree.retrieve
     parents, kids = paths[:, :-1], paths[:, 1:]
     valid = kids < tokens.shape[0]

@@ -167,7 +167,8 @@ def _quantize(model: PreTrainedModel, quant: str, is_default: bool) -> None:
 
 def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
     """The default GGUF's quantized tensors as raw blocks, cached next to the converted model: reading them
-    with the `gguf` package parses the whole tokenizer vocabulary first (~15 s), the cached copy takes <1 s."""
+    with the `gguf` package parses the whole tokenizer vocabulary first (~15 s), the cached copy takes
+    <1 s."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -177,7 +178,8 @@ def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
     if not path.is_file():
         blocks = read_gguf_blocks(_gguf_path())
         tmp = path.with_name(path.name + ".partial")
-        save_file({k: v for k, (_, v) in blocks.items()}, str(tmp), metadata={k: t for k, (t, _) in blocks.items()})
+        save_file({k: v for k, (_, v) in blocks.items()}, str(tmp),
+                  metadata={k: t for k, (t, _) in blocks.items()})
         tmp.replace(path)
         return blocks
     with safe_open(str(path), "pt") as f:
@@ -198,7 +200,7 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | N
 def _friendly_load_error(path: str, err: Exception) -> Exception:
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") != "0":
         return OSError(
-            f"could not load base model {path!r}: it is not a local folder and the Hugging Face Hub could not "
-            f"provide it (no network, or a wrong id). Pass a local folder, or omit --base-model to use the "
-            f"default model. Underlying error: {str(err).splitlines()[0]}")
+            f"could not load base model {path!r}: it is not a local folder and the Hugging Face Hub could "
+            f"not provide it (no network, or a wrong id). Pass a local folder, or omit --base-model to use "
+            f"the default model. Underlying error: {str(err).splitlines()[0]}")
     return OSError(f"could not load base model from {path!r}: {err}")

@@ -7,7 +7,8 @@ from transformers import PretrainedConfig
 from hydra.model.base_model import DEFAULT_BASE_MODEL
 
 # mlp        Medusa heads: head i reads only the base hidden state h_t (ungrounded).
-# hydra-mlp  Hydra heads: head i reads [h_t, e(x_{t+1}), ..., e(x_{t+i+1})] (grounded, sequentially dependent).
+# hydra-mlp  Hydra heads: head i reads [h_t, e(x_{t+1}), ..., e(x_{t+i+1})] (grounded, sequentially
+#            dependent).
 # prefix-mlp Hydra++: one extra decoder layer over the base hidden states, then grounded MLP heads.
 #            With prefix_reads_next_token, that layer's input at t is h_t + W rms_norm(e(x_{t+1})); with
 #            prefix_num_layers > 1, more decoder layers follow it.
@@ -22,8 +23,8 @@ class HydraConfig(PretrainedConfig):
         hydra_num_layers: ResBlocks per head.
         hydra_head_arch: one of "mlp" (Medusa), "hydra-mlp" (Hydra), "prefix-mlp" (Hydra++).
         grounded_heads: whether head i also reads the embeddings of the tokens guessed before it. Defaults to
-            False for "mlp" and True otherwise; the original release wrote arch "mlp" + grounded_heads=True for
-            Hydra heads, which is accepted and means the same as "hydra-mlp".
+            False for "mlp" and True otherwise; the original release wrote arch "mlp" + grounded_heads=True
+            for Hydra heads, which is accepted and means the same as "hydra-mlp".
         dropout_rate: dropout before every ResBlock and before the output layer (training only).
         share_lm_head: heads project to the vocabulary with the frozen base output layer (small checkpoints,
             no vocab-sized matmul to train) instead of their own Linear(d, V) initialised from it.
@@ -79,8 +80,8 @@ class HydraConfig(PretrainedConfig):
             raise ValueError("prefix_reads_next_token needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads "
                              f"have a prefix layer), not {hydra_head_arch!r}")
         if prefix_num_layers != 1 and hydra_head_arch != "prefix-mlp":
-            raise ValueError("prefix_num_layers needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads have a "
-                             f"prefix layer), not {hydra_head_arch!r}")
+            raise ValueError("prefix_num_layers needs hydra_head_arch 'prefix-mlp' (only Hydra++ heads have "
+                             f"a prefix layer), not {hydra_head_arch!r}")
         if prefix_num_layers < 1:
             raise ValueError(f"prefix_num_layers must be >= 1, got {prefix_num_layers}")
         feature_layers = [int(i) for i in feature_layers or ()]

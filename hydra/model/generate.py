@@ -6,7 +6,8 @@ is the same loop with a one-node tree, so timings compare like with like. Batch 
 Every base-model forward decides some tokens and yields one `StepOutput`: the prefill decides the first
 token; a tree verification decides the accepted draft tokens plus the token after them (the bonus token).
 tau (`mean_accept_length`) is the mean over verification forwards, prefill excluded, bonus token included
-(as Spec-Bench and EAGLE count it; the original Hydra's new_tokens / steps is the same quantity); AR gives 1.0.
+(as Spec-Bench and EAGLE count it; the original Hydra's new_tokens / steps is the same quantity); AR gives
+1.0.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def stream_text(tokenizer, steps: Iterable[StepOutput]) -> Iterator[tuple[str, S
 
 
 def stop_token_ids(model: HydraModel, config: DecodeConfig) -> set[int]:
-    """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's EOS."""
+    """The ids that end generation: `config.stop_token_ids`, else the generation config's and tokenizer's
+    EOS."""
     ids = config.stop_token_ids
     return set(ids if ids is not None else eos_token_ids(model.base_model, model.tokenizer))
 
@@ -178,7 +180,8 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
         if not isinstance(config.prompt_cache, PromptCache):
             raise ValueError(
                 f"prompt_cache must be a hydra.model.prompt_cache.PromptCache, not {config.prompt_cache!r}")
-        config.prompt_cache.reused_tokens = 0  # a call refused below reuses nothing (not the last call's count)
+        # a call refused below reuses nothing (not the last call's count)
+        config.prompt_cache.reused_tokens = 0
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 2:
@@ -326,8 +329,8 @@ class _Run:
     def check_owner(self) -> None:
         """A later call that took the prompt cache over writes into the buffers this one decodes in."""
         if self.kept is not None and not self.prompt_cache.owned_by(self):
-            raise RuntimeError("this call's prompt cache was taken over by a later call; a PromptCache serves "
-                               "one call at a time")
+            raise RuntimeError("this call's prompt cache was taken over by a later call; a PromptCache "
+                               "serves one call at a time")
 
     def keep(self) -> None:
         """Hand the state after this step to the prompt cache (between steps, where it is consistent)."""
@@ -346,11 +349,12 @@ def lookup_tokens(model: HydraModel, config: DecodeConfig) -> int:
 
 def new_kv_cache(model: HydraModel, capacity: int, reused: Reused | None = None,
                  headroom: bool = False) -> TreeKVCache:
-    """The KV cache of one decoding run, allocated for up to `capacity` tokens. A compiled decoder on a CPU gets
-    buffers of the model's whole context, the same for every reply, so their sizes are constants of its graphs
-    rather than values checked on every call (hydra.model.kv_cache); otherwise buffers of `capacity` slots, or
-    with `headroom` (a cache a prompt cache keeps for later calls) twice that, within the context.
-    `reused`: rows a prompt cache hands over, kept in their buffers where those are big enough, else copied."""
+    """The KV cache of one decoding run, allocated for up to `capacity` tokens. A compiled decoder on a CPU
+    gets buffers of the model's whole context, the same for every reply, so their sizes are constants of its
+    graphs rather than values checked on every call (hydra.model.kv_cache); otherwise buffers of `capacity`
+    slots, or with `headroom` (a cache a prompt cache keeps for later calls) twice that, within the context.
+    `reused`: rows a prompt cache hands over, kept in their buffers where those are big enough, else
+    copied."""
     if reused is not None and reused.kv.storage_len >= capacity:
         reused.kv.reopen(reused.length, capacity)
         return reused.kv
@@ -526,7 +530,8 @@ def _propose_dynamic(model: HydraModel, tree: DynamicTree, ctx: torch.Tensor,
     tokens, scores = [root_t], [torch.zeros(1, device=device)]
     parents, depths = [torch.full((1,), -1, device=device)], [torch.zeros(1, dtype=torch.long, device=device)]
     frontier, frontier_logp = torch.zeros(1, dtype=torch.long, device=device), scores[0]
-    rows = torch.cat([ctx, embed(root_t)[0]])[None]  # grounded heads: [c_t, e(root), e(path)...] per kept node
+    # grounded heads: [c_t, e(root), e(path)...] per kept node
+    rows = torch.cat([ctx, embed(root_t)[0]])[None]
     d_model, count, calls = ctx.shape[-1], 1, 0
     for d in range(tree.depth):
         if heads.grounded:

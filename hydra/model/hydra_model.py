@@ -136,8 +136,9 @@ class HydraModel(nn.Module):
     @torch.no_grad()
     def base_features(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what the heads read (`heads_input`), the final hidden state (B, S, d)) from one frozen base forward.
-        The teacher's logits are base_logits(final hidden state), also when the heads read an earlier layer."""
+        """(what the heads read (`heads_input`), the final hidden state (B, S, d)) from one frozen base
+        forward. The teacher's logits are base_logits(final hidden state), also when the heads read an
+        earlier layer."""
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=False, output_hidden_states=reads_all_hidden_states(self.config))
         return self.heads_input(out), out.last_hidden_state
@@ -145,8 +146,9 @@ class HydraModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, noise_alpha: float = 0.0,
                 features: tuple[torch.Tensor, torch.Tensor] | None = None) -> HydraTrainOutput:
-        """Training forward: the base model's final hidden states (no grad) and all heads' hidden states at all
-        positions. `features`: `base_features`' output if already known (e.g. read from a feature cache).
+        """Training forward: the base model's final hidden states (no grad) and all heads' hidden states at
+        all positions. `features`: `base_features`' output if already known (e.g. read from a feature
+        cache).
 
         Logits come from `head_logits(i, hidden)` / `base_logits(hidden)` so a loss can project to the
         vocabulary in chunks instead of materialising (H, B, S, V) at once.
@@ -240,7 +242,8 @@ class HydraModel(nn.Module):
         if (folder / DRAFT_VOCAB_NAME).is_file():
             ids = _read_safetensors(folder / DRAFT_VOCAB_NAME).get("token_ids")
             if ids is None or ids.dim() != 1 or (ids.numel() and int(ids.max()) >= config.vocab_size):
-                raise ValueError(f"{folder / DRAFT_VOCAB_NAME} does not hold 1-D token_ids within the vocabulary")
+                raise ValueError(f"{folder / DRAFT_VOCAB_NAME} does not hold 1-D token_ids within the "
+                                 "vocabulary")
             model.heads.set_draft_vocab(ids.to(next(model.heads.parameters()).device))
         kind = heads_quant_for(base, heads_quant)
         if kind is not None:
@@ -294,8 +297,8 @@ def _resolve_heads_folder(heads: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(heads), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME,
-                                                                   DRAFT_VOCAB_NAME]))
+        return Path(snapshot_download(str(heads), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME,
+                                                                   LEGACY_WEIGHTS_NAME, DRAFT_VOCAB_NAME]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise FileNotFoundError(f"could not find heads {heads!r}: not a local folder, and the Hub could not "
                                 f"provide it ({type(e).__name__}: {str(e).splitlines()[0]})") from None

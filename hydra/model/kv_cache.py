@@ -146,15 +146,16 @@ class TreeKVCache(Cache):
     def keep(self, start: int, accepted_slots: torch.Tensor) -> None:
         """Keep tree rows `accepted_slots` (absolute slots, in path order) at slots start, start+1, ..."""
         n = len(accepted_slots)
-        contiguous = bool((accepted_slots == torch.arange(start, start + n, device=accepted_slots.device)).all())
+        contiguous = bool((accepted_slots
+                           == torch.arange(start, start + n, device=accepted_slots.device)).all())
         if not contiguous and self.k is not None:
             for buf in self.k + self.v:
                 buf[:, :, start:start + n] = buf[:, :, accepted_slots]
         self.length = start + n
 
     def reopen(self, length: int, max_len: int) -> None:
-        """Start another call on these buffers: their first `length` rows kept, up to `max_len` tokens (at most
-        `storage_len`) (hydra.model.prompt_cache)."""
+        """Start another call on these buffers: their first `length` rows kept, up to `max_len` tokens (at
+        most `storage_len`) (hydra.model.prompt_cache)."""
         if not 0 <= length <= max_len <= self.storage_len:
             raise ValueError(f"cannot reopen a cache of {self.storage_len} slots with {length} rows kept for "
                              f"{max_len} tokens")

@@ -27,16 +27,19 @@ def read_legacy_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors/containers
-        raise ValueError(f"{path} is not a loadable legacy Hydra checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path} is not a loadable legacy Hydra checkpoint "
+                         f"({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state
 
 
 def convert_legacy_state_dict(state: dict[str, torch.Tensor], config: HydraConfig) -> dict[str, torch.Tensor]:
-    """Map an original `hydra_head.state_dict()` onto `DraftHeads` keys (config must say share_lm_head=False)."""
+    """Map an original `hydra_head.state_dict()` onto `DraftHeads` keys (config must say
+    share_lm_head=False)."""
     config.share_lm_head = False
-    with_dropout = config.hydra_head_arch == "prefix-mlp"  # Sequential(Dropout, ResBlock, Dropout, ResBlock...)
+    # Sequential(Dropout, ResBlock, Dropout, ResBlock...)
+    with_dropout = config.hydra_head_arch == "prefix-mlp"
     out = {}
     for key, value in state.items():
         if _DROPPED.match(key):

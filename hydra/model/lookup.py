@@ -68,7 +68,8 @@ class PromptLookup:
         settled, waiting = [], []
         for start, draft in self._followed:
             decided = self.tokens[start: start + len(draft)]
-            matched = next((i for i, (a, b) in enumerate(zip(decided, draft)) if a != b), len(decided))
+            matched = next((i for i, (a, b) in enumerate(zip(decided, draft, strict=False)) if a != b),
+                           len(decided))
             if matched < len(decided) or matched == len(draft):
                 settled.append(matched + 1)
             else:

@@ -43,7 +43,8 @@ class Int4Linear(nn.Module):
             raise ValueError("int4 codes must lie in 0..15")
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
         # (K // 32, N, 2): [..., 0] the scale, [..., 1] the zero, as the kernel reads them
-        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,11 @@ class Int4Linear(nn.Module):
 
 class Q8Int4Linear(Int4Linear):
     """Q8_0 blocks exactly (w = d*q, q in -128..127) through the int4 kernel: q = 16*hi + lo with hi in -8..7
-    and lo in 0..15, so W x = [W_hi | W_lo] [x; x] with W_hi = (hi + 8 - 8) * 16d and W_lo = (lo - 8) * d + 8d.
-    One kernel call over K' = 2K reads 9 bits per weight (Q8_0 itself: 8.5)."""
+    and lo in 0..15, so W x = [W_hi | W_lo] [x; x] with W_hi = (hi + 8 - 8) * 16d and
+    W_lo = (lo - 8) * d + 8d. One kernel call over K' = 2K reads 9 bits per weight (Q8_0 itself: 8.5)."""
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype,
+                 weight: torch.Tensor | None = None):
         q = q.to(torch.int32)
         hi = torch.div(q, 16, rounding_mode="floor")
         lo = q - 16 * hi
@@ -84,8 +86,8 @@ class Q8Int4Linear(Int4Linear):
 class Int8Linear(nn.Module):
     """y = x W^T + b with W[n, k] = q[n, k] * scale[n], q int8: `torch._weight_int8pack_mm`."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None,
-                 weight: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None, weight: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q.to(torch.int8).contiguous())
@@ -104,7 +106,8 @@ class Int8Linear(nn.Module):
 
 
 # --- re-quantising a float model ----------------------------------------------------------------------------
-def int4_from_weight(weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> Int4Linear:
+def int4_from_weight(weight: torch.Tensor, dtype: torch.dtype,
+                     bias: torch.Tensor | None = None) -> Int4Linear:
     """Asymmetric 4-bit groups of 32 (the GGUF's Q4_1 rule): scale = (max - min) / 15, q = round((w - min) /
     scale), so w ~ scale * q + min, i.e. zero = min + 8 * scale."""
     n, k = weight.shape
@@ -215,7 +218,8 @@ def quantize_heads(heads: nn.Module, quant: str) -> None:
     int4 weight-only ones, in place, for decoding on a CPU (a layer the int4 kernel cannot take stays float);
     their projection onto the draft vocabulary follows (`DraftHeads._projection`), and sibling projections
     are fused (`hydra.model.fused`). The heads' own output layers, if any, stay float: that projection
-    quantizes their rows. Training and saving need float heads (`HydraModel.save_pretrained` refuses these)."""
+    quantizes their rows. Training and saving need float heads (`HydraModel.save_pretrained` refuses
+    these)."""
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown heads quantization {quant!r}; choose one of {QUANT_CHOICES}")
     if heads.quant is not None:
@@ -240,7 +244,8 @@ def quantize_heads(heads: nn.Module, quant: str) -> None:
 def q4_1_blocks(data: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw Q4_1 rows (n, k/32 * 20 bytes) -> codes (n, k) uint8, d (n, k/32), m (n, k/32) float32.
 
-    A block is fp16 d, fp16 m, then 16 bytes: byte j holds weight j in its low nibble, weight j+16 in its high."""
+    A block is fp16 d, fp16 m, then 16 bytes: byte j holds weight j in its low nibble, weight j+16 in its
+    high."""
     blocks = np.ascontiguousarray(data).reshape(n, k // GROUP, 20)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -250,7 +255,8 @@ def q4_1_blocks(data: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.T
 
 
 def q8_0_blocks(data: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw Q8_0 rows (n, k/32 * 34 bytes) -> codes (n, k) int8, d (n, k/32) float32. A block: fp16 d, 32 int8."""
+    """Raw Q8_0 rows (n, k/32 * 34 bytes) -> codes (n, k) int8, d (n, k/32) float32.
+    A block: fp16 d, 32 int8."""
     blocks = np.ascontiguousarray(data).reshape(n, k // GROUP, 34)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
@@ -265,15 +271,18 @@ def _unpermute_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def read_gguf_blocks(gguf_file: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
-    """Every Q4_1 / Q8_0 tensor of a GGUF file as (type name, raw block bytes as a uint8 (rows, bytes) tensor)."""
+    """Every Q4_1 / Q8_0 tensor of a GGUF file as (type name, raw block bytes as a uint8 (rows, bytes)
+    tensor)."""
     from gguf import GGUFReader
 
     return {t.name: (t.tensor_type.name, torch.from_numpy(np.array(t.data)))
             for t in GGUFReader(str(gguf_file)).tensors if t.tensor_type.name in ("Q4_1", "Q8_0")}
 
 
-def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], output: str = "q8_0") -> nn.Module:
-    """Put a Llama GGUF's Q4_1 linear layers, as stored, into `model` (the same model loaded in float), in place.
+def load_gguf_int4(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]],
+                   output: str = "q8_0") -> nn.Module:
+    """Put a Llama GGUF's Q4_1 linear layers, as stored, into `model` (the same model loaded in float), in
+    place.
 
     blocks: `read_gguf_blocks(file)`. output: what the Q8_0 output layer becomes: "q8_0" keeps its blocks
     exactly (`Q8Int4Linear`, 9 bits per weight through the int4 kernel), "int8" re-quantises them to one scale

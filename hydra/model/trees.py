@@ -28,23 +28,23 @@ import torch
 
 # Medusa's / Hydra's default tree for Vicuna-7B (63 nodes, depth 4), as shipped by both original repositories.
 MC_SIM_7B_63 = [
-    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5], [0, 0, 1],
-    [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9], [1, 0, 0],
-    [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6],
-    [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2],
-    [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9],
+    [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1],
+    [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0],
+    [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
     [0, 0, 0, 1], [1, 6], [0, 7, 0],
 ]
 
 # Small generic trees (depth <= 4): a top-1 chain and hand-made bushy-at-the-top trees of 8, 16 and 32 nodes.
 CHAIN_4 = [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
 TREE_8 = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]]
-TREE_16 = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0],
-           [1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
-TREE_32 = [[0], [1], [2], [3], [4], [0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [3, 0],
-           [4, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0], [1, 0, 1],
-           [1, 1, 0], [2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0],
-           [0, 0, 0, 2]]
+TREE_16 = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [0, 0, 0], [0, 0, 1],
+           [0, 1, 0], [1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+TREE_32 = [[0], [1], [2], [3], [4], [0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1],
+           [3, 0], [4, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0],
+           [1, 0, 1], [1, 1, 0], [2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0],
+           [1, 0, 0, 0], [0, 0, 0, 2]]
 
 # The tree when neither the caller nor the heads' config.json names one.
 DEFAULT_TREE = "mc_sim_7b_63"
@@ -52,7 +52,8 @@ DEFAULT_TREE = "mc_sim_7b_63"
 NO_TREE = "none"
 
 TREES: dict[str, list[list[int]]] = {
-    "mc_sim_7b_63": MC_SIM_7B_63, "chain_4": CHAIN_4, "tree_8": TREE_8, "tree_16": TREE_16, "tree_32": TREE_32,
+    "mc_sim_7b_63": MC_SIM_7B_63, "chain_4": CHAIN_4, "tree_8": TREE_8, "tree_16": TREE_16,
+    "tree_32": TREE_32,
 }
 # Trees measured for a specific model and machine (scripts/build_tree.py) live as JSON files next to this one.
 _TREE_DIR = Path(__file__).parent / "tree_files"
@@ -206,7 +207,8 @@ def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
     index = {(): 0} | {p: i + 1 for i, p in enumerate(paths)}
     for p in paths:
         if any(r < 0 for r in p) or p[:-1] not in index:
-            raise ValueError(f"invalid tree: path {list(p)} has a negative rank or a missing parent {list(p[:-1])}")
+            raise ValueError(f"invalid tree: path {list(p)} has a negative rank or a missing parent "
+                             f"{list(p[:-1])}")
         if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in index:
             raise ValueError(f"invalid tree: {list(p)} is listed but its older sibling "
                              f"{list(p[:-1] + (p[-1] - 1,))} is not")
@@ -224,8 +226,8 @@ def build_tree_buffers(choices: list[list[int]]) -> TreeBuffers:
         rank.append(torch.tensor([p[-1] for p in nxt]))
         expand.append(torch.tensor([k for k, p in enumerate(nxt) if children[index[p]]], dtype=torch.long))
         topk.append(max(p[-1] for p in nxt) + 1)
-    return TreeBuffers(step.attn_mask, step.depth, step.retrieve, step.parent, [list(p) for p in paths], parent_row,
-                       rank, expand, topk)
+    return TreeBuffers(step.attn_mask, step.depth, step.retrieve, step.parent, [list(p) for p in paths],
+                       parent_row, rank, expand, topk)
 
 
 def root_only_tree(device: torch.device | str = "cpu") -> TreeBuffers:
@@ -306,7 +308,8 @@ class StepCosts:
     measured with `scripts/profile_step.py --costs` for the default model in bf16 (eager, 2 threads, CPU);
     `INT4_STEP_COSTS` for its int4 base (README "Dynamic trees")."""
 
-    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.05), (4, 1.12), (8, 1.23), (16, 1.48), (24, 1.75))
+    verify: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.05), (4, 1.12), (8, 1.23), (16, 1.48),
+                                             (24, 1.75))
     head_call: float = 0.046
     context: float = 0.049
 
@@ -327,10 +330,11 @@ class StepCosts:
 
 
 # The default model on its int4 base, decoder exported, 2 threads (`profile_step.py --quant int4 --compile
-# --costs`): torch's int4 kernel computes rows four at a time, so verification cost rises in steps of 4 tokens.
+# --costs`): torch's int4 kernel computes rows four at a time, so verification cost rises in steps of 4
+# tokens.
 INT4_STEP_COSTS = StepCosts(
-    verify=((1, 1.0), (2, 1.29), (3, 1.53), (4, 1.67), (5, 2.67), (8, 2.72), (9, 3.84), (12, 3.89), (13, 4.85),
-            (16, 4.90), (20, 6.11), (24, 7.12)),
+    verify=((1, 1.0), (2, 1.29), (3, 1.53), (4, 1.67), (5, 2.67), (8, 2.72), (9, 3.84), (12, 3.89),
+            (13, 4.85), (16, 4.90), (20, 6.11), (24, 7.12)),
     head_call=0.115, context=0.179)
 
 

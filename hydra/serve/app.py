@@ -96,7 +96,8 @@ def create_app(
     `prompt_cache_entries`: conversations whose KV cache is kept between requests
     (hydra.model.prompt_cache)."""
     app = FastAPI(title="Hydra", docs_url=None, redoc_url=None)
-    pacer = Pacer() if pace else None  # one for the server: each request starts from what earlier ones measured
+    # one for the server: each request starts from what earlier ones measured
+    pacer = Pacer() if pace else None
     # One for the server too: a request prefills only what follows the prefix it shares with an earlier one
     # (a chat's next turn, a regenerated reply).
     prompt_cache = PromptCache(prompt_cache_entries)
@@ -150,7 +151,8 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         try:
             ids = render_prompt(engine.tokenizer, [m.as_template_message() for m in req.messages])
-        except (ValueError, TemplateError) as e:  # no chat template; a template's raise_exception (role order)
+        except (ValueError, TemplateError) as e:
+            # no chat template; a template's raise_exception (role order)
             return error(400, f"cannot render these messages with the model's chat template: {e}", "messages")
         return await _serve(req, request, ids, chat=True)
 

@@ -148,7 +148,8 @@ class Engine:
                     reason = "max_new_tokens"
                     break
                 delta, step = item
-                if not stats.accept_lengths and job.config.prompt_cache is not None:  # read before the next job
+                # read before the next job
+                if not stats.accept_lengths and job.config.prompt_cache is not None:
                     stats.cached_tokens = job.config.prompt_cache.reused_tokens
                 tokens += step.tokens
                 stats.completion_tokens = len(tokens)
@@ -157,7 +158,8 @@ class Engine:
                 text, hit = stops.feed(delta, final=reason is not None)
                 if hit:
                     reason = "stop"
-                    stats.completion_tokens = _first_stop_prefix(self.tokenizer, tokens, len(step.tokens), stops.stop)
+                    stats.completion_tokens = _first_stop_prefix(self.tokenizer, tokens, len(step.tokens),
+                                                                 stops.stop)
                 stats.seconds = time.perf_counter() - start
                 if text:
                     yield text, None

@@ -61,10 +61,10 @@ def build_rows(data_path: str | os.PathLike, tokenizer, max_length: int, templat
     if val_file is None:
         train_records, val_records = split_records(records, test_size, seed)
         if not train_records:
-            raise ValueError(f"{data_path} holds {len(records)} conversation(s): a single --data_path file is "
-                             f"split into train and validation ({test_size:g} of it, at least one conversation, "
-                             f"goes to validation), which leaves none to train on; give it more "
-                             f"conversations or a folder with train.jsonl + val.jsonl")
+            raise ValueError(f"{data_path} holds {len(records)} conversation(s): a single --data_path file "
+                             f"is split into train and validation ({test_size:g} of it, at least one "
+                             f"conversation, goes to validation), which leaves none to train on; give it "
+                             f"more conversations or a folder with train.jsonl + val.jsonl")
     else:
         train_records, (val_records, _) = records, load_sharegpt(val_file)
     train = pack(tokenize_records(train_records, tokenizer, max_length, template), max_length)

@@ -168,7 +168,8 @@ class _Runner:
                     t_in = teacher_flat[need + w0]
                     if vocab is None or self.teacher_argmax:
                         t_logits = model.base_logits(t_in)
-                        t_arg = t_logits.max(dim=-1).indices  # (max is much faster than argmax for bf16 on CPU)
+                        # (max is much faster than argmax for bf16 on CPU)
+                        t_arg = t_logits.max(dim=-1).indices
                         if vocab is not None:
                             t_logits = t_logits[:, vocab]
                     else:
@@ -242,7 +243,7 @@ class _Runner:
                 if need_grad:
                     grads = torch.autograd.grad(z, [h] + self.params[i], grad_outputs=dz.to(z.dtype))
                     grad_hidden[i, n] = grads[0].to(grad_hidden.dtype)
-                    for acc, g in zip(grad_params[i], grads[1:]):
+                    for acc, g in zip(grad_params[i], grads[1:], strict=True):
                         acc.add_(g)
                     del dz, grads
                 del z

@@ -55,7 +55,8 @@ class Stage:
 
 
 def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
-    """The Hydra++ recipe of the shipped heads (README "Trained heads shipped in this repository"), fast path."""
+    """The Hydra++ recipe of the shipped heads (README "Trained heads shipped in this repository"), fast
+    path."""
     flags = ["--data_path", str(split), "--bf16", str(a.train_dtype == "bfloat16"),
              "--hydra_num_heads", "4", "--hydra_num_layers", "4",
              "--hydra_head_arch", "prefix-mlp", "--share_lm_head", "True", "--lm_loss_weight", "0.0",
@@ -148,7 +149,8 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
         t0 = time.time()
         rc = subprocess.call(stage.cmd, cwd=REPO, env={**os.environ, **stage.env})
         if rc != 0:
-            log(f"[hydra] error: stage {stage.name} failed (exit {rc}); run the same command again to resume it")
+            log(f"[hydra] error: stage {stage.name} failed (exit {rc}); run the same command again to "
+                "resume it")
             return rc
         marks.mkdir(parents=True, exist_ok=True)
         (marks / stage.name).write_text(f"{time.time() - t0:.0f} s\n")
@@ -163,8 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "default-heads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--data", type=os.path.expanduser, nargs="+", default=None,
-                   help="self-distilled ShareGPT files to use instead of distilling (the validation chats come "
-                        "from the first; the others go to training only)")
+                   help="self-distilled ShareGPT files to use instead of distilling (the validation chats "
+                        "come from the first; the others go to training only)")
     p.add_argument("--prompts", type=os.path.expanduser,
                    default=str(REPO / "data" / "train_prompts.jsonl.gz"))
     p.add_argument("--num-prompts", type=int, default=None, help="distill only the first N prompts")
@@ -189,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")
     p.add_argument("--time-budget", type=float, default=0.0,
-                   help="minutes of training (train.py --time_budget_minutes): the planned epochs are cut, at "
-                        "the end of the warm-up, to what fits at the measured rate")
+                   help="minutes of training (train.py --time_budget_minutes): the planned epochs are cut, "
+                        "at the end of the warm-up, to what fits at the measured rate")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--save-steps", default="20")
     p.add_argument("--tree-name", default="smollm2_hydrapp_rebuilt")

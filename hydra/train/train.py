@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -60,8 +60,14 @@ from hydra.train import hidden_cache
 from hydra.train.data import BatchOrder, load_or_build_rows
 from hydra.train.loss import count_targets, hydra_loss, summarize
 from hydra.train.runtime import Dist, Logger, autocast_ctx, every, setup_distributed, step_seed
-from hydra.train.schedule import (MIN_TIMED_STEPS, SCHEDULES, check_schedule, lr_multiplier, set_lr,
-                                  steps_within_budget)
+from hydra.train.schedule import (
+    MIN_TIMED_STEPS,
+    SCHEDULES,
+    check_schedule,
+    lr_multiplier,
+    set_lr,
+    steps_within_budget,
+)
 
 # Test hook: exit abruptly (like a kill) right after this many optimizer steps, checkpoint included.
 EXIT_AFTER_ENV = "HYDRA_TRAIN_EXIT_AFTER_STEP"
@@ -73,7 +79,7 @@ PATH_ARGS = ("model_name_or_path", "data_path", "output_dir", "deepspeed", "hidd
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": f"base model id or folder (default: {DEFAULT_BASE_MODEL})"})
 
 
@@ -83,9 +89,9 @@ class DataArguments:
         "help": "ShareGPT .json/.jsonl file (split 95/5, seed 42) or a folder with train.jsonl + val.jsonl"})
     eval_split_ratio: float = field(default=0.05, metadata={
         "help": "validation fraction when data_path is a file"})
-    template: Optional[str] = field(default=None, metadata={
+    template: str | None = field(default=None, metadata={
         "help": "chat template: None = the tokenizer's own (vicuna_v1.1 if none), 'vicuna' = vicuna_v1.1"})
-    max_eval_samples: Optional[int] = field(default=None, metadata={
+    max_eval_samples: int | None = field(default=None, metadata={
         "help": "evaluate on at most this many val rows"})
 
 
@@ -105,11 +111,11 @@ class TrainingArguments:
         "help": "> 0: at the end of the warm-up, cut the planned steps to what fits in this many minutes of "
                 "this run's wall time at the rate measured so far, so the schedule still ends at the last "
                 "step; the count is saved with the checkpoints and a resumed run keeps it"})
-    global_batch_size: Optional[int] = field(default=None, metadata={
+    global_batch_size: int | None = field(default=None, metadata={
         "help": "rows per optimizer step over all processes; sets gradient_accumulation_steps"})
     per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
+    per_device_eval_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -124,7 +130,7 @@ class TrainingArguments:
     hydra_num_heads: int = 4
     hydra_num_layers: int = 1
     hydra_head_arch: str = field(default="hydra-mlp", metadata={"help": f"one of {HEAD_ARCHS}"})
-    grounded_heads: Optional[bool] = field(default=None, metadata={
+    grounded_heads: bool | None = field(default=None, metadata={
         "help": "default: False for mlp, True otherwise (mlp + True means hydra-mlp, as in the original)"})
     hidden_state_offset: int = 0
     prefix_reads_next_token: bool = field(default=False, metadata={
@@ -135,14 +141,14 @@ class TrainingArguments:
                 "the final hidden state, fused (EAGLE-3 style; e.g. 2 15 27 on a 30-layer base). Fusion "
                 "starts as the identity, so --init_heads from heads without it continue exactly"})
     prefix_num_layers: int = field(default=1, metadata={
-        "help": "prefix-mlp only: decoder layers in the prefix; layers after the first start as the identity, "
-                "so --init_heads from heads with fewer continue exactly"})
+        "help": "prefix-mlp only: decoder layers in the prefix; layers after the first start as the "
+                "identity, so --init_heads from heads with fewer continue exactly"})
     lm_loss_weight: float = 1.0
     teacher_loss_weight: float = 0.0
     dropout_rate: float = 0.0
     noise_alpha: float = field(default=0.0, metadata={"help": "NEFTune-style noise on the token embeddings"})
     share_lm_head: bool = field(default=True, metadata={"help": "heads use the frozen base output layer"})
-    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed config json (ZeRO-2)"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config json (ZeRO-2)"})
     save_steps: float = field(default=0.1, metadata={
         "help": "checkpoint every N steps (< 1: a fraction of the run; 0: only at the end)"})
     save_total_limit: int = 2
@@ -153,16 +159,17 @@ class TrainingArguments:
     loss_chunk_size: int = field(default=256, metadata={
         "help": "positions per chunk of the vocabulary projection"})
     cache_hidden_states: bool = field(default=False, metadata={
-        "help": "feature cache: keep the frozen base model's hidden states on disk, reused by every epoch and "
-                "every later run on the same data (hydra/train/hidden_cache.py)"})
-    hidden_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "feature cache: keep the frozen base model's hidden states on disk, reused by every epoch "
+                "and every later run on the same data (hydra/train/hidden_cache.py)"})
+    hidden_cache_dir: str | None = field(default=None, metadata={
         "help": "where the feature cache lives (default: ~/.cache/hydra/hidden_cache)"})
     fill_hidden_cache: str = field(default="lazy", metadata={
-        "help": f"one of {FILL_MODES}: cache rows when first used / fill all before training / fill and exit"})
-    draft_vocab: Optional[str] = field(default=None, metadata={
+        "help": f"one of {FILL_MODES}: cache rows when first used / fill all before training / fill and "
+                "exit"})
+    draft_vocab: str | None = field(default=None, metadata={
         "help": "score the loss over this draft vocabulary (a draft_vocab.safetensors of token ids) instead "
                 "of the whole vocabulary; it is saved with the heads"})
-    init_heads: Optional[str] = field(default=None, metadata={
+    init_heads: str | None = field(default=None, metadata={
         "help": "start from these trained heads (a heads folder whose config matches the --hydra_* flags)"})
     head_init: str = field(default="paper", metadata={
         "help": f"one of {HEAD_INITS}: fresh grounded heads as in the paper's code, or with an identity-like "
@@ -186,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error("--prefix_reads_next_token needs --hydra_head_arch prefix-mlp "
                      "(only Hydra++ has a prefix layer)")
     if args.prefix_num_layers != 1 and args.hydra_head_arch != "prefix-mlp":
-        parser.error("--prefix_num_layers needs --hydra_head_arch prefix-mlp (only Hydra++ has a prefix layer)")
+        parser.error("--prefix_num_layers needs --hydra_head_arch prefix-mlp (only Hydra++ has a prefix "
+                     "layer)")
     if args.prefix_num_layers < 1:
         parser.error(f"--prefix_num_layers must be >= 1, got {args.prefix_num_layers}")
     if args.head_init not in HEAD_INITS:
@@ -285,7 +293,8 @@ class Run:
         """Rows by id (train rows first, then val rows) as one padded, packed batch on the device."""
         rows = [self.train_rows[r] if r < len(self.train_rows) else self.val_rows[r - len(self.train_rows)]
                 for r in row_ids]
-        return {k: v.to(self.d.device, non_blocking=True) for k, v in collate_packed(rows, self.pad_id).items()}
+        return {k: v.to(self.d.device, non_blocking=True)
+                for k, v in collate_packed(rows, self.pad_id).items()}
 
     def forward(self, row_ids: list[int], batch: dict[str, torch.Tensor], noise_alpha: float = 0.0):
         feats = None
@@ -490,8 +499,8 @@ def validate(run: Run, step: int) -> dict[str, float]:
     heads_txt = " ".join(f"h{i}:{m.get(f'eval_head{i}_top1', float('nan')):.3f}/"
                          f"{m.get(f'eval_head{i}_top5', float('nan')):.3f}/"
                          f"{m.get(f'eval_head{i}_teacher_top1', float('nan')):.3f}" for i in range(H))
-    run.log.event({"step": step, "epoch": round(run.order.epoch(step), 4), **m, "tokens_seen": run.tokens_seen,
-                   "eval_seconds": time.time() - t0},
+    run.log.event({"step": step, "epoch": round(run.order.epoch(step), 4), **m,
+                   "tokens_seen": run.tokens_seen, "eval_seconds": time.time() - t0},
                   f"[eval] step {step} | loss {m['eval_loss']:.4f} | top1/top5/teacher_top1 {heads_txt} "
                   f"| {time.time() - t0:.1f}s")
     return m
@@ -527,7 +536,7 @@ def train_step(run: Run, step: int, stats: torch.Tensor) -> tuple[float, float, 
     lr = args.learning_rate * lr_multiplier(step, run.total_steps, args.warmup_steps, args.lr_scheduler_type,
                                             args.final_lr_multiplier)
     set_lr(run.optimizer, lr)
-    for mb, batch in zip(micro, batches):
+    for mb, batch in zip(micro, batches, strict=True):
         with autocast_ctx(run.use_amp, d.device):
             out = run.forward(mb, batch, args.noise_alpha)
             loss, st = hydra_loss(run.model, out.head_hidden, batch["labels"], batch["position_ids"],

@@ -77,11 +77,14 @@ class DraftHeads(nn.Module):
             return hidden
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+            position_ids = torch.arange(past, past + hidden.shape[1],
+                                        device=hidden.device).expand(hidden.shape[:2])
         return self.prefix(hidden, position_ids, cache, next_embeds)
 
-    def head_hidden(self, i: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Head i's hidden state. path_embeds: (..., (i+1)*d) = [e(x_{t+1}), ..., e(x_{t+i+1})] if grounded."""
+    def head_hidden(self, i: int, context: torch.Tensor,
+                    path_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Head i's hidden state. path_embeds: (..., (i+1)*d) = [e(x_{t+1}), ..., e(x_{t+i+1})] if
+        grounded."""
         if not self.grounded:
             return self.mlps[i](context)
         if torch.is_grad_enabled() and context.requires_grad and not path_embeds.requires_grad:
@@ -104,7 +107,8 @@ class DraftHeads(nn.Module):
         """Head i's k best token ids. With a draft vocabulary, only its rows of the output layer are read:
         at batch size 1 projecting onto the full vocabulary is memory-bound, and the heads do it once per
         tree depth, so a smaller candidate vocabulary cuts the proposal cost (README, Trees). Verification
-        still uses the full vocabulary, so outputs are unchanged; a token outside it just cannot be drafted."""
+        still uses the full vocabulary, so outputs are unchanged; a token outside it just cannot be
+        drafted."""
         top = self._draft_logits(i, hidden, base_lm_head).topk(k, dim=-1).indices
         return top if self.draft_vocab is None else self.draft_vocab[top]
 

@@ -10,9 +10,9 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` whose CPU mask costs a fifth of torch's.
 
     torch's CPU dropout draws one generator call per element (`bernoulli_`): 9-11 ms for a 1,024 x 1,152
-    bf16 activation on 2 threads (this one: ~2 ms), 17% of a Hydra++ training step on cached features. Here each 64-bit draw gives
-    four 16-bit uniforms, compared with p rounded to a multiple of 1/65,536 (0.2 -> 0.199997). Other devices
-    and eval mode use `nn.Dropout` unchanged.
+    bf16 activation on 2 threads (this one: ~2 ms), 17% of a Hydra++ training step on cached features. Here
+    each 64-bit draw gives four 16-bit uniforms, compared with p rounded to a multiple of 1/65,536 (0.2 ->
+    0.199997). Other devices and eval mode use `nn.Dropout` unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
