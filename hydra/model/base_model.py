@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -73,10 +74,33 @@ def _gguf_path() -> Path:
 def default_model_path() -> Path:
     """Return the converted default model folder, converting the GGUF file on first use."""
     folder = cache_dir() / "SmolLM2-135M-Instruct"
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+    if _is_converted(folder):
         return folder
     gguf = _gguf_path()
     print(f"[hydra] converting {gguf.name} into {folder} (one time)", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(folder)
+    try:
+        _convert_gguf(gguf, tmp)
+        if not _is_converted(folder):  # else another process published its conversion meanwhile
+            if folder.exists():  # an incomplete folder (files removed by hand)
+                shutil.rmtree(folder)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process published its folder between the check and the rename
+                if not _is_converted(folder):
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """The GGUF file as a plain Hugging Face folder (fp32 safetensors + tokenizer) written into `out`."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain tensors.
@@ -85,13 +109,33 @@ def default_model_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_BASE_MODEL
-    tmp = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():  # an earlier, interrupted conversion
-        shutil.rmtree(folder)
-    tmp.replace(folder)
-    return folder
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def partial_path(final: Path) -> Path:
+    """A temporary name beside `final` that only this call writes to, to be renamed onto `final` when whole.
+    Two processes filling the cache at once (a chat and a server started together on a fresh machine) so
+    never write into one file, and a killed one leaves no half-written `final`. Leftovers of processes that
+    are gone are removed here."""
+    for old in final.parent.glob(final.name + ".partial*"):
+        pid = old.name.split(".partial")[-1].lstrip("-").split("-")[0]
+        if not pid.isdigit() or not _process_exists(int(pid)):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    return final.with_name(f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def is_default_model(name_or_path: str | None) -> bool:
@@ -177,10 +221,13 @@ def default_gguf_blocks() -> dict[str, tuple[str, torch.Tensor]]:
     path = default_model_path() / "gguf_blocks.safetensors"
     if not path.is_file():
         blocks = read_gguf_blocks(_gguf_path())
-        tmp = path.with_name(path.name + ".partial")
-        save_file({k: v for k, (_, v) in blocks.items()}, str(tmp),
-                  metadata={k: t for k, (t, _) in blocks.items()})
-        tmp.replace(path)
+        tmp = partial_path(path)
+        try:
+            save_file({k: v for k, (_, v) in blocks.items()}, str(tmp),
+                      metadata={k: t for k, (t, _) in blocks.items()})
+            os.replace(tmp, path)  # whole files only; when two processes race, the last rename wins
+        finally:
+            tmp.unlink(missing_ok=True)
         return blocks
     with safe_open(str(path), "pt") as f:
         kinds = f.metadata()
