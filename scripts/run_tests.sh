@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 rc=0
-.venv/bin/python -m pytest -q "$@" || rc=$?
+# One worker per core (tests use one torch thread each); `-n 0` runs them in this process (pdb, -s).
+.venv/bin/python -m pytest -q -n auto "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then  # pytest: no tests were collected
   echo "no tests collected"
   rc=0
