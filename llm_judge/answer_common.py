@@ -48,7 +48,7 @@ ERROR_ANSWER = "$ERROR$"  # FastChat's marker for a turn that could not be gener
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES  # after the sys.path set-up above
+    from hydra.choices import add_model_options  # after the sys.path set-up above
 
     p = argparse.ArgumentParser(
         description=f"Generate MT-Bench answers with "
@@ -71,16 +71,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="cap per turn; keep it equal between the baseline and Hydra runs you compare")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's "
-                        "own)")
-    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
-                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
-                        "the base, else float); see README, Quantized base model")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the base decoder (the untimed warm-up runs compile it)")
+    add_model_options(p, dtypes=("bfloat16", "float32"),
+                      compile_help="compile the base decoder (the untimed warm-up runs compile it)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question's first turn before measuring")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")

@@ -1,6 +1,6 @@
 """Filling the hydra cache (the converted default model, its GGUF blocks) is safe when several processes do it
 at once and when one is killed half-way: each writes under a name of its own and renames a whole result onto
-the final name. The conversion itself is replaced by a fake here (the real one is in test_default_model.py)."""
+the final name. The conversion itself is replaced by a fake here (the real one: test_default_model.py)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+from hydra.choices import add_model_options
 
 USER, ASSISTANT = "USER", "ASSISTANT"
 ROLES = ("system", "user", "assistant")
@@ -62,18 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft up to this many tokens per step by prompt lookup too, copied from where the "
                         "conversation's last tokens occurred before (0: off; default: the engine's)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="cap per reply")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                   help="CPU only: 4- or 8-bit weights for the base model (the default model's int4 is its "
-                        "GGUF file's own); see README, Quantized base model")
-    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
-                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
-                        "the base, else float); see README, Quantized base model")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the base decoder (ahead of time on a CPU): faster replies after a start-up "
-                        "compilation of a minute or two on a CPU the first time, seconds later; see README, "
-                        "Compiled decoder")
+    add_model_options(p, compile_help="compile the base decoder (ahead of time on a CPU): faster replies "
+                                      "after a start-up compilation of a minute or two on a CPU the first "
+                                      "time, seconds later; see README, Compiled decoder")
     p.add_argument("--no-pace", action="store_true",
                    help="run the heads on every step, even while they decide fewer tokens per second than "
                         "plain steps (default: they rest then, unless --seed is given, so seeded replies "

@@ -16,7 +16,7 @@ import threading
 import webbrowser
 from pathlib import Path
 
-from hydra.choices import HEADS_QUANT_CHOICES, QUANT_CHOICES
+from hydra.choices import add_model_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup", type=int, default=None,
                    help="prompt-lookup tokens drafted per step besides the heads' tree (0: off; default: the "
                         "engine's)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                   help="CPU only: 4- or 8-bit base model weights (the default model's int4 is its GGUF's "
-                        "own)")
-    p.add_argument("--heads-quant", choices=HEADS_QUANT_CHOICES, default="auto",
-                   help="CPU only: the draft heads' weights in int8 or int4 (auto: the kind --quant gives "
-                        "the base, else float); see README, Quantized base model")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the base decoder (ahead of time on a CPU; before serving: minutes on a CPU)")
+    add_model_options(p, compile_help="compile the base decoder (ahead of time on a CPU; before serving: "
+                                      "minutes on a CPU)")
     p.add_argument("--no-pace", action="store_true",
                    help="run the heads on every step, even while they decide fewer tokens per second than "
                         "plain steps (default: they rest then; seeded requests are never paced)")
