@@ -1,4 +1,4 @@
-"""MT-Bench single-answer grading by an LLM judge behind any OpenAI-compatible endpoint.
+r"""MT-Bench single-answer grading by an LLM judge behind any OpenAI-compatible endpoint.
 
 Usage:
     export OPENAI_API_KEY=...        # or name another variable with --api-key-env; local servers may

@@ -1,4 +1,4 @@
-"""Speed report: tokens/s, mean accepted length tau and speedup per MT-Bench category, from answer files.
+r"""Speed report: tokens/s, mean accepted length tau and speedup per MT-Bench category, from answer files.
 
 Usage:
     python llm_judge/show_speed.py --baseline llm_judge/data/mt_bench/model_answer/baseline-default.jsonl \

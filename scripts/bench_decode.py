@@ -1,4 +1,4 @@
-"""Decoding benchmark: plain autoregressive vs speculative decoding with each head set / tree, in one
+r"""Decoding benchmark: plain autoregressive vs speculative decoding with each head set / tree, in one
 process.
 
     python scripts/bench_decode.py --num-prompts 8 --max-new-tokens 128      # random heads, all archs

@@ -1,4 +1,4 @@
-"""Build a candidate tree for a head set on this machine: measured head accuracies along accepted paths, and
+r"""Build a candidate tree for a head set on this machine: measured head accuracies along accepted paths, and
 the measured cost of verifying N tree tokens.
 
     python scripts/build_tree.py --heads hydra/heads/default --data data/val.jsonl --name smollm2_hydra \

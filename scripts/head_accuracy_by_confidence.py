@@ -1,4 +1,4 @@
-"""Where the heads miss: teacher-forced top-1 accuracy of each head, binned by how sure the base model itself is
+r"""Where the heads miss: teacher-forced top-1 accuracy of each head, binned by how sure the base model itself is
 of the token the head must guess.
 
     python scripts/head_accuracy_by_confidence.py --heads hydra/heads/default --data runs/split/val.jsonl \

@@ -1,4 +1,4 @@
-"""Replay prompt lookup along replies the base model already wrote: how many tokens it would draft and how
+r"""Replay prompt lookup along replies the base model already wrote: how many tokens it would draft and how
 many the replies confirm, for several n-gram sizes and branch lengths, without running a model.
 
     python scripts/lookup_replay.py \

@@ -1,4 +1,4 @@
-"""Validation top-1 of each head against training tokens, from train.py's log.jsonl files.
+r"""Validation top-1 of each head against training tokens, from train.py's log.jsonl files.
 
     python scripts/plot_training.py assets/training_logs/hydrapp.jsonl \
         assets/training_logs/hydrapp_cpu_long.jsonl --output assets/hydrapp_top1.png

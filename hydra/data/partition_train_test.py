@@ -1,4 +1,4 @@
-"""Split a ShareGPT file into train/val JSON Lines files.
+r"""Split a ShareGPT file into train/val JSON Lines files.
 
 Usage:
     python -m hydra.data.partition_train_test --input data/self_distill.jsonl --output-dir data/split

@@ -1,4 +1,4 @@
-"""Self-distillation: let the base model answer the training prompts, saved as ShareGPT JSON Lines.
+r"""Self-distillation: let the base model answer the training prompts, saved as ShareGPT JSON Lines.
 
 Usage:
     python -m hydra.data.self_distill --prompts data/train_prompts.jsonl.gz \

@@ -1,4 +1,4 @@
-"""Chat with a model through its Hydra draft heads, streaming each reply as it is accepted.
+r"""Chat with a model through its Hydra draft heads, streaming each reply as it is accepted.
 
 Usage:
     python -m hydra.inference.cli                                  # the shipped heads on the default model

@@ -1,4 +1,4 @@
-"""Rebuild the default Hydra++ heads end to end; every stage skips what is done and resumes what was killed.
+r"""Rebuild the default Hydra++ heads end to end; every stage skips what is done and resumes what was killed.
 
     scripts/train_default_heads.sh                                  # CPU, over as many sessions as it takes
     scripts/train_default_heads.sh --device cuda                    # one GPU

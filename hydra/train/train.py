@@ -1,4 +1,4 @@
-"""Train Hydra draft heads on a frozen Hugging Face causal LM (README "Training" explains every flag).
+r"""Train Hydra draft heads on a frozen Hugging Face causal LM (README "Training" explains every flag).
 
 One process (CPU, or one GPU if there is one); the default base model is SmolLM2-135M-Instruct:
 
