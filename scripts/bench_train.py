@@ -38,6 +38,8 @@ RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
     "hydrapp": ["--hydra_head_arch", "prefix-mlp", "--hydra_num_layers", "4", "--lm_loss_weight", "0.0",
                 "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2"],
 }
+# The pipeline's Hydra++ recipe: the paper's without dropout (README, "Dropout off").
+RECIPES["hydrapp-nodrop"] = [*RECIPES["hydrapp"][:-1], "0.0"]
 OPTIONS = ("old", "cache", "vocab", "both", "both+fp32")
 
 
@@ -116,11 +118,11 @@ def main() -> int:
                     configure(run, option, vocab, cache)
                     tokens, seconds = timed_steps(run, 1 + k * args.steps, args.steps)
                     rates[name, option].append(tokens / seconds)
-        print(f"{'recipe':<10}" + "".join(f"{o + ' tok/s':>16}" for o in OPTIONS)
+        print(f"{'recipe':<15}" + "".join(f"{o + ' tok/s':>16}" for o in OPTIONS)
               + f"{'both/old':>10}{'fp32/both':>11}")
         for name in runs:
             med = {o: statistics.median(rates[name, o]) for o in OPTIONS}
-            print(f"{name:<10}" + "".join(f"{med[o]:>16.0f}" for o in OPTIONS)
+            print(f"{name:<15}" + "".join(f"{med[o]:>16.0f}" for o in OPTIONS)
                   + f"{med['both'] / med['old']:>9.2f}x{med['both+fp32'] / med['both']:>10.2f}x")
     return 0
 
