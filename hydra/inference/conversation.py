@@ -45,7 +45,7 @@ def converse(model, turns: list[str], generate: Callable, config, cached: bool =
         ids = render_prompt(model.tokenizer, messages)
         cfg = dataclasses.replace(config, seed=None if config.seed is None else config.seed + i,
                                   prompt_cache=cache)
-        turn = Turn(reply=error_reply, prompt_tokens=len(ids))
+        turn = Turn(reply="", prompt_tokens=len(ids))
         try:
             synchronize(device)
             start = time.perf_counter()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hydra.data.partition_train_test import split_records
 from hydra.data.sharegpt import load_sharegpt, pack, tokenize_records
+from hydra.model.base_model import partial_path
 
 Row = dict[str, list[int]]
 
@@ -105,7 +106,7 @@ def load_or_build_rows(data_path: str | os.PathLike, tokenizer, max_length: int,
     if is_main and not cache.is_file():
         train, val = build_rows(data_path, tokenizer, max_length, template, test_size, seed)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".partial{os.getpid()}")
+        tmp = partial_path(cache)  # also removes what killed processes left
         save_file({**_rows_to_tensors(train, "train"), **_rows_to_tensors(val, "val")}, str(tmp))
         tmp.replace(cache)
     barrier()
