@@ -4,7 +4,10 @@ r"""Validation top-1 of each head against training tokens, from train.py's log.j
         assets/training_logs/hydrapp_cpu_long.jsonl --output assets/hydrapp_top1.png
 
 Logs given after the first are continued runs (train.py --init_heads): each starts where the one before it
-ended on the token axis. An evaluation's token count is the `tokens_seen` of the training record of the same
+ended on the token axis. A log whose first record is at step N > 0 instead continues the log before it from
+its step N (train.py --start_step, which counts the tokens of the first N steps as seen): that log's records
+after step N are dropped. Where a log holds a step twice (a run resumed before train.py truncated its log on
+resuming), the later record counts. An evaluation's token count is the `tokens_seen` of the training record of the same
 step (logs written before train.py put it in evaluation records), else interpolated between the training
 records around it. A dotted line marks where each continued run starts; its step-0 evaluation re-scores the
 heads it started from, so a jump there is a change of metric or validation rows, not learning (the README
@@ -36,7 +39,25 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
             (evals if "eval_head0_top1" in record else train).append(record)
     if not evals:
         raise ValueError(f"{path}: no evaluation records (eval_head0_top1)")
-    return train, evals
+    return _last_per_step(train), _last_per_step(evals)
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the latest written, in step order."""
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+def first_step(train: list[dict], evals: list[dict]) -> int:
+    """The step a log starts from: 0, or N for a run started with --start_step N. A run with --init_heads
+    evaluates the heads it starts from first; train.py always logs the first step it trains."""
+    if train and train[0]["step"] <= evals[0]["step"]:
+        return train[0]["step"] - 1
+    return evals[0]["step"]
+
+
+def until(train: list[dict], evals: list[dict], step: int) -> tuple[list[dict], list[dict]]:
+    """A log's records up to `step`."""
+    return [r for r in train if r["step"] <= step], [r for r in evals if r["step"] <= step]
 
 
 def curve(train: list[dict], evals: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -57,13 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=os.path.expanduser, default=None, help="PNG to write (needs matplotlib)")
     args = ap.parse_args(argv)
     try:
-        runs = [curve(*read_log(Path(p))) for p in args.logs]
+        logs = [read_log(Path(p)) for p in args.logs]
+        for k in range(1, len(logs)):
+            start = first_step(*logs[k])
+            if start > 0:  # continues the log before it from that step
+                logs[k - 1] = until(*logs[k - 1], start)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
 
     offset, placed = 0, []
-    for path, (x, y, end) in zip(args.logs, runs, strict=True):
+    for k, (path, log) in enumerate(zip(args.logs, logs, strict=True)):
+        x, y, end = curve(*log)
+        if k and first_step(*log) > 0:  # on the same token axis as the run it continues
+            offset = placed[-1][3]
         placed.append((Path(path).name, x + offset, y, offset))
         offset += end
     print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in range(placed[0][2].shape[1])) + " |")

@@ -22,13 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 1024
 
 
-def save_tiny_served_model(folder: Path) -> Path:
+def save_tiny_served_model(folder: Path, never_ends: bool = False) -> Path:
     """Write folder/base (a 2-layer random Llama with O(1) logits and the default tokenizer) and folder/heads
     (random prefix-mlp heads naming that base); returns the heads folder. As helpers.save_tiny_model, with
-    well-separated greedy choices (scale 0.3) so speculative and plain greedy replies agree exactly."""
+    well-separated greedy choices (scale 0.3) so speculative and plain greedy replies agree exactly.
+    `never_ends`: the EOS token's output row is zero, so its logit (0) is never the greedy choice among
+    ~49,000 O(1) logits: a greedy reply runs to its max_tokens whatever text it takes."""
     tokenizer = load_tokenizer(None)
     base = make_tiny_base(vocab_size=len(tokenizer), scale=0.3, max_position_embeddings=CONTEXT,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if never_ends:
+        base.lm_head.weight[tokenizer.eos_token_id] = 0.0
     base.save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
     heads = make_heads(base, "prefix-mlp", num_heads=4, base_model_name_or_path=str(folder / "base"),

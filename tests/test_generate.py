@@ -108,6 +108,22 @@ def cycle_base():
     return make_cycle_base()
 
 
+def test_steps_leave_the_callers_grad_mode_and_each_others_alone(base):
+    """A decoding call runs its steps in inference mode but hands the caller back its own mode between them;
+    and a call closed while another is suspended (a server whose client left) does not take inference mode
+    away from the other, which decodes on as a fresh call does."""
+    model = random_heads(base, "prefix-mlp")
+    config = DecodeConfig(stop_token_ids=[], max_new_tokens=30)
+    first = hydra_generate(model, [3, 17, 40, 5], config)
+    next(first)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    second = hydra_generate(model, [9, 22, 8], config)
+    decided = list(next(second).tokens)
+    first.close()
+    decided += [t for step in second for t in step.tokens]
+    assert decided == run(model, [9, 22, 8], max_new_tokens=30).tokens
+
+
 # --- losslessness -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_lossless_random_heads(base, arch):

@@ -237,6 +237,62 @@ def test_fp32_heads_on_a_bf16_base(tiny_setup, tmp_path, draft_vocab):
     assert ev[fp32] == pytest.approx(ev[amp], rel=2e-2)
 
 
+def test_start_step_continues_a_run_from_its_exported_heads(tiny_setup, tmp_path):
+    """A run whose checkpoints are lost goes on from the heads it exported at step 2 (--init_heads,
+    --start_step 2): the same rows (tokens seen) and schedule as the lost run from step 3 on, the learning
+    rate warmed up again for the fresh optimizer moments, the first evaluation that of the heads it was
+    given. Killed, the same command resumes from its own checkpoint, not from step 2 again."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=5, warmup_steps=2, eval_steps=2, hydra_head_arch="prefix-mlp",
+                 per_device_train_batch_size=2, teacher_loss_weight=1.0, lm_loss_weight=0.0)
+    lost = tmp_path / "lost"
+    assert train.main(_args(model_dir, data, lost, save_steps=2, save_total_limit=5, **flags)) == 0
+    again = dict(init_heads=lost / "checkpoint-2", start_step=2, **flags)
+    cont = tmp_path / "continued"
+    assert train.main(_args(model_dir, data, cont, save_steps=1, save_total_limit=5, **again)) == 0
+
+    steps = lambda out: {e["step"]: e for e in _events(out) if "loss" in e}  # noqa: E731
+    evals = lambda out: {e["step"]: e for e in _events(out) if "eval_loss" in e}  # noqa: E731
+    assert sorted(steps(cont)) == [3, 4, 5]
+    assert [steps(cont)[s]["tokens_seen"] for s in (3, 4, 5)] == [steps(lost)[s]["tokens_seen"] for s in (3, 4, 5)]
+    # the lost run's learning rate, times the re-warm-up: 1/2 at step 3, then 1
+    assert steps(cont)[3]["lr"] == pytest.approx(steps(lost)[3]["lr"] / 2)
+    assert [steps(cont)[s]["lr"] for s in (4, 5)] == pytest.approx([steps(lost)[s]["lr"] for s in (4, 5)])
+    assert sorted(evals(cont)) == [2, 4, 5]
+    assert evals(cont)[2]["eval_loss"] == pytest.approx(evals(lost)[2]["eval_loss"], rel=1e-6)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hydra.train.train"] + _args(model_dir, data, killed, save_steps=1,
+                                                              save_total_limit=5, **again)
+    proc = _run(cmd, env_extra={train.EXIT_AFTER_ENV: "4"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(killed)] == [3, 4]
+    assert train.main(_args(model_dir, data, killed, save_steps=1, save_total_limit=5, **again)) == 0
+    assert sorted(steps(killed)) == [3, 4, 5]
+    _assert_same_weights(cont, killed, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(start_step=2), "--start_step continues exported heads"),
+    (dict(start_step=-1, init_heads="x"), "--start_step continues exported heads"),
+])
+def test_start_step_needs_heads(tiny_setup, tmp_path, capsys, flags, message):
+    model_dir, data = tiny_setup
+    with pytest.raises(SystemExit):
+        train.main(_args(model_dir, data, tmp_path / "run", **flags))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_step_past_the_end_is_one_error_line(tiny_setup, tmp_path, capsys):
+    model_dir, data = tiny_setup
+    first = tmp_path / "first"
+    assert train.main(_args(model_dir, data, first, max_steps=1)) == 0
+    assert train.main(_args(model_dir, data, tmp_path / "run", max_steps=3, init_heads=first,
+                            start_step=3)) == 2
+    assert "--start_step 3 is past this run's 3 steps" in capsys.readouterr().err
+
+
 def _continue_with_option(tiny_setup, tmp_path, new_weights: str, **option):
     """Train Hydra++ heads without `option`, then continue them with it (--init_heads). The option's weights
     (names starting with `new_weights`) start as a no-op, so the second run's first evaluation equals the

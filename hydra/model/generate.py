@@ -211,42 +211,47 @@ def _check_inputs(model: HydraModel, input_ids, config: DecodeConfig) -> torch.T
     return ids
 
 
+# As a decorator, inference mode is entered around each resumption of the generator and left at each yield.
+# A `with` block inside it would stay entered across yields: the caller would run in inference mode between
+# steps, and a call closed while another was suspended (a server's request whose client left) would restore
+# its own entry-time mode under the other, whose next step would then write its inference-mode cache outside
+# inference mode and fail.
+@torch.inference_mode()
 def _decode(model: HydraModel, ids: torch.Tensor, config: DecodeConfig,
             tree: TreeBuffers | DynamicTree | None) -> Iterator[StepOutput]:
     """Prefill, then one step per base-model forward: emit what the last forward decided, propose a tree,
     verify it in one forward, accept a path, compact the cache."""
     if config.max_new_tokens <= 0:
         return
-    with torch.inference_mode():
-        run = _Run(model, config, tree, ids)
-        pending = [_prefill(run, ids)]
-        new_tokens = steps = 0
-        while True:
-            run.keep()
-            steps += 1
-            tokens, reason = _emit(pending, run.stop_ids, config.max_new_tokens - new_tokens)
-            new_tokens += len(tokens)
-            if reason is None and config.max_steps is not None and steps >= config.max_steps:
-                reason = "max_steps"
-            if reason is None and run.n + 1 > run.capacity:
-                reason = "length"
-            yield StepOutput(tokens, len(pending), reason)
-            if reason is not None:
-                return
-            run.check_owner()
-            start = perf_counter()  # the consumer's time between steps is not the step's
-            if run.lookup is not None:
-                run.lookup.extend(pending)
-                if run.lookup_judge is not None:
-                    for tokens in run.lookup.outcomes():
-                        run.lookup_judge.record_forgone(tokens)
-            draft = _draft(run, root=pending[-1])
-            last, hidden = _verify(run, draft)
-            accepted, bonus = _accept(run, last, draft)
-            pending = _compact(run, draft, accepted, hidden) + [bonus]
-            if run.pacer is not None:
-                run.pacer.record(perf_counter() - start, len(pending), speculated=draft.speculated,
-                                 verified=draft.tokens.numel())
+    run = _Run(model, config, tree, ids)
+    pending = [_prefill(run, ids)]
+    new_tokens = steps = 0
+    while True:
+        run.keep()
+        steps += 1
+        tokens, reason = _emit(pending, run.stop_ids, config.max_new_tokens - new_tokens)
+        new_tokens += len(tokens)
+        if reason is None and config.max_steps is not None and steps >= config.max_steps:
+            reason = "max_steps"
+        if reason is None and run.n + 1 > run.capacity:
+            reason = "length"
+        yield StepOutput(tokens, len(pending), reason)
+        if reason is not None:
+            return
+        run.check_owner()
+        start = perf_counter()  # the consumer's time between steps is not the step's
+        if run.lookup is not None:
+            run.lookup.extend(pending)
+            if run.lookup_judge is not None:
+                for tokens in run.lookup.outcomes():
+                    run.lookup_judge.record_forgone(tokens)
+        draft = _draft(run, root=pending[-1])
+        last, hidden = _verify(run, draft)
+        accepted, bonus = _accept(run, last, draft)
+        pending = _compact(run, draft, accepted, hidden) + [bonus]
+        if run.pacer is not None:
+            run.pacer.record(perf_counter() - start, len(pending), speculated=draft.speculated,
+                             verified=draft.tokens.numel())
 
 
 @dataclass

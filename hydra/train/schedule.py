@@ -31,8 +31,14 @@ def check_schedule(kind: str, final_lr_multiplier: float) -> str:
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
-                  final_lr_multiplier: float = 0.0) -> float:
-    """The factor on the peak learning rate for optimizer step `step` (0-based: the update about to run)."""
+                  final_lr_multiplier: float = 0.0, restarted_at: int = 0) -> float:
+    """The factor on the peak learning rate for optimizer step `step` (0-based: the update about to run).
+    `restarted_at`: the step a run continued from with fresh optimizer moments; the schedule's factor is
+    warmed up again over `warmup_steps` from there (Adam's first updates from zero moments are full-size in
+    every coordinate)."""
+    if restarted_at and step >= restarted_at and warmup_steps:
+        rewarm = min(1.0, (step - restarted_at + 1) / warmup_steps)
+        return rewarm * lr_multiplier(step, total_steps, warmup_steps, kind, final_lr_multiplier)
     kind = check_schedule(kind, final_lr_multiplier)
     f = final_lr_multiplier
     if step < warmup_steps:

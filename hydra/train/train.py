@@ -14,6 +14,8 @@ The fast path (feature cache + loss over the draft vocabulary), same flags plus:
         --cache_hidden_states True --draft_vocab hydra/heads/default/draft_vocab.safetensors
 
 Continue from trained heads instead of a fresh init: add --init_heads hydra/heads/default.
+Continue a run whose checkpoints were lost, from the heads it exported at step N: its command with
+--init_heads <those heads> --start_step N (a new --output_dir).
 A Hydra++ prefix layer that also reads the next token (README, Head types): add
 --prefix_reads_next_token True.
 Fill the feature cache only (then exit): add --cache_hidden_states True --fill_hidden_cache only.
@@ -171,6 +173,10 @@ class TrainingArguments:
                 "of the whole vocabulary; it is saved with the heads"})
     init_heads: str | None = field(default=None, metadata={
         "help": "start from these trained heads (a heads folder whose config matches the --hydra_* flags)"})
+    start_step: int = field(default=0, metadata={
+        "help": "with --init_heads: begin at this step of the schedule (its rows and learning rate on), with "
+                "fresh optimizer moments and the learning rate warmed up again over --warmup_steps: continues "
+                "a run whose checkpoints were lost from the heads it exported at that step"})
     head_init: str = field(default="paper", metadata={
         "help": f"one of {HEAD_INITS}: fresh grounded heads as in the paper's code, or with an identity-like "
                 "first block so a fresh grounded head equals a fresh Medusa head"})
@@ -201,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error(f"--head_init must be one of {HEAD_INITS}")
     if args.fill_hidden_cache not in FILL_MODES:
         parser.error(f"--fill_hidden_cache must be one of {FILL_MODES}")
+    if args.start_step < 0 or (args.start_step and not args.init_heads):
+        parser.error("--start_step continues exported heads: a step >= 0, with the heads as --init_heads")
     if args.fill_hidden_cache != "lazy" and not args.cache_hidden_states:
         parser.error("--fill_hidden_cache needs --cache_hidden_states True")
     for group in (model_args, data_args, args):
@@ -420,9 +428,17 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         log.info(f"hidden-state cache {cache.folder} ({cache.nbytes / 2**30:.2f} GiB, "
                  f"{cache.filled()}/{len(all_rows)} rows filled)")
 
+    if args.start_step >= total_steps:
+        raise ValueError(f"--start_step {args.start_step} is past this run's {total_steps} steps")
     run = Run(args, d, log, out_dir, model, optimizer, engine, params, train_rows, val_rows, pad_id, order,
               accum, global_batch, total_steps, vocab, cache)
-    _resume(run)
+    if not _resume(run) and args.start_step:
+        run.start_step = args.start_step
+        # what the lost run had trained on before this step: its log's x axis goes on from there
+        run.tokens_seen = sum(len(train_rows[j]["input_ids"])
+                              for step in range(args.start_step) for j in order.global_batch_rows(step))
+        log.info(f"starting at step {args.start_step} of {total_steps} from {args.init_heads} "
+                 f"({run.tokens_seen} tokens before it), fresh optimizer moments")
     H = config.hydra_num_heads
     log.info(f"{config.hydra_head_arch} x {H} heads, {config.hydra_num_layers} layer(s), "
              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params on "
@@ -438,10 +454,11 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     return run
 
 
-def _resume(run: Run) -> None:
+def _resume(run: Run) -> bool:
+    """Continue from the newest checkpoint in --output_dir, if there is one (then True)."""
     resume = ckpt.latest_checkpoint(run.out_dir)
     if resume is None:
-        return
+        return False
     state = ckpt.read_state(resume)
     written_by_ds = (resume / ckpt.DEEPSPEED_DIR).is_dir()
     if written_by_ds != (run.engine is not None):
@@ -460,6 +477,7 @@ def _resume(run: Run) -> None:
                      f"{state.get('total_steps')} total steps; now {run.global_batch} and {run.total_steps}")
     run.log.truncate_after(run.start_step)
     run.log.info(f"resuming from {resume} (step {run.start_step})")
+    return True
 
 
 def fill_cache(run: Run) -> None:
@@ -534,7 +552,7 @@ def train_step(run: Run, step: int, stats: torch.Tensor) -> tuple[float, float, 
     normalizer = sum(count_targets(b["labels"], b["position_ids"], H) for b in batches).double()
     d.all_reduce(normalizer)
     lr = args.learning_rate * lr_multiplier(step, run.total_steps, args.warmup_steps, args.lr_scheduler_type,
-                                            args.final_lr_multiplier)
+                                            args.final_lr_multiplier, restarted_at=args.start_step)
     set_lr(run.optimizer, lr)
     for mb, batch in zip(micro, batches, strict=True):
         with autocast_ctx(run.use_amp, d.device):
@@ -577,8 +595,8 @@ def fit(run: Run) -> None:
     run.log.info(f"eval every {eval_every or '-'}, save every {save_every or '-'} steps")
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
     started = time.time()
-    if run.start_step == 0 and args.init_heads and eval_every:
-        validate(run, 0)  # where the given heads start from
+    if run.start_step == args.start_step and args.init_heads and eval_every:
+        validate(run, run.start_step)  # where the given heads start from
     stats = torch.zeros(H, 7, dtype=torch.float64, device=d.device)
     interval_tokens, interval_time, last_saved, last_eval = 0, 0.0, run.start_step, -1
     budget_at = max(args.warmup_steps, run.start_step + MIN_TIMED_STEPS)

@@ -1,0 +1,55 @@
+"""scripts/plot_training.py: runs placed on one token axis (continued runs after the one before, a
+--start_step run on the axis of the run it continues), a repeated step's later record counting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from plot_training import main  # noqa: E402
+
+
+def _train(step, tokens):
+    return {"step": step, "loss": 1.0, "tokens_seen": tokens}
+
+
+def _eval(step, tokens, top1):
+    return {"step": step, "eval_loss": 1.0, "eval_head0_top1": top1, "eval_head1_top1": top1 / 2,
+            "tokens_seen": tokens}
+
+
+def _write(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _table(capsys) -> list[tuple[str, float, float]]:
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    return [(r[0].strip(), float(r[1]), float(r[2])) for r in rows[1:]]
+
+
+def test_continued_and_start_step_runs_share_one_token_axis(tmp_path, capsys):
+    first = _write(tmp_path / "first.jsonl", [_train(1, 1_000_000), _eval(1, 1_000_000, 0.30),
+                                              _train(2, 2_000_000), _eval(2, 2_000_000, 0.40)])
+    # continued with --init_heads: starts from zero tokens at step 0, placed after `first` (2M)
+    second = _write(tmp_path / "second.jsonl", [
+        _eval(0, 0, 0.40), _train(1, 1_000_000), _eval(1, 1_000_000, 0.45),
+        _train(2, 2_000_000), _eval(2, 2_000_000, 0.47),
+        _train(2, 2_000_000), _eval(2, 2_000_000, 0.48),  # resumed at step 1: step 2 again, later wins
+        _train(3, 3_000_000), _eval(3, 3_000_000, 0.49)])
+    # --start_step 2 from `second`'s step-2 heads: its own records past step 2 are dropped
+    third = _write(tmp_path / "third.jsonl", [_eval(2, 2_000_000, 0.48), _train(3, 3_000_000),
+                                              _train(4, 4_000_000), _eval(4, 4_000_000, 0.55)])
+    assert main([first, second, third]) == 0
+    assert _table(capsys) == [
+        ("first.jsonl", 1.0, 0.30), ("first.jsonl", 2.0, 0.40),
+        ("second.jsonl", 2.0, 0.40), ("second.jsonl", 3.0, 0.45), ("second.jsonl", 4.0, 0.48),
+        ("third.jsonl", 4.0, 0.48), ("third.jsonl", 6.0, 0.55)]
+
+
+def test_a_log_without_evaluations_is_one_error_line(tmp_path, capsys):
+    log = _write(tmp_path / "log.jsonl", [_train(1, 10)])
+    assert main([log]) == 1
+    assert capsys.readouterr().err.strip() == f"[hydra] error: {log}: no evaluation records (eval_head0_top1)"
