@@ -5,13 +5,13 @@ r"""Validation top-1 of each head against training tokens, from train.py's log.j
 
 Logs given after the first are continued runs (train.py --init_heads): each starts where the one before it
 ended on the token axis. A log whose first record is at step N > 0 instead continues the log before it from
-its step N (train.py --start_step, which counts the tokens of the first N steps as seen): that log's records
-after step N are dropped. Where a log holds a step twice (a run resumed before train.py truncated its log on
-resuming), the later record counts. An evaluation's token count is the `tokens_seen` of the training record of the same
-step (logs written before train.py put it in evaluation records), else interpolated between the training
-records around it. A dotted line marks where each continued run starts; its step-0 evaluation re-scores the
-heads it started from, so a jump there is a change of metric or validation rows, not learning (the README
-says which metric each run used). Prints the table it plots.
+that log's step N (train.py --start_step, which counts the tokens of the first N steps as seen); the earlier
+log's records after step N are dropped. Where a log holds a step twice (a run resumed before train.py
+truncated its log on resuming), the later record counts. An evaluation's token count is the `tokens_seen` of
+the training record of the same step (logs written before train.py put it in evaluation records), else
+interpolated between the training records around it. A dotted line marks where each continued run starts;
+its step-0 evaluation re-scores the heads it started from, so a jump there is a change of metric or
+validation rows, not learning (the README says which metric each run used). Prints the table it plots.
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ class TrainingArguments:
     init_heads: str | None = field(default=None, metadata={
         "help": "start from these trained heads (a heads folder whose config matches the --hydra_* flags)"})
     start_step: int = field(default=0, metadata={
-        "help": "with --init_heads: begin at this step of the schedule (its rows and learning rate on), with "
-                "fresh optimizer moments and the learning rate warmed up again over --warmup_steps: continues "
-                "a run whose checkpoints were lost from the heads it exported at that step"})
+        "help": "with --init_heads: begin at this step of the schedule (its rows and learning rate on), "
+                "with fresh optimizer moments and the learning rate warmed up again over --warmup_steps: "
+                "continues a run whose checkpoints were lost from the heads it exported at that step"})
     head_init: str = field(default="paper", metadata={
         "help": f"one of {HEAD_INITS}: fresh grounded heads as in the paper's code, or with an identity-like "
                 "first block so a fresh grounded head equals a fresh Medusa head"})
