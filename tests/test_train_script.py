@@ -419,12 +419,22 @@ def test_pipeline_stage_markers(tmp_path):
     assert json.loads((tmp_path / "w" / "state.json").read_text())["rates"].keys() == {"a", "b", "c"}
 
 
-@pytest.mark.parametrize(("flag", "bf16"), [([], "True"), (["--train-dtype", "float32"], "False")])
-def test_pipeline_train_dtype(tmp_path, flag, bf16):
-    """--train-dtype reaches the feature and train stages as train.py's --bf16 (bf16 unless asked)."""
+@pytest.mark.parametrize(("flag", "native_bf16", "bf16"), [
+    ([], True, "True"), ([], False, "False"), (["--train-dtype", "float32"], True, "False"),
+    (["--train-dtype", "bfloat16"], False, "True"),
+])
+def test_pipeline_train_dtype(tmp_path, monkeypatch, flag, native_bf16, bf16):
+    """--train-dtype reaches the feature and train stages as train.py's --bf16, the distillation and the
+    MT-Bench stage as their dtype; by default bf16 where the CPU computes it natively, else fp32."""
     from hydra.train.pipeline import parse_args, stages
 
-    by_name = {s.name: s.cmd for s in stages(parse_args(["--workdir", str(tmp_path), *flag]))}
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    todo = stages(parse_args(["--workdir", str(tmp_path), *flag]))
+    by_name = {s.name: s.cmd for s in todo}
+    dtype = "bfloat16" if bf16 == "True" else "float32"
+    assert by_name["distill"][by_name["distill"].index("--dtype") + 1] == dtype
+    assert next(s for s in todo if s.name == "mtbench").env["DTYPE"] == dtype
     for name in ("features", "train"):
         cmd = by_name[name]
         assert cmd[cmd.index("--bf16") + 1] == bf16

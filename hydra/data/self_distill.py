@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-shuffle", action="store_true", help="take prompts in file order")
     parser.add_argument("--base-model", type=os.path.expanduser,
                         default=None, help="HF id or folder (default SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:

@@ -95,7 +95,7 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     out = [
         Stage("distill", py + ["-m", "hydra.data.self_distill", "--prompts", a.prompts, "--output", str(data),
                                "--max-new-tokens", "320", "--max-prompt-tokens", "768", "--temperature", "0",
-                               "--batch-size", batch, "--dtype", "bfloat16", "--device", a.device] + base
+                               "--batch-size", batch, "--dtype", a.train_dtype, "--device", a.device] + base
               + (["--num-prompts", str(a.num_prompts)] if a.num_prompts else []), n_prompts),
         Stage("split", py + ["-m", "hydra.data.partition_train_test", "--input", str(data),
                              "--output-dir", str(split)]
@@ -109,7 +109,7 @@ def stages(a: argparse.Namespace) -> list[Stage]:
                             "--data", str(split / "val.jsonl"), "--name", a.tree_name,
                             "--counts", str(w / "tree_counts.json")], 100),
         Stage("mtbench", ["bash", str(REPO / "scripts" / "eval_mt_bench.sh"), str(w / "heads")], 160,
-              env={"TAG": a.tree_name, "TREE": a.tree_name}),
+              env={"TAG": a.tree_name, "TREE": a.tree_name, "DTYPE": a.train_dtype}),
     ]
     if a.data:
         out = out[1:]  # the data are given: no distillation
@@ -177,9 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None, help="continue from these heads instead of a fresh init")
     p.add_argument("--draft-vocab", type=lambda v: Path(os.path.expanduser(v)),
                    default=REPO / "hydra" / "heads" / "default" / "draft_vocab.safetensors")
-    p.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="base model and heads in the feature and train stages (train.py --bf16); float32 is "
-                        "faster on CPUs whose bf16 matrix products are slow (scripts/bench_train.py tells)")
+    p.add_argument("--train-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the base model's dtype in every stage (train.py --bf16 in the feature and train "
+                        "stages); auto: bfloat16 where the device computes it natively, else float32")
     p.add_argument("--prefix-reads-next-token", action="store_true",
                    help="train.py --prefix_reads_next_token True: the prefix layer also reads x_{t+1} "
                         "(README, Head types; not the shipped heads' recipe)")
@@ -206,6 +206,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.workdir = a.workdir.expanduser()
     a.prompts = os.path.expanduser(a.prompts)
     a.draft_vocab = a.draft_vocab.expanduser()
+    if a.train_dtype == "auto":
+        from hydra.model.base_model import resolve_dtype  # torch: only when there is something to resolve
+
+        a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     return a
 
 
