@@ -90,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     offset, placed = 0, []
     for k, (path, log) in enumerate(zip(args.logs, logs, strict=True)):
         x, y, end = curve(*log)
-        if k and first_step(*log) > 0:  # on the same token axis as the run it continues
-            offset = placed[-1][3]
-        placed.append((Path(path).name, x + offset, y, offset))
+        marker = offset
+        if k and first_step(*log) > 0:  # on the axis of the run it continues, marked where it resumed
+            offset = placed[-1][4]
+            marker = offset + x[0]
+        placed.append((Path(path).name, x + offset, y, marker, offset))
         offset += end
     print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in range(placed[0][2].shape[1])) + " |")
-    for name, x, y, _ in placed:
+    for name, x, y, *_ in placed:
         for xi, yi in zip(x, y, strict=True):
             print(f"| {name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
     if args.output:
@@ -106,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(7, 4))
         for h in range(placed[0][2].shape[1]):
             color = f"C{h}"
-            for k, (_name, x, y, _start) in enumerate(placed):
+            for k, (_name, x, y, *_) in enumerate(placed):
                 ax.plot(x / 1e6, y[:, h], "o-" if k == 0 else "s-", color=color, ms=3,
                         label=f"head {h + 1}" if k == 0 else None)
-        for name, _, _, start in placed[1:]:
+        for name, _, _, start, _ in placed[1:]:
             ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
             # vertical, along its line: the labels of runs a few million tokens apart would overlap
             ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90,
