@@ -139,7 +139,11 @@ def step_time(model: HydraModel, prompt: list[int], choices: list[list[int]] | N
 
     timed(3)  # warm-up
     # min over repeats: on a shared machine the noise is one-sided (interference only slows things down)
-    return max(min(timed(2 + steps) for _ in range(3)) - min(timed(2) for _ in range(3)), 1e-9) / steps
+    extra = min(timed(2 + steps) for _ in range(3)) - min(timed(2) for _ in range(3))
+    if extra <= 0:  # a choice made on it would be arbitrary
+        raise ValueError(f"runs of {2 + steps} steps were no slower than runs of 2: the timing of {steps} "
+                         "steps is lost in the noise of the prefill; raise --timing-steps")
+    return extra / steps
 
 
 def write_tree_json(choices: list[list[int]], meta: dict) -> str:
@@ -190,6 +194,14 @@ def main() -> None:
     print(f"{counts[()]} positions; per-depth acceptance of the top-1 chain:",
           [round(counts[(0,) * (d + 1)] / counts[()], 3) for d in range(model.config.hydra_num_heads)])
 
+    try:
+        choose_size(args, counts, rows)
+    except ValueError as e:  # the path counts are saved (--counts): a rerun times again without recounting
+        raise SystemExit(f"[hydra] error: {e}") from None
+
+
+def choose_size(args: argparse.Namespace, counts: Counter, rows: list[list[int]]) -> None:
+    """Time each size's best tree, print the table and write the fastest predicted one."""
     timed = HydraModel.from_pretrained(args.heads, dtype=args.timing_dtype)
     prompt = rows[0][: args.prompt_tokens]
     prompt = (prompt * (args.prompt_tokens // max(len(prompt), 1) + 1))[: args.prompt_tokens]

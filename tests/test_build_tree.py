@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from build_tree import grow_tree, load_counts, rank_vectors, save_counts  # noqa: E402
+import build_tree  # noqa: E402
+from build_tree import grow_tree, load_counts, rank_vectors, save_counts, step_time  # noqa: E402
 
 V = 16
 
@@ -90,3 +91,20 @@ def test_counts_round_trip(tmp_path):
     counts = Counter({(): 7, (0,): 3, (0, 2): 1, (1,): 2})
     save_counts(counts, tmp_path / "sub" / "counts.json")
     assert load_counts(tmp_path / "sub" / "counts.json") == counts
+
+
+def test_a_step_time_lost_in_noise_is_an_error_not_a_choice(monkeypatch):
+    """step_time is (longer runs - shorter runs) / steps; where noise makes that <= 0 (a slow prefill, too few
+    timed steps) it refuses rather than hand the size choice a step that costs nothing."""
+    import pytest
+
+    durations = {}
+    monkeypatch.setattr(build_tree, "generate", lambda model, prompt, cfg, speculative: durations.update(
+        now=durations.get("now", 0.0) + durations["cost"](cfg.max_steps)))
+    monkeypatch.setattr(build_tree.time, "perf_counter", lambda: durations.get("now", 0.0))
+    durations["cost"] = lambda steps: 5.0 + 0.1 * steps  # a 5 s prefill, 0.1 s a step
+    assert step_time(None, [1, 2], [[0]], steps=4) == pytest.approx(0.1)
+    # the short runs' prefills happened to be 0.1 s slower: more than 4 steps cost
+    durations["cost"] = lambda steps: (5.1 if steps == 2 else 5.0) + 0.01 * steps
+    with pytest.raises(ValueError, match="raise --timing-steps"):
+        step_time(None, [1, 2], [[0]], steps=4)
