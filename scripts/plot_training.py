@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         logs = [read_log(Path(p)) for p in args.logs]
+        starts = [first_step(*log) for log in logs]
         for k in range(1, len(logs)):
-            start = first_step(*logs[k])
-            if start > 0:  # continues the log before it from that step
-                logs[k - 1] = until(*logs[k - 1], start)
+            if starts[k] > 0:  # continues the log before it from that step
+                logs[k - 1] = until(*logs[k - 1], starts[k])
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, (path, log) in enumerate(zip(args.logs, logs, strict=True)):
         x, y, end = curve(*log)
         marker = offset
-        if k and first_step(*log) > 0:  # on the axis of the run it continues, marked where it resumed
+        if k and starts[k] > 0:  # on the axis of the run it continues, marked where it resumed
             offset = placed[-1][4]
             marker = offset + x[0]
         placed.append((Path(path).name, x + offset, y, marker, offset))

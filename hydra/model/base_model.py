@@ -39,8 +39,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> str |
     """`dtype`, with "auto" made the dtype batched work (training, distillation) runs fastest in: bfloat16
     on a GPU that has it (else float16) and on a CPU with native bf16 dot products (AVX-512 BF16 or AMX);
     float32 on any other CPU, where torch emulates bf16 matrix products at a fraction of its fp32 speed
-    (README, "CPUs without native bf16"). Decoding keeps its own default: one token at a time is bound by
-    memory."""
+    (README, Training speed, "On a CPU without AVX-512"). Decoding keeps its own default: one token at a time
+    is bound by memory."""
     if dtype != "auto":
         return dtype
     kind = torch.device(device).type
