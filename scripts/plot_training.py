@@ -60,15 +60,20 @@ def until(train: list[dict], evals: list[dict], step: int) -> tuple[list[dict], 
     return [r for r in train if r["step"] <= step], [r for r in evals if r["step"] <= step]
 
 
-def curve(train: list[dict], evals: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens at each evaluation, top-1 per evaluation x head, tokens at the end of the run)."""
+def head_numbers(evals: list[dict]) -> list[int]:
+    """The heads an evaluation record scores (eval_head{h}_top1)."""
+    return sorted(int(k[len("eval_head"):-len("_top1")]) for k in evals[0]
+                  if k.startswith("eval_head") and k.endswith("_top1") and "teacher" not in k)
+
+
+def curve(train: list[dict], evals: list[dict], heads: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens at each evaluation, top-1 per evaluation x head, tokens at the end of the run). A log cut
+    before its first evaluation (continued from an earlier step) has no points but still spans its tokens."""
     steps = [r["step"] for r in train if "tokens_seen" in r]
     seen = [r["tokens_seen"] for r in train if "tokens_seen" in r]
-    heads = sorted(int(k[len("eval_head"):-len("_top1")]) for k in evals[0]
-                   if k.startswith("eval_head") and k.endswith("_top1") and "teacher" not in k)
     x = np.array([r["tokens_seen"] if "tokens_seen" in r else np.interp(r["step"], [0] + steps, [0] + seen)
                   for r in evals], dtype=float)
-    y = np.array([[r[f"eval_head{h}_top1"] for h in heads] for r in evals])
+    y = np.array([[r[f"eval_head{h}_top1"] for h in heads] for r in evals]).reshape(len(evals), len(heads))
     return x, y, int(max(seen + [0] + list(x)))
 
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         logs = [read_log(Path(p)) for p in args.logs]
         starts = [first_step(*log) for log in logs]
+        heads = head_numbers(logs[0][1])
         for k in range(1, len(logs)):
             if starts[k] > 0:  # continues the log before it from that step
                 logs[k - 1] = until(*logs[k - 1], starts[k])
@@ -89,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
     offset, placed = 0, []
     for k, (path, log) in enumerate(zip(args.logs, logs, strict=True)):
-        x, y, end = curve(*log)
+        x, y, end = curve(*log, heads)
         marker = offset
         if k and starts[k] > 0:  # on the axis of the run it continues, marked where it resumed
             offset = placed[-1][4]
-            marker = offset + x[0]
+            marker = offset + (x[0] if len(x) else 0)
         placed.append((Path(path).name, x + offset, y, marker, offset))
         offset += end
-    print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in range(placed[0][2].shape[1])) + " |")
+    print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in heads) + " |")
     for name, x, y, *_ in placed:
         for xi, yi in zip(x, y, strict=True):
             print(f"| {name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
@@ -106,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for h in range(placed[0][2].shape[1]):
-            color = f"C{h}"
+        for col, h in enumerate(heads):
+            color = f"C{col}"
             for k, (_name, x, y, *_) in enumerate(placed):
-                ax.plot(x / 1e6, y[:, h], "o-" if k == 0 else "s-", color=color, ms=3,
+                ax.plot(x / 1e6, y[:, col], "o-" if k == 0 else "s-", color=color, ms=3,
                         label=f"head {h + 1}" if k == 0 else None)
         for name, _, _, start, _ in placed[1:]:
             ax.axvline(start / 1e6, color="grey", ls=":", lw=1)

@@ -53,3 +53,13 @@ def test_a_log_without_evaluations_is_one_error_line(tmp_path, capsys):
     log = _write(tmp_path / "log.jsonl", [_train(1, 10)])
     assert main([log]) == 1
     assert capsys.readouterr().err.strip() == f"[hydra] error: {log}: no evaluation records (eval_head0_top1)"
+
+
+def test_a_log_continued_before_its_first_evaluation_still_spans_its_tokens(tmp_path, capsys):
+    # evaluated only at step 4; continued (--start_step 2) from heads exported at step 2
+    first = _write(tmp_path / "first.jsonl", [_train(1, 1_000_000), _train(2, 2_000_000),
+                                              _train(3, 3_000_000), _eval(4, 4_000_000, 0.40)])
+    second = _write(tmp_path / "second.jsonl", [_eval(2, 2_000_000, 0.35), _train(3, 3_000_000),
+                                                _eval(3, 3_000_000, 0.45)])
+    assert main([first, second]) == 0
+    assert _table(capsys) == [("second.jsonl", 2.0, 0.35), ("second.jsonl", 3.0, 0.45)]

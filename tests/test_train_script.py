@@ -292,6 +292,16 @@ def test_start_step_past_the_end_is_one_error_line(tiny_setup, tmp_path, capsys)
     assert train.main(_args(model_dir, data, tmp_path / "run", max_steps=3, init_heads=first,
                             start_step=3)) == 2
     assert "--start_step 3 is past this run's 3 steps" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # the failed setup left no half-made run behind
+
+
+def test_failed_setup_keeps_a_folder_it_did_not_create(tiny_setup, tmp_path, capsys):
+    model_dir, data = tiny_setup
+    first = tmp_path / "first"
+    assert train.main(_args(model_dir, data, first, max_steps=1)) == 0
+    kept = sorted(p.name for p in first.iterdir())
+    assert train.main(_args(model_dir, data, first, max_steps=1, init_heads=first, start_step=3)) == 2
+    assert sorted(p.name for p in first.iterdir()) == kept
 
 
 def _continue_with_option(tiny_setup, tmp_path, new_weights: str, **option):

@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -354,13 +355,26 @@ def load_draft_vocab(path: str, vocab_size: int) -> torch.Tensor:
 
 
 def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> Run:
-    """Process group, model + heads, data, optimizer, feature cache; resumes from the newest checkpoint."""
+    """Process group, model + heads, data, optimizer, feature cache; resumes from the newest checkpoint. A
+    setup that fails (bad data or flags found only once the data or model are read) removes the output folder
+    it created, so a corrected rerun starts clean instead of finding a half-made run."""
     d = setup_distributed(args.local_rank, args.use_cpu)
     out_dir = Path(args.output_dir)
+    created = not out_dir.exists()
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial(out_dir)
     d.barrier()
+    try:
+        return _setup_run(model_args, data_args, args, d, out_dir)
+    except BaseException:
+        if created and d.is_main:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, d: Dist,
+               out_dir: Path) -> Run:
     log = Logger(out_dir, d.is_main)
     if args.tf32 and d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
