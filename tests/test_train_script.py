@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,79 @@ def test_failed_setup_keeps_a_folder_it_did_not_create(tiny_setup, tmp_path, cap
     kept = sorted(p.name for p in first.iterdir())
     assert train.main(_args(model_dir, data, first, max_steps=1, init_heads=first, start_step=3)) == 2
     assert sorted(p.name for p in first.iterdir()) == kept
+
+
+def test_cool_down_branch_goes_on_from_a_checkpoint_and_resumes(tiny_setup, tmp_path):
+    """--decay_from checkpoint-4 --decay_steps 3: the run's rows from step 5 on (tokens seen), from its heads
+    (the first step's loss is the run's own) and optimizer moments (Adam's step count goes on), with the
+    learning rate of step 4 falling as 3/4, 2/4, 1/4 of it. Killed, the same command resumes the branch."""
+    model_dir, data = tiny_setup
+    flags = dict(max_steps=8, warmup_steps=2, per_device_train_batch_size=2, hydra_head_arch="prefix-mlp",
+                 teacher_loss_weight=1.0, lm_loss_weight=0.0, lr_scheduler_type="cosine",
+                 final_lr_multiplier=0.1)
+    run = tmp_path / "run"
+    assert train.main(_args(model_dir, data, run, save_steps=4, save_total_limit=5, **flags)) == 0
+    branch_flags = dict(decay_from=run / "checkpoint-4", decay_steps=3, save_steps=1, save_total_limit=5,
+                        **flags)
+    branch = tmp_path / "branch"
+    assert train.main(_args(model_dir, data, branch, **branch_flags)) == 0
+
+    steps = lambda out: {e["step"]: e for e in _events(out) if "loss" in e}  # noqa: E731
+    assert sorted(steps(branch)) == [5, 6, 7]
+    seen = lambda out: [steps(out)[s]["tokens_seen"] for s in (5, 6, 7)]  # noqa: E731
+    assert seen(branch) == seen(run)
+    assert steps(branch)[5]["loss"] == pytest.approx(steps(run)[5]["loss"], rel=1e-6)
+    lr4 = steps(run)[5]["lr"]  # the update of step 4 -> 5 ran at the schedule's rate of step 4
+    assert [steps(branch)[s]["lr"] for s in (5, 6, 7)] == pytest.approx([lr4 * 3 / 4, lr4 * 2 / 4, lr4 / 4])
+    adam_steps = lambda ckpt: {int(v["step"]) for v in torch.load(ckpt / "optimizer.pt",  # noqa: E731
+                                                                    weights_only=True)["state"].values()}
+    assert adam_steps(branch / "checkpoint-7") == {7}
+    assert read_state(branch / "checkpoint-7")["decay_start"] == 4
+    assert not (run / "checkpoint-5").exists()  # the run itself is left as it was
+
+    # a branch killed after step 6: the same command resumes it from its own checkpoint
+    shutil.rmtree(branch / "checkpoint-7")
+    (branch / "model.safetensors").rename(tmp_path / "first.safetensors")
+    assert train.main(_args(model_dir, data, branch, **branch_flags)) == 0
+    assert [s for s, _ in list_checkpoints(branch)] == [5, 6, 7]
+    assert steps(branch)[7]["lr"] == pytest.approx(lr4 / 4)
+    first = load_file(str(tmp_path / "first.safetensors"))
+    for k, v in _weights(branch).items():
+        torch.testing.assert_close(v, first[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(decay_steps=2), "--decay_from <checkpoint> and --decay_steps N > 0 make a cool-down branch"),
+    (dict(decay_from="x"), "--decay_from <checkpoint> and --decay_steps N > 0 make a cool-down branch"),
+])
+def test_cool_down_branch_needs_both_flags(tiny_setup, tmp_path, capsys, flags, message):
+    model_dir, data = tiny_setup
+    with pytest.raises(SystemExit):
+        train.main(_args(model_dir, data, tmp_path / "branch", **flags))
+    assert message in capsys.readouterr().err
+
+
+def test_cool_down_branch_errors_are_one_line_and_leave_nothing(tiny_setup, tmp_path, capsys):
+    model_dir, data = tiny_setup
+    run = tmp_path / "run"
+    assert train.main(_args(model_dir, data, run, max_steps=3, save_steps=2)) == 0
+    for flags, message in [
+        (dict(decay_from=run, decay_steps=1), "not a checkpoint folder"),
+        (dict(decay_from=run / "checkpoint-2", decay_steps=2),
+         "(step 2) + --decay_steps 2 is past this run's 3 steps"),
+        (dict(decay_from=run / "checkpoint-2", decay_steps=1, per_device_train_batch_size=2),
+         "global batch 1, this command has 2"),
+    ]:
+        assert train.main(_args(model_dir, data, tmp_path / "branch", max_steps=3, **flags)) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "branch").exists()
+    # a branch's folder resumed without its flags, and a run's folder resumed as a branch
+    branch = dict(decay_from=run / "checkpoint-2", decay_steps=1)
+    assert train.main(_args(model_dir, data, tmp_path / "branch", max_steps=3, **branch)) == 0
+    assert train.main(_args(model_dir, data, tmp_path / "branch", max_steps=3)) == 2
+    assert "was written by a cool-down branch" in capsys.readouterr().err
+    assert train.main(_args(model_dir, data, run, max_steps=3, **branch)) == 2
+    assert "was written without a cool-down branch" in capsys.readouterr().err
 
 
 def _continue_with_option(tiny_setup, tmp_path, new_weights: str, **option):

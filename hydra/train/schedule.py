@@ -51,6 +51,14 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, kind: str 
     return f + (1.0 - f) * (1.0 - progress)
 
 
+def cooldown_multiplier(start_multiplier: float, step: int, start: int, steps: int) -> float:
+    """A cool-down branch (`--decay_from`, `--decay_steps`): from the schedule's factor at step `start`, down
+    linearly over `steps` updates towards zero, as warmup-stable-decay schedules end (Hu et al. 2024, MiniCPM;
+    Hägele et al. 2024). Update `start` takes steps/(steps+1) of it, the last 1/(steps+1): no update is
+    wasted at zero."""
+    return start_multiplier * (start + steps - step) / (steps + 1)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -16,6 +16,8 @@ The fast path (feature cache + loss over the draft vocabulary), same flags plus:
 Continue from trained heads instead of a fresh init: add --init_heads hydra/heads/default.
 Continue a run whose checkpoints were lost, from the heads it exported at step N: its command with
 --init_heads <those heads> --start_step N (a new --output_dir).
+Cool a run's checkpoint down for shipping, leaving the run to go on: its command with
+--decay_from <output_dir>/checkpoint-S --decay_steps 25 (a new --output_dir).
 A Hydra++ prefix layer that also reads the next token (README, Head types): add
 --prefix_reads_next_token True.
 Fill the feature cache only (then exit): add --cache_hidden_states True --fill_hidden_cache only.
@@ -67,6 +69,7 @@ from hydra.train.schedule import (
     MIN_TIMED_STEPS,
     SCHEDULES,
     check_schedule,
+    cooldown_multiplier,
     lr_multiplier,
     set_lr,
     steps_within_budget,
@@ -178,6 +181,13 @@ class TrainingArguments:
         "help": "with --init_heads: begin at this step of the schedule (its rows and learning rate on), "
                 "with fresh optimizer moments and the learning rate warmed up again over --warmup_steps: "
                 "continues a run whose checkpoints were lost from the heads it exported at that step"})
+    decay_from: str | None = field(default=None, metadata={
+        "help": "a cool-down branch: resume this checkpoint of a run (heads, optimizer moments, step S, "
+                "tokens seen) into a new --output_dir and train --decay_steps more steps on the run's next "
+                "rows, the learning rate falling linearly from the schedule's at step S towards zero. The "
+                "run itself is left as it is and can go on (warmup-stable-decay: ship the branch's heads, "
+                "continue the run)"})
+    decay_steps: int = field(default=0, metadata={"help": "with --decay_from: the branch's length in steps"})
     head_init: str = field(default="paper", metadata={
         "help": f"one of {HEAD_INITS}: fresh grounded heads as in the paper's code, or with an identity-like "
                 "first block so a fresh grounded head equals a fresh Medusa head"})
@@ -210,6 +220,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error(f"--fill_hidden_cache must be one of {FILL_MODES}")
     if args.start_step < 0 or (args.start_step and not args.init_heads):
         parser.error("--start_step continues exported heads: a step >= 0, with the heads as --init_heads")
+    if bool(args.decay_from) != (args.decay_steps > 0):
+        parser.error("--decay_from <checkpoint> and --decay_steps N > 0 make a cool-down branch together")
+    if args.decay_from and (args.deepspeed or args.time_budget_minutes > 0):
+        parser.error("--decay_from branches a plain run: not with --deepspeed or --time_budget_minutes")
     if args.fill_hidden_cache != "lazy" and not args.cache_hidden_states:
         parser.error("--fill_hidden_cache needs --cache_hidden_states True")
     for group in (model_args, data_args, args):
@@ -281,6 +295,21 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     budgeted: bool = False  # total_steps was fixed by --time_budget_minutes
+    decay_start: int | None = None  # a cool-down branch (--decay_from) from this step of the run
+    schedule_steps: int = 0  # a branch's run's own length, which its schedule's factor at decay_start is of
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step`: the schedule's, or a cool-down branch's from it."""
+        a = self.args
+
+        def scheduled(s: int, total: int) -> float:
+            return lr_multiplier(s, total, a.warmup_steps, a.lr_scheduler_type, a.final_lr_multiplier,
+                                 restarted_at=a.start_step)
+
+        if self.decay_start is None:
+            return a.learning_rate * scheduled(step, self.total_steps)
+        start = scheduled(self.decay_start, self.schedule_steps)
+        return a.learning_rate * cooldown_multiplier(start, step, self.decay_start, a.decay_steps)
 
     @property
     def use_amp(self) -> bool:
@@ -446,7 +475,11 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
         raise ValueError(f"--start_step {args.start_step} is past this run's {total_steps} steps")
     run = Run(args, d, log, out_dir, model, optimizer, engine, params, train_rows, val_rows, pad_id, order,
               accum, global_batch, total_steps, vocab, cache)
-    if not _resume(run) and args.start_step:
+    if _resume(run):
+        pass
+    elif args.decay_from:
+        _branch(run)
+    elif args.start_step:
         run.start_step = args.start_step
         # what the lost run had trained on before this step: its log's x axis goes on from there
         run.tokens_seen = sum(len(train_rows[j]["input_ids"])
@@ -484,6 +517,13 @@ def _resume(run: Run) -> bool:
         ckpt.load_heads(resume, run.model)
         ckpt.load_optimizer(resume, run.optimizer, run.d.device)
     run.start_step, run.tokens_seen = state["global_step"], state.get("tokens_seen", 0)
+    if ("decay_start" in state) != bool(run.args.decay_from):
+        raise ValueError(f"{resume} was written {'by' if 'decay_start' in state else 'without'} a cool-down "
+                         "branch (--decay_from); resume it with the flags that wrote it (or use a new "
+                         "--output_dir)")
+    if "decay_start" in state:
+        run.decay_start, run.schedule_steps = state["decay_start"], state["schedule_steps"]
+        run.total_steps = run.decay_start + run.args.decay_steps
     if state.get("time_budgeted") and run.args.time_budget_minutes > 0:  # the budget fixed it already
         run.total_steps, run.budgeted = state["total_steps"], True
     if state.get("global_batch") != run.global_batch or state.get("total_steps") != run.total_steps:
@@ -492,6 +532,27 @@ def _resume(run: Run) -> bool:
     run.log.truncate_after(run.start_step)
     run.log.info(f"resuming from {resume} (step {run.start_step})")
     return True
+
+
+def _branch(run: Run) -> None:
+    """Start a cool-down branch (--decay_from) from a checkpoint of the run this command describes."""
+    src, steps = Path(run.args.decay_from), run.args.decay_steps
+    if not (src / ckpt.STATE_NAME).is_file():
+        raise FileNotFoundError(f"--decay_from {src}: not a checkpoint folder (no {ckpt.STATE_NAME})")
+    state = ckpt.read_state(src)
+    start = state["global_step"]
+    if state.get("global_batch") != run.global_batch:
+        raise ValueError(f"--decay_from {src} was written with global batch {state.get('global_batch')}, "
+                         f"this command has {run.global_batch}: its rows would not be the run's")
+    if start + steps > run.total_steps:
+        raise ValueError(f"--decay_from {src} (step {start}) + --decay_steps {steps} is past this run's "
+                         f"{run.total_steps} steps")
+    ckpt.load_heads(src, run.model)
+    ckpt.load_optimizer(src, run.optimizer, run.d.device)
+    run.start_step, run.tokens_seen = start, state.get("tokens_seen", 0)
+    run.decay_start, run.schedule_steps, run.total_steps = start, run.total_steps, start + steps
+    run.log.info(f"cool-down branch from {src} (step {start} of {run.schedule_steps}): {steps} steps, "
+                 f"learning rate {run.lr(start):.2e} -> {run.lr(start + steps - 1):.2e}")
 
 
 def fill_cache(run: Run) -> None:
@@ -543,6 +604,8 @@ def save(run: Run, step: int) -> None:
     state = {"global_step": step, "total_steps": run.total_steps, "epoch": run.order.epoch(step),
              "tokens_seen": run.tokens_seen, "global_batch": run.global_batch, "world_size": d.world,
              "seed": run.args.seed, "time_budgeted": run.budgeted}
+    if run.decay_start is not None:
+        state |= {"decay_start": run.decay_start, "schedule_steps": run.schedule_steps}
     if run.engine is not None:
         run.engine.save_checkpoint(str(ckpt.partial_dir(run.out_dir, step) / ckpt.DEEPSPEED_DIR), tag="state",
                                    exclude_frozen_parameters=True)
@@ -565,8 +628,7 @@ def train_step(run: Run, step: int, stats: torch.Tensor) -> tuple[float, float, 
     batches = [run.batch(mb) for mb in micro]
     normalizer = sum(count_targets(b["labels"], b["position_ids"], H) for b in batches).double()
     d.all_reduce(normalizer)
-    lr = args.learning_rate * lr_multiplier(step, run.total_steps, args.warmup_steps, args.lr_scheduler_type,
-                                            args.final_lr_multiplier, restarted_at=args.start_step)
+    lr = run.lr(step)
     set_lr(run.optimizer, lr)
     for mb, batch in zip(micro, batches, strict=True):
         with autocast_ctx(run.use_amp, d.device):
