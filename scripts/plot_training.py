@@ -11,7 +11,9 @@ truncated its log on resuming), the later record counts. An evaluation's token c
 the training record of the same step (logs written before train.py put it in evaluation records), else
 interpolated between the training records around it. A dotted line marks where each continued run starts;
 its step-0 evaluation re-scores the heads it started from, so a jump there is a change of metric or
-validation rows, not learning (the README says which metric each run used). Prints the table it plots.
+validation rows, not learning (the README says which metric each run used). A log that continues another from
+step N without evaluating at N (a cool-down branch, train.py --decay_from) is drawn from the other's point at
+N. Prints the table it plots.
 """
 
 from __future__ import annotations
@@ -77,31 +79,52 @@ def curve(train: list[dict], evals: list[dict], heads: list[int]) -> tuple[np.nd
     return x, y, int(max(seen + [0] + list(x)))
 
 
+def load_logs(paths: list[str]) -> tuple[list[tuple[list[dict], list[dict]]], list[int], list[int]]:
+    """(each log's records, cut where the next log continues it; the step each starts from; the heads)."""
+    logs = [read_log(Path(p)) for p in paths]
+    starts = [first_step(*log) for log in logs]
+    heads = head_numbers(logs[0][1])  # before the cut, which may leave a log no evaluations
+    for k in range(1, len(logs)):
+        if starts[k] > 0:  # continues the log before it from that step
+            logs[k - 1] = until(*logs[k - 1], starts[k])
+    return logs, starts, heads
+
+
+def place(paths: list[str], logs: list[tuple[list[dict], list[dict]]], starts: list[int],
+          heads: list[int]) -> list[tuple]:
+    """Each log on the one token axis: (name, tokens at each evaluation, top-1 per evaluation x head, where
+    its dotted marker goes, its offset, the point its line starts from or None)."""
+    offset, placed = 0, []
+    for k, (path, log) in enumerate(zip(paths, logs, strict=True)):
+        x, y, end = curve(*log, heads)
+        marker = offset
+        lead = None  # the point its line starts from, when it does not evaluate where it resumed
+        if k and starts[k] > 0:  # on the axis of the run it continues, marked where it resumed
+            offset = placed[-1][4]
+            resumed = [r["tokens_seen"] for r in logs[k - 1][0]
+                       if r["step"] == starts[k] and "tokens_seen" in r]
+            marker = offset + (resumed[0] if resumed else x[0] if len(x) else 0)
+            prev_evals, (_, prev_x, prev_y, *_) = logs[k - 1][1], placed[-1]
+            evaluates_at_start = bool(log[1]) and log[1][0]["step"] == starts[k]
+            if prev_evals and prev_evals[-1]["step"] == starts[k] and not evaluates_at_start:
+                lead = (prev_x[-1], prev_y[-1])  # e.g. a cool-down branch (--decay_from) from that step
+        placed.append((Path(path).name, x + offset, y, marker, offset, lead))
+        offset += end
+    return placed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logs", nargs="+", type=os.path.expanduser, help="log.jsonl files, first run first")
     ap.add_argument("--output", type=os.path.expanduser, default=None, help="PNG to write (needs matplotlib)")
     args = ap.parse_args(argv)
     try:
-        logs = [read_log(Path(p)) for p in args.logs]
-        starts = [first_step(*log) for log in logs]
-        heads = head_numbers(logs[0][1])
-        for k in range(1, len(logs)):
-            if starts[k] > 0:  # continues the log before it from that step
-                logs[k - 1] = until(*logs[k - 1], starts[k])
+        logs, starts, heads = load_logs(args.logs)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
 
-    offset, placed = 0, []
-    for k, (path, log) in enumerate(zip(args.logs, logs, strict=True)):
-        x, y, end = curve(*log, heads)
-        marker = offset
-        if k and starts[k] > 0:  # on the axis of the run it continues, marked where it resumed
-            offset = placed[-1][4]
-            marker = offset + (x[0] if len(x) else 0)
-        placed.append((Path(path).name, x + offset, y, marker, offset))
-        offset += end
+    placed = place(args.logs, logs, starts, heads)
     print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in heads) + " |")
     for name, x, y, *_ in placed:
         for xi, yi in zip(x, y, strict=True):
@@ -114,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(7, 4))
         for col, h in enumerate(heads):
             color = f"C{col}"
-            for k, (_name, x, y, *_) in enumerate(placed):
+            for k, (_name, x, y, _, _, lead) in enumerate(placed):
+                if lead is not None:
+                    x, y = np.concatenate([[lead[0]], x]), np.concatenate([lead[1][None], y])
                 ax.plot(x / 1e6, y[:, col], "o-" if k == 0 else "s-", color=color, ms=3,
                         label=f"head {h + 1}" if k == 0 else None)
-        for name, _, _, start, _ in placed[1:]:
+        for name, _, _, start, *_ in placed[1:]:
             ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
             # vertical, along its line: the labels of runs a few million tokens apart would overlap
             ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90,

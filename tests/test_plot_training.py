@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from plot_training import main  # noqa: E402
+from plot_training import load_logs, main, place  # noqa: E402
 
 
 def _train(step, tokens):
@@ -63,3 +63,20 @@ def test_a_log_continued_before_its_first_evaluation_still_spans_its_tokens(tmp_
                                                 _eval(3, 3_000_000, 0.45)])
     assert main([first, second]) == 0
     assert _table(capsys) == [("second.jsonl", 2.0, 0.35), ("second.jsonl", 3.0, 0.45)]
+
+
+def test_a_cool_down_branch_is_drawn_from_the_point_it_branched_at(tmp_path, capsys):
+    run = _write(tmp_path / "run.jsonl", [_train(1, 1_000_000), _eval(1, 1_000_000, 0.40),
+                                          _train(2, 2_000_000), _eval(2, 2_000_000, 0.42),
+                                          _train(3, 3_000_000), _eval(3, 3_000_000, 0.43)])
+    # --decay_from checkpoint-1 --decay_steps 2: trains steps 2-3 again, evaluates at its end only
+    branch = _write(tmp_path / "branch.jsonl", [_train(2, 2_000_000), _train(3, 3_000_000),
+                                                _eval(3, 3_000_000, 0.47)])
+    assert main([run, branch]) == 0
+    assert _table(capsys) == [("run.jsonl", 1.0, 0.40), ("branch.jsonl", 3.0, 0.47)]
+    logs, starts, heads = load_logs([run, branch])
+    assert starts == [0, 1]
+    placed = place([run, branch], logs, starts, heads)
+    marker, lead = placed[1][3], placed[1][5]
+    assert marker == 1_000_000 and lead[0] == 1_000_000 and list(lead[1]) == [0.40, 0.20]
+    assert placed[0][5] is None
