@@ -475,11 +475,10 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
         raise ValueError(f"--start_step {args.start_step} is past this run's {total_steps} steps")
     run = Run(args, d, log, out_dir, model, optimizer, engine, params, train_rows, val_rows, pad_id, order,
               accum, global_batch, total_steps, vocab, cache)
-    if _resume(run):
-        pass
-    elif args.decay_from:
+    resumed = _resume(run)  # its own newest checkpoint first: a killed branch or continuation goes on
+    if not resumed and args.decay_from:
         _branch(run)
-    elif args.start_step:
+    elif not resumed and args.start_step:
         run.start_step = args.start_step
         # what the lost run had trained on before this step: its log's x axis goes on from there
         run.tokens_seen = sum(len(train_rows[j]["input_ids"])
