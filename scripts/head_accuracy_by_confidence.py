@@ -59,6 +59,14 @@ def binned_accuracy(model: HydraModel, rows: list[dict[str, list[int]]],
     return counts, hits
 
 
+def bin_names(edges: tuple[float, ...], digits: int) -> list[str]:
+    """'[lo, hi)' for each bin of probabilities cut at `edges`, the last one closed at 1."""
+    names = [f"[{lo:.{digits}f}, {hi:.{digits}f})"
+             for lo, hi in zip((0.0, *edges), (*edges, 1.0), strict=True)]
+    names[-1] = names[-1][:-1] + "]"
+    return names
+
+
 PROB_EDGES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # bin edges of a draft candidate's own probability
 
 
@@ -96,8 +104,7 @@ def draft_reliability(model: HydraModel, rows: list[dict[str, list[int]]], topk:
 
 def reliability_report(counts: torch.Tensor, prob_sums: torch.Tensor, hits: torch.Tensor,
                        edges: tuple[float, ...] = PROB_EDGES) -> list[str]:
-    names = [f"[{lo:.2f}, {hi:.2f})" for lo, hi in zip((0.0, *edges), (*edges, 1.0), strict=True)]
-    names[-1] = names[-1].replace(")", "]")
+    names = bin_names(edges, digits=2)
     heads = " | ".join(f"head {i + 1}: n, mean prob, accepted" for i in range(len(counts)))
     lines = ["draft prob      | " + heads]
     for k, name in enumerate(names):
@@ -111,8 +118,7 @@ def reliability_report(counts: torch.Tensor, prob_sums: torch.Tensor, hits: torc
 
 
 def report(counts: torch.Tensor, hits: torch.Tensor, edges: tuple[float, ...] = EDGES) -> list[str]:
-    names = [f"[{lo:.1f}, {hi:.1f})" for lo, hi in zip((0.0, *edges), (*edges, 1.0), strict=True)]
-    names[-1] = names[-1].replace(")", "]")
+    names = bin_names(edges, digits=1)
     lines = ["base top-1 prob | " + " | ".join(f"head {i + 1}: share, top-1" for i in range(len(counts)))]
     for k, name in enumerate(names):
         cells = [f"{c[k] / c.sum():.3f}, {h[k] / max(c[k], 1):.3f}"
