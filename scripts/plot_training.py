@@ -23,8 +23,20 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+
+class Placed(NamedTuple):
+    """One log on the shared token axis."""
+
+    name: str
+    x: np.ndarray  # tokens at each evaluation
+    y: np.ndarray  # top-1 per evaluation x head
+    marker: float  # where its dotted line goes: where it resumed
+    offset: float  # tokens before its own count starts
+    lead: tuple[float, np.ndarray] | None  # the point its line starts from, if it does not evaluate there
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
@@ -91,24 +103,23 @@ def load_logs(paths: list[str]) -> tuple[list[tuple[list[dict], list[dict]]], li
 
 
 def place(paths: list[str], logs: list[tuple[list[dict], list[dict]]], starts: list[int],
-          heads: list[int]) -> list[tuple]:
-    """Each log on the one token axis: (name, tokens at each evaluation, top-1 per evaluation x head, where
-    its dotted marker goes, its offset, the point its line starts from or None)."""
+          heads: list[int]) -> list[Placed]:
+    """Each log on the one token axis."""
     offset, placed = 0, []
     for k, (path, log) in enumerate(zip(paths, logs, strict=True)):
         x, y, end = curve(*log, heads)
         marker = offset
-        lead = None  # the point its line starts from, when it does not evaluate where it resumed
+        lead = None
         if k and starts[k] > 0:  # on the axis of the run it continues, marked where it resumed
-            offset = placed[-1][4]
+            offset = placed[-1].offset
             resumed = [r["tokens_seen"] for r in logs[k - 1][0]
                        if r["step"] == starts[k] and "tokens_seen" in r]
             marker = offset + (resumed[0] if resumed else x[0] if len(x) else 0)
-            prev_evals, (_, prev_x, prev_y, *_) = logs[k - 1][1], placed[-1]
+            prev_evals, prev = logs[k - 1][1], placed[-1]
             evaluates_at_start = bool(log[1]) and log[1][0]["step"] == starts[k]
             if prev_evals and prev_evals[-1]["step"] == starts[k] and not evaluates_at_start:
-                lead = (prev_x[-1], prev_y[-1])  # e.g. a cool-down branch (--decay_from) from that step
-        placed.append((Path(path).name, x + offset, y, marker, offset, lead))
+                lead = (prev.x[-1], prev.y[-1])  # e.g. a cool-down branch (--decay_from) from that step
+        placed.append(Placed(Path(path).name, x + offset, y, marker, offset, lead))
         offset += end
     return placed
 
@@ -126,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     placed = place(args.logs, logs, starts, heads)
     print("| run | tokens (M) | " + " | ".join(f"head {h + 1}" for h in heads) + " |")
-    for name, x, y, *_ in placed:
-        for xi, yi in zip(x, y, strict=True):
-            print(f"| {name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
+    for p in placed:
+        for xi, yi in zip(p.x, p.y, strict=True):
+            print(f"| {p.name} | {xi / 1e6:.2f} | " + " | ".join(f"{v:.3f}" for v in yi) + " |")
     if args.output:
         import matplotlib
         matplotlib.use("Agg")
@@ -137,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(7, 4))
         for col, h in enumerate(heads):
             color = f"C{col}"
-            for k, (_name, x, y, _, _, lead) in enumerate(placed):
-                if lead is not None:
-                    x, y = np.concatenate([[lead[0]], x]), np.concatenate([lead[1][None], y])
+            for k, p in enumerate(placed):
+                x, y = p.x, p.y
+                if p.lead is not None:
+                    x, y = np.concatenate([[p.lead[0]], x]), np.concatenate([p.lead[1][None], y])
                 ax.plot(x / 1e6, y[:, col], "o-" if k == 0 else "s-", color=color, ms=3,
                         label=f"head {h + 1}" if k == 0 else None)
-        for name, _, _, start, *_ in placed[1:]:
-            ax.axvline(start / 1e6, color="grey", ls=":", lw=1)
+        for p in placed[1:]:
+            ax.axvline(p.marker / 1e6, color="grey", ls=":", lw=1)
             # vertical, along its line: the labels of runs a few million tokens apart would overlap
-            ax.text(start / 1e6, ax.get_ylim()[0], f" {name}", va="bottom", ha="right", rotation=90,
+            ax.text(p.marker / 1e6, ax.get_ylim()[0], f" {p.name}", va="bottom", ha="right", rotation=90,
                     fontsize=7, color="grey")
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("validation top-1")

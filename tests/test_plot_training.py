@@ -77,6 +77,6 @@ def test_a_cool_down_branch_is_drawn_from_the_point_it_branched_at(tmp_path, cap
     logs, starts, heads = load_logs([run, branch])
     assert starts == [0, 1]
     placed = place([run, branch], logs, starts, heads)
-    marker, lead = placed[1][3], placed[1][5]
+    marker, lead = placed[1].marker, placed[1].lead
     assert marker == 1_000_000 and lead[0] == 1_000_000 and list(lead[1]) == [0.40, 0.20]
-    assert placed[0][5] is None
+    assert placed[0].lead is None
