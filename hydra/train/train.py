@@ -298,6 +298,12 @@ class Run:
     decay_start: int | None = None  # a cool-down branch (--decay_from) from this step of the run
     schedule_steps: int = 0  # a branch's run's own length, which its schedule's factor at decay_start is of
 
+    def cool_down_from(self, start: int) -> None:
+        """Make this a cool-down branch from step `start` of the run its command describes: it ends
+        --decay_steps later, its learning rate taken from the run's schedule at `start`."""
+        self.decay_start, self.schedule_steps = start, self.total_steps
+        self.total_steps = start + self.args.decay_steps
+
     def lr(self, step: int) -> float:
         """The learning rate of optimizer step `step`: the schedule's, or a cool-down branch's from it."""
         a = self.args
@@ -521,8 +527,7 @@ def _resume(run: Run) -> bool:
                          "branch (--decay_from); resume it with the flags that wrote it (or use a new "
                          "--output_dir)")
     if "decay_start" in state:
-        run.decay_start, run.schedule_steps = state["decay_start"], state["schedule_steps"]
-        run.total_steps = run.decay_start + run.args.decay_steps
+        run.cool_down_from(state["decay_start"])
     if state.get("time_budgeted") and run.args.time_budget_minutes > 0:  # the budget fixed it already
         run.total_steps, run.budgeted = state["total_steps"], True
     if state.get("global_batch") != run.global_batch or state.get("total_steps") != run.total_steps:
@@ -549,7 +554,7 @@ def _branch(run: Run) -> None:
     ckpt.load_heads(src, run.model)
     ckpt.load_optimizer(src, run.optimizer, run.d.device)
     run.start_step, run.tokens_seen = start, state.get("tokens_seen", 0)
-    run.decay_start, run.schedule_steps, run.total_steps = start, run.total_steps, start + steps
+    run.cool_down_from(start)
     run.log.info(f"cool-down branch from {src} (step {start} of {run.schedule_steps}): {steps} steps, "
                  f"learning rate {run.lr(start):.2e} -> {run.lr(start + steps - 1):.2e}")
 
@@ -604,7 +609,7 @@ def save(run: Run, step: int) -> None:
              "tokens_seen": run.tokens_seen, "global_batch": run.global_batch, "world_size": d.world,
              "seed": run.args.seed, "time_budgeted": run.budgeted}
     if run.decay_start is not None:
-        state |= {"decay_start": run.decay_start, "schedule_steps": run.schedule_steps}
+        state["decay_start"] = run.decay_start
     if run.engine is not None:
         run.engine.save_checkpoint(str(ckpt.partial_dir(run.out_dir, step) / ckpt.DEEPSPEED_DIR), tag="state",
                                    exclude_frozen_parameters=True)
