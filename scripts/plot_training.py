@@ -12,8 +12,8 @@ the training record of the same step (logs written before train.py put it in eva
 interpolated between the training records around it. A dotted line marks where each continued run starts;
 its step-0 evaluation re-scores the heads it started from, so a jump there is a change of metric or
 validation rows, not learning (the README says which metric each run used). A log that continues another from
-step N without evaluating at N (a cool-down branch, train.py --decay_from) is drawn from the other's point at
-N. Prints the table it plots.
+step N without evaluating at N (a cool-down branch, train.py --decay_from, or the rest of a run resumed from
+its own checkpoint) is drawn from the other's last point at or before N. Prints the table it plots.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def place(paths: list[str], logs: list[tuple[list[dict], list[dict]]], starts: l
             marker = offset + (resumed[0] if resumed else x[0] if len(x) else 0)
             prev_evals, prev = logs[k - 1][1], placed[-1]
             evaluates_at_start = bool(log[1]) and log[1][0]["step"] == starts[k]
-            if prev_evals and prev_evals[-1]["step"] == starts[k] and not evaluates_at_start:
-                lead = (prev.x[-1], prev.y[-1])  # e.g. a cool-down branch (--decay_from) from that step
+            if prev_evals and not evaluates_at_start:  # a cool-down branch, or the run resumed in place
+                lead = (prev.x[-1], prev.y[-1])  # its last point at or before the step this one goes on from
         placed.append(Placed(Path(path).name, x + offset, y, marker, offset, lead))
         offset += end
     return placed

@@ -80,3 +80,17 @@ def test_a_cool_down_branch_is_drawn_from_the_point_it_branched_at(tmp_path, cap
     marker, lead = placed[1].marker, placed[1].lead
     assert marker == 1_000_000 and lead[0] == 1_000_000 and list(lead[1]) == [0.40, 0.20]
     assert placed[0].lead is None
+
+
+def test_the_rest_of_a_run_resumed_in_place_is_drawn_from_its_last_point_before(tmp_path, capsys):
+    # the run's log split where it was resumed from checkpoint-3; it last evaluated at step 2
+    head = _write(tmp_path / "head.jsonl", [_train(1, 1_000_000), _eval(1, 1_000_000, 0.40),
+                                            _train(2, 2_000_000), _eval(2, 2_000_000, 0.42),
+                                            _train(3, 3_000_000)])
+    rest = _write(tmp_path / "rest.jsonl", [_train(4, 4_000_000), _eval(4, 4_000_000, 0.45)])
+    assert main([head, rest]) == 0
+    assert _table(capsys) == [("head.jsonl", 1.0, 0.40), ("head.jsonl", 2.0, 0.42), ("rest.jsonl", 4.0, 0.45)]
+    logs, starts, heads = load_logs([head, rest])
+    placed = place([head, rest], logs, starts, heads)
+    assert starts == [0, 3] and placed[1].marker == 3_000_000
+    assert placed[1].lead[0] == 2_000_000 and list(placed[1].lead[1]) == [0.42, 0.21]
