@@ -115,9 +115,9 @@ def place(paths: list[str], logs: list[tuple[list[dict], list[dict]]], starts: l
             resumed = [r["tokens_seen"] for r in logs[k - 1][0]
                        if r["step"] == starts[k] and "tokens_seen" in r]
             marker = offset + (resumed[0] if resumed else x[0] if len(x) else 0)
-            prev_evals, prev = logs[k - 1][1], placed[-1]
+            prev = placed[-1]
             evaluates_at_start = bool(log[1]) and log[1][0]["step"] == starts[k]
-            if prev_evals and not evaluates_at_start:  # a cool-down branch, or the run resumed in place
+            if len(prev.x) and not evaluates_at_start:  # a cool-down branch, or the run resumed in place
                 lead = (prev.x[-1], prev.y[-1])  # its last point at or before the step this one goes on from
         placed.append(Placed(Path(path).name, x + offset, y, marker, offset, lead))
         offset += end

@@ -481,16 +481,16 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
         raise ValueError(f"--start_step {args.start_step} is past this run's {total_steps} steps")
     run = Run(args, d, log, out_dir, model, optimizer, engine, params, train_rows, val_rows, pad_id, order,
               accum, global_batch, total_steps, vocab, cache)
-    resumed = _resume(run)  # its own newest checkpoint first: a killed branch or continuation goes on
-    if not resumed and args.decay_from:
-        _branch(run)
-    elif not resumed and args.start_step:
-        run.start_step = args.start_step
-        # what the lost run had trained on before this step: its log's x axis goes on from there
-        run.tokens_seen = sum(len(train_rows[j]["input_ids"])
-                              for step in range(args.start_step) for j in order.global_batch_rows(step))
-        log.info(f"starting at step {args.start_step} of {total_steps} from {args.init_heads} "
-                 f"({run.tokens_seen} tokens before it), fresh optimizer moments")
+    if not _resume(run):  # its own newest checkpoint first: a killed branch or continuation goes on
+        if args.decay_from:
+            _branch(run)
+        elif args.start_step:
+            run.start_step = args.start_step
+            # what the lost run had trained on before this step: its log's x axis goes on from there
+            run.tokens_seen = sum(len(train_rows[j]["input_ids"])
+                                  for step in range(args.start_step) for j in order.global_batch_rows(step))
+            log.info(f"starting at step {args.start_step} of {total_steps} from {args.init_heads} "
+                     f"({run.tokens_seen} tokens before it), fresh optimizer moments")
     H = config.hydra_num_heads
     log.info(f"{config.hydra_head_arch} x {H} heads, {config.hydra_num_layers} layer(s), "
              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params on "
