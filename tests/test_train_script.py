@@ -652,3 +652,16 @@ def test_time_budget_fixes_the_step_count_after_the_warm_up_and_a_resume_keeps_i
     assert train.main(_args(model_dir, data, long, time_budget_minutes=1e3, **flags)) == 0
     state = read_state(list_checkpoints(long)[-1][1])
     assert state["global_step"] == 12 and state["total_steps"] == 12 and state["time_budgeted"] is True
+
+
+def test_continued_heads_keep_the_tree_of_the_heads_they_continue(tiny_setup, tmp_path):
+    """Heads trained with --init_heads name the tree their init named (chosen for those heads), not None,
+    which would make them decode with DEFAULT_TREE; fresh heads name none."""
+    model_dir, data = tiny_setup
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(_args(model_dir, data, first, max_steps=1)) == 0
+    assert json.loads((first / "config.json").read_text())["tree"] is None
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps({**config, "tree": "tree_8"}))
+    assert train.main(_args(model_dir, data, second, max_steps=1, init_heads=first)) == 0
+    assert json.loads((second / "config.json").read_text())["tree"] == "tree_8"

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from hydra.model.heads import DraftHeads
-from hydra.model.hydra_model import WEIGHTS_NAME
+from hydra.model.hydra_model import CONFIG_NAME, WEIGHTS_NAME, load_hydra_config
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -104,6 +104,12 @@ def load_heads(checkpoint: str | Path, model) -> None:
                              f"{unexpected[:3]}); was it written with different --hydra_* flags?")
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
+
+
+def saved_tree(heads_dir: str | Path):
+    """The decoding tree named in a heads folder's config.json (None where it names none or has no config)."""
+    path = Path(heads_dir) / CONFIG_NAME
+    return load_hydra_config(path).tree if path.is_file() else None
 
 
 def load_optimizer(checkpoint: str | Path, optimizer: torch.optim.Optimizer, device: torch.device) -> None:

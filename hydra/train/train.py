@@ -435,7 +435,9 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
         share_lm_head=args.share_lm_head, hidden_state_offset=args.hidden_state_offset,
         prefix_reads_next_token=args.prefix_reads_next_token, prefix_num_layers=args.prefix_num_layers,
         feature_layers=args.feature_layers,
-        base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL)
+        base_model_name_or_path=model_args.model_name_or_path or DEFAULT_BASE_MODEL,
+        # continued heads decode with the tree chosen for the heads they continue, not DEFAULT_TREE's 63 nodes
+        tree=ckpt.saved_tree(args.init_heads) if args.init_heads else None)
     torch.manual_seed(args.seed)  # same initial heads on every rank
     model = HydraModel(base, config, tokenizer)
     if args.head_init == "medusa":
