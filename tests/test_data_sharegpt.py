@@ -221,6 +221,26 @@ def test_extra_training_files_keep_the_validation_set(tmp_path):
     assert not (tmp_path / "bad" / "train.jsonl").exists()
 
 
+def test_extra_replies_to_validation_prompts_are_left_out(tmp_path, capsys):
+    """A second reply to a validation prompt (same id, e.g. sampled self-distillation of the same prompts)
+    must not reach training: the validation conversations' prompts would no longer be unseen."""
+    def chats(n, reply):
+        return [{"id": f"p{i}", "conversations": [{"from": "human", "value": f"q {i}"},
+                                                   {"from": "gpt", "value": f"{reply} {i}"}]}
+                for i in range(n)]
+    first = write_jsonl(tmp_path / "greedy.jsonl", chats(40, "greedy"))
+    sampled = write_jsonl(tmp_path / "sampled.jsonl", chats(40, "sampled"))
+    assert partition_main(["--input", str(first), "--extra-train", str(sampled),
+                           "--output-dir", str(tmp_path / "split")]) == 0
+    def read(name):
+        return [json.loads(x) for x in (tmp_path / "split" / name).read_text().splitlines()]
+    val_ids = {r["id"] for r in read("val.jsonl")}
+    train = read("train.jsonl")
+    assert len(val_ids) == 2 and len(train) == 38 + 38
+    assert not val_ids & {r["id"] for r in train}
+    assert "2 extra-train conversations left out" in capsys.readouterr().out
+
+
 def test_a_single_conversation_cannot_be_split(tmp_path, tokenizer, capsys):
     """hydra.train.train --data_path FILE splits the file 95/5; with one conversation the validation share
     (rounded up) would take it: say so instead of "no training conversation left"."""

@@ -12,7 +12,9 @@ choice is reproduced here (numpy default_rng(seed).permutation; the first ceil(n
 validation set).
 --extra-train files go to training only, after the split of --input: more data for heads already trained on
 --input keeps their validation set unseen (splitting the concatenation would move some of their training
-conversations into validation).
+conversations into validation). An extra conversation with the id of a validation conversation (another
+reply to the same prompt, e.g. sampled self-distillation of the same prompt file) is left out, counted in the
+summary line: its prompt would otherwise be trained on.
 """
 
 from __future__ import annotations
@@ -79,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         records, _ = load_sharegpt(args.input)
         test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
         train, val = split_records(records, test_size, args.seed)
+        val_ids = {r.get("id") for r in val} - {None}
+        left_out = 0
         for extra in args.extra_train:
-            train += load_sharegpt(extra)[0]
+            for record in load_sharegpt(extra)[0]:
+                if record.get("id") in val_ids:
+                    left_out += 1
+                else:
+                    train.append(record)
     except (OSError, ValueError) as e:
         print(f"[hydra] error: {e}", file=sys.stderr)
         return 1
@@ -88,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(val, out / "val.jsonl")
-    print(f"[hydra.data] wrote {len(train)} train and {len(val)} val conversations to {out}", flush=True)
+    note = f" ({left_out} extra-train conversations left out: replies to validation prompts)"
+    note = note if left_out else ""
+    print(f"[hydra.data] wrote {len(train)} train and {len(val)} val conversations to {out}{note}",
+          flush=True)
     return 0
 
 
