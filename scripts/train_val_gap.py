@@ -15,6 +15,7 @@ checkpoint re-logs the steps after it).
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import os
 import statistics
@@ -33,11 +34,12 @@ def gap_rows(paths: list[str]) -> tuple[list[int], list[dict]]:
         train.update({r["step"]: r for r in t})
         evals.update({r["step"]: r for r in e})
     heads = head_numbers([evals[min(evals)]])
-    rows, prev = [], None
+    scored = [train[s] for s in sorted(train) if f"head{heads[0]}_top1" in train[s]]
+    steps = [r["step"] for r in scored]
+    rows, start = [], 0
     for step in sorted(evals):
-        window = [train[s] for s in sorted(train) if (prev is None or s > prev) and s <= step
-                  and f"head{heads[0]}_top1" in train[s]]
-        prev = step
+        end = bisect.bisect_right(steps, step)  # the training steps since the evaluation before
+        window, start = scored[start:end], end
         if not window:
             continue  # an evaluation before any training step (the heads a continued run starts from)
         stats = []

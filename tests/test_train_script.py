@@ -660,8 +660,8 @@ def test_continued_heads_keep_the_tree_of_the_heads_they_continue(tiny_setup, tm
     model_dir, data = tiny_setup
     first, second = tmp_path / "first", tmp_path / "second"
     assert train.main(_args(model_dir, data, first, max_steps=1)) == 0
-    assert json.loads((first / "config.json").read_text())["tree"] is None
     config = json.loads((first / "config.json").read_text())
+    assert config["tree"] is None
     (first / "config.json").write_text(json.dumps({**config, "tree": "tree_8"}))
     assert train.main(_args(model_dir, data, second, max_steps=1, init_heads=first)) == 0
     assert json.loads((second / "config.json").read_text())["tree"] == "tree_8"

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(val, out / "val.jsonl")
-    note = f" ({left_out} extra-train conversations left out: replies to validation prompts)"
-    note = note if left_out else ""
+    note = (f" ({left_out} extra-train conversations left out: replies to validation prompts)"
+            if left_out else "")
     print(f"[hydra.data] wrote {len(train)} train and {len(val)} val conversations to {out}{note}",
           flush=True)
     return 0
