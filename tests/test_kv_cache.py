@@ -124,6 +124,21 @@ def test_keep_on_layers_never_written_is_harmless():
     assert cache.get_seq_length() == 1
 
 
+def test_batch_select_indices_keeps_chosen_rows_in_order():
+    cache = TreeKVCache(num_layers=2, max_len=8)
+    k = torch.arange(3, dtype=torch.float32)[:, None, None, None].expand(3, 2, 4, 3).clone()  # row b holds b
+    for layer in range(2):
+        cache.update(k, -k, layer)
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    for layer in cache.layers:
+        assert layer.keys.shape == (2, 2, 4, 3)
+        assert torch.equal(layer.keys[:, 0, 0, 0], torch.tensor([2.0, 0.0]))
+        assert torch.equal(layer.values[:, 0, 0, 0], torch.tensor([-2.0, 0.0]))
+    assert cache.get_seq_length() == 4
+    keys, _ = cache.update(k[:2, :, :1], -k[:2, :, :1], 0)  # later steps write the kept rows only
+    assert keys.shape == (2, 2, 5, 3)
+
+
 def test_overflow_raises_and_crop():
     cache = TreeKVCache(num_layers=1, max_len=5)
     cache.update(*_kv(4), 0)

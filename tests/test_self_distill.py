@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import save_tiny_model
+from transformers import GenerationConfig
 
-from hydra.data.self_distill import length_sorted_batches, main, read_done_ids, read_prompts
-from hydra.data.sharegpt import load_sharegpt
+from hydra.data.self_distill import (
+    generate_replies,
+    length_sorted_batches,
+    main,
+    read_done_ids,
+    read_prompts,
+)
+from hydra.data.sharegpt import load_sharegpt, render_chat
+from hydra.model.base_model import load_base_model
 
 PROMPTS = [
     {"id": "p0", "source": "t", "turns": ["Say hello."]},
@@ -71,6 +80,50 @@ def test_truncated_last_line_is_repaired(tmp_path, prompt_file, tiny_model):
     assert run(prompt_file, output, tiny_model, 3) == 0
     ids = output_ids(output)  # every line parses
     assert sorted(ids) == ["p0", "p1", "p2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model):
+    model, tokenizer = load_base_model(tiny_model, dtype="float32")
+    texts = [render_chat([{"role": "user", "content": q}], tokenizer, None, add_generation_prompt=True)
+             for q in ["Say hello.", "Name a colour, any colour you like, and say why.", "What is 1 + 1?"]]
+    return model, tokenizer, texts
+
+
+def test_rows_leaving_the_batch_keep_generate_greedy_replies(tiny_loaded):
+    """Rows that stop early leave the batch and its cache; every reply still equals HF `generate`'s."""
+    model, tokenizer, texts = tiny_loaded
+    batch = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    free = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=None)[:, batch["input_ids"].shape[1]:]
+    stop = int(free[1, 3])  # a token the second row picks at its 4th step: it stops there, the others may not
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=[stop],
+                              pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
+    replies = generate_replies(model, tokenizer, texts, config, [stop])
+    lengths = []
+    for (reply, hit_limit, n_new), row in zip(replies, expected, strict=True):
+        stops = (row == stop).nonzero()
+        n = int(stops[0, 0]) + 1 if len(stops) else len(row)
+        assert (n_new, hit_limit) == (n, not len(stops))
+        assert reply == tokenizer.decode(row[:n if hit_limit else n - 1], skip_special_tokens=True).strip()
+        lengths.append(n_new)
+    assert lengths[1] <= 4 and max(lengths) == 12  # the batch did shrink before it ended
+
+
+def test_sampling_applies_temperature_and_top_p(tiny_loaded):
+    model, tokenizer, texts = tiny_loaded
+    greedy = GenerationConfig(max_new_tokens=10, do_sample=False)
+    nucleus_of_one = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=1e-6)
+    torch.manual_seed(0)
+    assert generate_replies(model, tokenizer, texts, nucleus_of_one, []) == \
+        generate_replies(model, tokenizer, texts, greedy, [])
+    sampled = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=1.0)
+    torch.manual_seed(0)
+    first = generate_replies(model, tokenizer, texts, sampled, [])
+    torch.manual_seed(0)
+    assert generate_replies(model, tokenizer, texts, sampled, []) == first  # seeded: reproducible
+    assert first != generate_replies(model, tokenizer, texts, greedy, [])
 
 
 def test_read_prompts_order_is_stable(prompt_file):

@@ -167,6 +167,13 @@ class TreeKVCache(Cache):
             dst[:, :, :length] = src[:, :, :length]
         self.length = length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows `indices`, in that order (transformers' name for it; batched
+        self-distillation drops the replies that have ended)."""
+        if self.k is not None:
+            self.k = [buf.index_select(0, indices) for buf in self.k]
+            self.v = [buf.index_select(0, indices) for buf in self.v]
+
     def crop(self, tokens_to_remove: int) -> None:
         """transformers' meaning: remove `-tokens_to_remove` tokens (0 removes none; > 0 is an error)."""
         if tokens_to_remove > 0:

@@ -1,0 +1,29 @@
+"""scripts/bench_distill.py on a tiny model, greedy: every configuration answers every prompt in full."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from helpers import save_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import bench_distill
+
+
+def test_generate_and_loop_answer_the_same_prompts(tmp_path, capsys):
+    root = save_tiny_model(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "turns": [f"Question {i}: " + "why? " * i]}) + "\n"
+                               for i in range(5)))
+    bench_distill.main(["--prompts", str(prompts), "--base-model", str(root / "base"), "--num-prompts", "5",
+                        "--skip", "0", "--batch-sizes", "2", "3", "--max-new-tokens", "4",
+                        "--temperature", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"(\w+ batch \d): +(\d+) new tokens", out))
+    # A random tiny model never stops early: 5 prompts x 4 tokens for each of the four configurations.
+    assert rows == {name: "20" for name in ("generate batch 2", "loop batch 2", "generate batch 3",
+                                            "loop batch 3")}, out
+    assert "[bench_distill] 5/5 prompts" in out and "greedy" in out
