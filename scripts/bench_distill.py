@@ -49,7 +49,8 @@ def loop_tokens(model, tokenizer, texts, generation_config, stop_ids) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", default=str(REPO / "data" / "train_prompts.jsonl.gz"))
+    p.add_argument("--prompts", type=os.path.expanduser,
+                   default=str(REPO / "data" / "train_prompts.jsonl.gz"))
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--skip", type=int, default=1000, help="start this far into the seeded prompt order")
     p.add_argument("--seed", type=int, default=7, help="prompt order and sampling seed")

@@ -98,12 +98,11 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      stop_ids: Sequence[int]) -> list[tuple[str, bool, int]]:
     """Continue each rendered prompt as one left-padded batch; a row leaves the batch as soon as it stops.
 
-    Two things HF `generate` does that cost a CPU dearly here: it keeps a finished row in the batch until the
-    batch's longest reply ends (with replies of ~210 tokens against a 320-token cap, a third of each step's
-    rows), and its DynamicCache copies every layer's keys and values into a new tensor at every step. This
-    loop drops finished rows from the batch and writes into the project's position-indexed cache instead
-    (README, "Training data"). Sampling uses transformers' own temperature and top-p warpers; greedy picks
-    the argmax, as `generate` does.
+    Two things HF `generate` does cost a CPU dearly here: it keeps a finished row in the batch until the
+    batch's longest reply ends, and its DynamicCache copies every layer's keys and values into a new tensor
+    at every step. This loop drops finished rows from the batch and writes into the project's
+    position-indexed cache instead (README, "Training data", has the measurements). Sampling uses
+    transformers' own temperature and top-p warpers; greedy picks the argmax, as `generate` does.
 
     Returns one (reply, hit_max_new_tokens, new_tokens) per prompt."""
     batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
