@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra.data.self_distill import generate_replies, read_prompts  # noqa: E402
+from hydra.data.self_distill import generate_replies, read_prompts, reply_config  # noqa: E402
 from hydra.data.sharegpt import needs_special_tokens, render_chat  # noqa: E402
 from hydra.model.base_model import eos_token_ids, load_base_model  # noqa: E402
 
@@ -72,11 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = [render_chat([{"role": "user", "content": q["turns"][0]}], tokenizer, None,
                          add_generation_prompt=True) for q in prompts]
     texts.sort(key=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))  # as self_distill does
-    sampling = a.temperature > 0
-    config = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=sampling,
-                              temperature=a.temperature if sampling else None,
-                              top_p=a.top_p if sampling else None, top_k=None, eos_token_id=stop_ids,
-                              pad_token_id=tokenizer.pad_token_id)
+    config = reply_config(a.max_new_tokens, a.temperature, a.top_p, stop_ids, tokenizer.pad_token_id)
+    sampling = config.do_sample
     runs = {f"{name} batch {b}": (fn, b) for b in a.batch_sizes
             for name, fn in (("generate", hf_generate_tokens), ("loop", loop_tokens))}
     tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)

@@ -141,6 +141,15 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return results
 
 
+def reply_config(max_new_tokens: int, temperature: float, top_p: float, stop_ids: Sequence[int],
+                 pad_token_id: int | None) -> GenerationConfig:
+    """The replies' settings: greedy for temperature 0, else temperature and top-p sampling."""
+    sampling = temperature > 0
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling,
+                            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                            top_k=None, eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
+
+
 def _token_picker(generation_config: GenerationConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits [rows, vocab] -> one token per row: the argmax, or a sample after temperature and top-p."""
     if not generation_config.do_sample:
@@ -271,11 +280,8 @@ def distill(args: argparse.Namespace) -> int:
     stop_ids = eos_token_ids(model, tokenizer)
     if not stop_ids:
         raise ValueError("the tokenizer and model define no eos token; cannot tell where a reply ends")
-    sampling = args.temperature > 0
-    generation_config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=sampling,
-        temperature=args.temperature if sampling else None, top_p=args.top_p if sampling else None,
-        top_k=None, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    generation_config = reply_config(args.max_new_tokens, args.temperature, args.top_p, stop_ids,
+                                     tokenizer.pad_token_id)
     torch.manual_seed(args.seed)
 
     first_turns = [render_chat([{"role": "user", "content": p["turns"][0]}], tokenizer, args.template,
