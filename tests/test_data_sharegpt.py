@@ -68,6 +68,19 @@ def test_mask_keeps_exactly_assistant_tokens_and_end_token(tokenizer):
     assert all(label == IGNORE_INDEX for label in example["labels"][first - len(header):first])
 
 
+@pytest.mark.parametrize("use_vicuna", [False, True])
+def test_user_turns_option_labels_their_text_only(tokenizer, plain_tokenizer, use_vicuna):
+    """--train_on_inputs: the user turns' text is labelled too, never the system prompt or the template's
+    markup; a one-letter turn is found in its own turn, not inside the system prompt."""
+    tok = plain_tokenizer if use_vicuna else tokenizer
+    conv = copy.deepcopy(CONVERSATION)
+    conv["conversations"][3]["value"] = "e"  # also a letter of "You are terse."
+    replies = [tok.decode(run) for run in labelled_runs(render_and_mask(conv, tok, max_length=4096))]
+    both = [tok.decode(run) for run in labelled_runs(render_and_mask(conv, tok, 4096, user_turns=True))]
+    assert [r.strip() for r in both] == ["What is 2 + 2?", replies[0].strip(), "e", replies[1].strip()]
+    assert "terse" not in "".join(both)
+
+
 def test_mask_accepts_chat_messages_and_truncates(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     full = render_and_mask(messages, tokenizer, max_length=4096)
@@ -239,6 +252,25 @@ def test_extra_replies_to_validation_prompts_are_left_out(tmp_path, capsys):
     assert len(val_ids) == 2 and len(train) == 38 + 38
     assert not val_ids & {r["id"] for r in train}
     assert "2 extra-train conversations left out" in capsys.readouterr().out
+
+
+def test_train_on_inputs_labels_training_rows_only(tmp_path, tokenizer):
+    """The option changes the training rows' labels (not their tokens, so the feature cache still fits) and
+    never the validation rows', and it gets its own row cache."""
+    from hydra.train.data import load_or_build_rows
+
+    chats = [{"id": str(i), "conversations": [{"from": "human", "value": f"question number {i}"},
+                                              {"from": "gpt", "value": f"answer {i}"}]} for i in range(40)]
+    path = write_jsonl(tmp_path / "chats.jsonl", chats)
+    plain = load_or_build_rows(path, tokenizer, 256, tmp_path / "cache")
+    inputs = load_or_build_rows(path, tokenizer, 256, tmp_path / "cache", train_on_inputs=True)
+    assert len(list((tmp_path / "cache").glob("rows-*.safetensors"))) == 2
+    (train, val), (train_in, val_in) = plain, inputs
+    assert val == val_in
+    assert [r["input_ids"] for r in train] == [r["input_ids"] for r in train_in]
+    labelled = lambda rows: sum(label != IGNORE_INDEX for r in rows for label in r["labels"])  # noqa: E731
+    per_chat = len(tokenizer(" question number 1", add_special_tokens=False)["input_ids"])
+    assert labelled(train_in) >= labelled(train) + 38 * (per_chat - 1)
 
 
 def test_a_single_conversation_cannot_be_split(tmp_path, tokenizer, capsys):

@@ -195,17 +195,31 @@ def _render_vicuna(messages: list[dict[str, str]], eos_token: str | None, add_ge
 
 
 def render_with_spans(messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                      template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the [start, end) character span of every assistant reply.
+                      template: str | None = None, user_turns: bool = False,
+                      ) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the [start, end) character span of every assistant reply
+    (and, with user_turns, of every user turn's text), in order.
 
-    A span covers the reply text plus the end-of-turn token right after it (the eos or another special token,
-    possibly after whitespace), never the role header. Each reply is anchored where the template puts it by
-    rendering the conversation up to that reply with the generation prompt.
+    A reply span covers the reply text plus the end-of-turn token right after it (the eos or another special
+    token, possibly after whitespace), never the role header. Each reply is anchored where the template puts
+    it by rendering the conversation up to that reply with the generation prompt. A user span is the turn's
+    text alone, found where the template puts it (`_turn_start`).
     """
     text = render_chat(messages, tokenizer, template)
     markers = _end_markers(tokenizer, template)
     spans, cursor = [], 0
     for i, message in enumerate(messages):
+        if user_turns and message["role"] == "user" and message["content"].strip():
+            start = _turn_start(messages, i, text, tokenizer, template)
+            content = message["content"]
+            if not text.startswith(content, start):
+                content = content.strip()  # some templates trim message content
+            if start < cursor or not text.startswith(content, start):
+                raise ValueError(f"user turn {i} not found verbatim in the rendered conversation; "
+                                 f"the chat template rewrites message content")
+            spans.append((start, start + len(content)))
+            cursor = start + len(content)
+            continue
         if message["role"] != "assistant":
             continue
         prompt = render_chat(messages[:i], tokenizer, template, add_generation_prompt=True)
@@ -226,6 +240,18 @@ def render_with_spans(messages: Sequence[dict[str, Any]], tokenizer: PreTrainedT
     return text, spans
 
 
+_PLACEHOLDER = "\ue000turn\ue000"  # private-use characters: in no real turn, and no template trims them
+
+
+def _turn_start(messages: Sequence[dict[str, Any]], i: int, text: str, tokenizer: PreTrainedTokenizerBase,
+                template: str | None) -> int:
+    """Where turn i's text starts in `text`: render the conversation up to turn i with a placeholder for its
+    text (searching for the text itself could match the system prompt or the template's own markup)."""
+    probe = render_chat([*messages[:i], {**messages[i], "content": _PLACEHOLDER}], tokenizer, template)
+    start = probe.find(_PLACEHOLDER)
+    return start if start >= 0 and text.startswith(probe[:start]) else -1
+
+
 def _end_markers(tokenizer: PreTrainedTokenizerBase, template: str | None) -> list[str]:
     markers = [tokenizer.eos_token] if tokenizer.eos_token else []
     markers += [t for t in tokenizer.all_special_tokens if t and t not in markers]
@@ -244,7 +270,8 @@ def _include_end_marker(text: str, end: int, markers: list[str]) -> int:
 
 
 def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                    max_length: int, template: str | None = None) -> dict[str, list[int]]:
+                    max_length: int, template: str | None = None, user_turns: bool = False,
+                    ) -> dict[str, list[int]]:
     """Tokenize one conversation; labels are the token ids on assistant replies (+ end token), else -100.
 
     Args:
@@ -252,10 +279,11 @@ def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: 
         tokenizer: a fast tokenizer (character offsets are needed).
         max_length: truncate to this many tokens.
         template: None = the tokenizer's chat template (vicuna_v1.1 if it has none); "vicuna" = vicuna_v1.1.
+        user_turns: also label the text of the user turns (never the system prompt or the template's markup).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("render_and_mask needs a fast tokenizer (return_offsets_mapping)")
-    text, spans = render_with_spans(to_messages(conversation), tokenizer, template)
+    text, spans = render_with_spans(to_messages(conversation), tokenizer, template, user_turns)
     encoding = tokenizer(text, return_offsets_mapping=True, truncation=False,
                          add_special_tokens=needs_special_tokens(text, tokenizer))
     input_ids = list(encoding["input_ids"])[:max_length]
@@ -281,11 +309,11 @@ def needs_special_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def tokenize_records(records: Iterable[Record], tokenizer: PreTrainedTokenizerBase, max_length: int,
-                     template: str | None = None) -> list[dict[str, list[int]]]:
+                     template: str | None = None, user_turns: bool = False) -> list[dict[str, list[int]]]:
     """render_and_mask over many records, dropping those with no labelled token left after truncation."""
     examples, dropped = [], 0
     for record in records:
-        example = render_and_mask(record, tokenizer, max_length, template)
+        example = render_and_mask(record, tokenizer, max_length, template, user_turns)
         if any(label != IGNORE_INDEX for label in example["labels"]):
             examples.append(example)
         else:

@@ -40,23 +40,31 @@ def data_files(data_path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def _fingerprint(files: list[Path], tokenizer, max_length: int, template: str | None, test_size: float,
-                 seed: int) -> str:
+                 seed: int, train_on_inputs: bool) -> str:
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-    h.update(json.dumps({
+    spec = {
         "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
         "template": template, "chat_template": getattr(tokenizer, "chat_template", None) or "",
         "max_length": max_length, "test_size": test_size, "seed": seed, "version": 1,
-    }, sort_keys=True).encode())
+    }
+    if train_on_inputs:  # only then: caches written before the option keep their keys
+        spec["train_on_inputs"] = True
+    h.update(json.dumps(spec, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
 def build_rows(data_path: str | os.PathLike, tokenizer, max_length: int, template: str | None = None,
-               test_size: float = 0.05, seed: int = 42) -> tuple[list[Row], list[Row]]:
-    """Load, split (single file), tokenize with assistant-only labels and pack into rows of <= max_length."""
+               test_size: float = 0.05, seed: int = 42, train_on_inputs: bool = False,
+               ) -> tuple[list[Row], list[Row]]:
+    """Load, split (single file), tokenize with assistant-only labels and pack into rows of <= max_length.
+
+    train_on_inputs: the training rows also label the user turns' text (sharegpt.render_and_mask); the
+    validation rows never do, so validation figures compare across runs with and without it.
+    """
     train_file, val_file = data_files(data_path)
     records, _ = load_sharegpt(train_file)
     if val_file is None:
@@ -68,7 +76,8 @@ def build_rows(data_path: str | os.PathLike, tokenizer, max_length: int, templat
                              f"more conversations or a folder with train.jsonl + val.jsonl")
     else:
         train_records, (val_records, _) = records, load_sharegpt(val_file)
-    train = pack(tokenize_records(train_records, tokenizer, max_length, template), max_length)
+    train = pack(tokenize_records(train_records, tokenizer, max_length, template, train_on_inputs),
+                 max_length)
     val = pack(tokenize_records(val_records, tokenizer, max_length, template), max_length)
     if not train:
         raise ValueError(f"{data_path}: no training conversation with an assistant token left")
@@ -95,16 +104,16 @@ def _tensors_to_rows(tensors: dict[str, torch.Tensor], prefix: str) -> list[Row]
 def load_or_build_rows(data_path: str | os.PathLike, tokenizer, max_length: int,
                        cache_dir: str | os.PathLike | None, template: str | None = None,
                        is_main: bool = True, barrier=lambda: None, test_size: float = 0.05,
-                       seed: int = 42) -> tuple[list[Row], list[Row]]:
+                       seed: int = 42, train_on_inputs: bool = False) -> tuple[list[Row], list[Row]]:
     """build_rows with a cache: the main process builds and writes it, the others wait and read it."""
     if cache_dir is None:
-        return build_rows(data_path, tokenizer, max_length, template, test_size, seed)
+        return build_rows(data_path, tokenizer, max_length, template, test_size, seed, train_on_inputs)
     train_file, val_file = data_files(data_path)
     files = [train_file] + ([val_file] if val_file else [])
-    key = _fingerprint(files, tokenizer, max_length, template, test_size, seed)
+    key = _fingerprint(files, tokenizer, max_length, template, test_size, seed, train_on_inputs)
     cache = Path(cache_dir) / f"rows-{key}.safetensors"
     if is_main and not cache.is_file():
-        train, val = build_rows(data_path, tokenizer, max_length, template, test_size, seed)
+        train, val = build_rows(data_path, tokenizer, max_length, template, test_size, seed, train_on_inputs)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = partial_path(cache)  # also removes what killed processes left
         save_file({**_rows_to_tensors(train, "train"), **_rows_to_tensors(val, "val")}, str(tmp))

@@ -20,6 +20,7 @@ Cool a run's checkpoint down for shipping, leaving the run to go on: its command
 --decay_from <output_dir>/checkpoint-S --decay_steps 25 (a new --output_dir).
 A Hydra++ prefix layer that also reads the next token (README, Head types): add
 --prefix_reads_next_token True.
+Also score the heads on the user turns' text of the training chats: add --train_on_inputs True.
 Fill the feature cache only (then exit): add --cache_hidden_states True --fill_hidden_cache only.
 Resume a killed run: run the same command again.
 Evaluate heads on the validation rows only: add --init_heads <heads folder> --eval_only True.
@@ -99,6 +100,10 @@ class DataArguments:
         "help": "chat template: None = the tokenizer's own (vicuna_v1.1 if none), 'vicuna' = vicuna_v1.1"})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "evaluate on at most this many val rows"})
+    train_on_inputs: bool = field(default=False, metadata={
+        "help": "also score the heads on the text of the training chats' user turns (not the system prompt "
+                "or the template markup): more distinct text per chat; with the teacher loss the target is "
+                "the base model's own distribution there too. Validation stays replies-only"})
 
 
 @dataclass
@@ -423,7 +428,8 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
                  f"max_position_embeddings {base.config.max_position_embeddings}")
     train_rows, val_rows = load_or_build_rows(
         data_args.data_path, tokenizer, args.model_max_length, out_dir / "data_cache", data_args.template,
-        is_main=d.is_main, barrier=d.barrier, test_size=data_args.eval_split_ratio, seed=42)
+        is_main=d.is_main, barrier=d.barrier, test_size=data_args.eval_split_ratio, seed=42,
+        train_on_inputs=data_args.train_on_inputs)
     if data_args.max_eval_samples is not None:
         val_rows = val_rows[:data_args.max_eval_samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
