@@ -601,16 +601,15 @@ def test_feature_cache_key_follows_the_base_weights():
     from hydra.model import HydraConfig
     from hydra.train.hidden_cache import cache_key_parts, weights_fingerprint
 
-    rows, config = [{"input_ids": [1, 2, 3]}], HydraConfig()
+    config = HydraConfig()
     a, b = make_tiny_base(seed=0), make_tiny_base(seed=0)
-    key = cache_key_parts("same/name", rows, config, weights_fingerprint(a))
-    assert key == cache_key_parts("same/name", rows, config, weights_fingerprint(b))
-    # caches written before feature_layers existed keep their keys; fused features get their own
-    assert set(key) == {"model", "weights", "rows", "offset"}
-    assert key != cache_key_parts("same/name", rows, HydraConfig(feature_layers=[0]), weights_fingerprint(a))
+    key = cache_key_parts("same/name", config, weights_fingerprint(a))
+    assert key == cache_key_parts("same/name", config, weights_fingerprint(b))
+    assert set(key) == {"model", "weights", "offset"}  # fused features get their own folder
+    assert key != cache_key_parts("same/name", HydraConfig(feature_layers=[0]), weights_fingerprint(a))
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight.mul_(1.01)
-    assert key != cache_key_parts("same/name", rows, config, weights_fingerprint(b))
+    assert key != cache_key_parts("same/name", config, weights_fingerprint(b))
 
 
 def test_feature_cache_key_of_a_large_weight():

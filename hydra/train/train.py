@@ -476,9 +476,9 @@ def _setup_run(model_args: ModelArguments, data_args: DataArguments, args: Train
         all_rows = train_rows + val_rows  # val row j has id len(train_rows) + j
         cache = hidden_cache.HiddenCache(
             args.hidden_cache_dir or cache_dir() / "hidden_cache",
-            hidden_cache.cache_key_parts(model_args.model_name_or_path or DEFAULT_BASE_MODEL, all_rows,
-                                         config, hidden_cache.weights_fingerprint(base)),
-            [len(r["input_ids"]) for r in all_rows], base.config.hidden_size,
+            hidden_cache.cache_key_parts(model_args.model_name_or_path or DEFAULT_BASE_MODEL, config,
+                                         hidden_cache.weights_fingerprint(base)),
+            all_rows, base.config.hidden_size,
             hidden_cache.cache_arrays(config), next(base.parameters()).dtype, create=d.is_main)
         d.barrier()
         cache.open()
