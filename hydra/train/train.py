@@ -171,7 +171,7 @@ class TrainingArguments:
         "help": "positions per chunk of the vocabulary projection"})
     cache_hidden_states: bool = field(default=False, metadata={
         "help": "feature cache: keep the frozen base model's hidden states on disk, reused by every epoch "
-                "and every later run on the same data (hydra/train/hidden_cache.py)"})
+                "and by every later run for the packed rows it shares (hydra/train/hidden_cache.py)"})
     hidden_cache_dir: str | None = field(default=None, metadata={
         "help": "where the feature cache lives (default: ~/.cache/hydra/hidden_cache)"})
     fill_hidden_cache: str = field(default="lazy", metadata={
