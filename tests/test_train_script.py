@@ -562,6 +562,33 @@ def test_pipeline_several_data_files(tmp_path):
     assert "--extra-train" not in one["split"].cmd
 
 
+def test_pipeline_sampled_passes(tmp_path):
+    """--sampled-passes 2: two sampled distillations (seeds 1 and 2) that go to training only, after any
+    given extra files; their time estimate shares one measured rate."""
+    from hydra.train.pipeline import parse_args, run_stages, stages
+
+    w = tmp_path / "w"
+    todo = stages(parse_args(["--workdir", str(w), "--sampled-passes", "2"]))
+    assert [s.name for s in todo][:4] == ["distill", "sample1", "sample2", "split"]
+    for k in (1, 2):
+        cmd = todo[k].cmd
+        assert cmd[cmd.index("--output") + 1] == str(w / f"sampled_s{k}.jsonl")
+        sampling = [cmd[cmd.index(f) + 1] for f in ("--temperature", "--top-p", "--seed")]
+        assert sampling == ["0.7", "0.95", str(k)]
+    assert todo[0].cmd[todo[0].cmd.index("--temperature") + 1] == "0"
+    split = todo[3].cmd
+    assert split[split.index("--extra-train") + 1:] == [str(w / f"sampled_s{k}.jsonl") for k in (1, 2)]
+    given = stages(parse_args(["--workdir", str(w), "--sampled-passes", "1", "--data", "a.jsonl", "b.jsonl"]))
+    split = next(s for s in given if s.name == "split").cmd
+    assert split[split.index("--extra-train") + 1:] == ["b.jsonl", str(w / "sampled_s1.jsonl")]
+
+    (w / ".done").mkdir(parents=True)
+    (w / "state.json").write_text(json.dumps({"rates": {"sample": 2.0}}))
+    lines = []
+    run_stages(todo[1:3], w, "cpu", dry_run=True, log=lines.append)
+    assert "sample1: ~3.5 h" in lines[0] and "all stages left: ~7.0 h" in lines[0]  # 25,323 prompts at 2/s
+
+
 @pytest.mark.slow
 def test_pipeline_skips_done_stages_and_resumes_a_killed_one(tiny_setup, tmp_path):
     """scripts/train_default_heads.sh on a tiny configuration (split -> features -> train): the train stage is

@@ -5,10 +5,13 @@ r"""Rebuild the default Hydra++ heads end to end; every stage skips what is done
     scripts/train_default_heads.sh --data data/self_distill_smollm2.jsonl.gz   # skip the distillation
     scripts/train_default_heads.sh --data data/self_distill_smollm2.jsonl.gz \
         data/self_distill_smollm2_more.jsonl.gz --init-heads hydra/heads/default  # all committed chats
+    scripts/train_default_heads.sh --device cuda --sampled-passes 2 # + two sampled replies per prompt
     scripts/train_default_heads.sh --dry-run                        # print the stages and commands only
 
 Stages, in <workdir> (default runs/default-heads):
   distill   python -m hydra.data.self_distill -> self_distill.jsonl (resumes by conversation id)
+  sample<k> with --sampled-passes N, k = 1..N: the same, sampled (temperature 0.7, top-p 0.95, seed k)
+            -> sampled_s<k>.jsonl, training data only
   split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl (files after the first --data
             file go to training only, so the validation chats stay those of the first)
   features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
@@ -41,9 +44,16 @@ REPO = Path(__file__).resolve().parents[2]
 # CPU: features ~ the fifth CPU run's fill rate (~390-510 trained tokens/s, heads training beside it); train
 # ~ its rate on rows read from the feature cache (README, "Trained heads shipped in this repository").
 DEFAULT_RATES = {
-    "cpu": {"distill": 0.3, "split": 1e3, "features": 450.0, "train": 1250.0, "tree": 0.15, "mtbench": 0.06},
-    "cuda": {"distill": 40.0, "split": 1e3, "features": 2e5, "train": 5e4, "tree": 2.0, "mtbench": 0.5},
+    "cpu": {"distill": 0.3, "sample": 0.3, "split": 1e3, "features": 450.0, "train": 1250.0, "tree": 0.15,
+            "mtbench": 0.06},
+    "cuda": {"distill": 40.0, "sample": 40.0, "split": 1e3, "features": 2e5, "train": 5e4, "tree": 2.0,
+             "mtbench": 0.5},
 }
+
+
+def _kind(stage: str) -> str:
+    """The key of a stage's rate: sample1, sample2, ... share one."""
+    return stage.rstrip("0123456789")
 
 
 @dataclass
@@ -89,14 +99,25 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     n_prompts = count_conversations(a.data) if a.data else a.num_prompts or 25_323
     # ~300 trained tokens per conversation: the fifth CPU run's 24,794 committed chats packed into 554 steps
     # of 16 rows of 1,024 positions, ~13,470 trained tokens per step
-    tokens = n_prompts * 300
+    tokens = (n_prompts + a.sampled_passes * (a.num_prompts or 25_323)) * 300
     batch = "256" if a.device == "cuda" else "32"
     base = ["--base-model", a.base_model] if a.base_model else []
+    def distill(output: Path, sampling: list[str]) -> list[str]:
+        return (py + ["-m", "hydra.data.self_distill", "--prompts", a.prompts, "--output", str(output),
+                      "--max-new-tokens", "320", "--max-prompt-tokens", "768", *sampling,
+                      "--batch-size", batch, "--dtype", a.train_dtype, "--device", a.device] + base
+                + (["--num-prompts", str(a.num_prompts)] if a.num_prompts else []))
+
+    # A second, third, ... reply per prompt, sampled (README, Training data, "Sampled replies"): training
+    # only, after the greedy chats, so the validation chats and the feature cache's rows stay those of the
+    # greedy data.
+    sampled = [w / f"sampled_s{k}.jsonl" for k in range(1, a.sampled_passes + 1)]
+    n_sample_prompts = a.num_prompts or 25_323
+    extra = extra + sampled
     out = [
-        Stage("distill", py + ["-m", "hydra.data.self_distill", "--prompts", a.prompts, "--output", str(data),
-                               "--max-new-tokens", "320", "--max-prompt-tokens", "768", "--temperature", "0",
-                               "--batch-size", batch, "--dtype", a.train_dtype, "--device", a.device] + base
-              + (["--num-prompts", str(a.num_prompts)] if a.num_prompts else []), n_prompts),
+        Stage("distill", distill(data, ["--temperature", "0"]), n_prompts),
+        *(Stage(f"sample{k}", distill(f, ["--temperature", "0.7", "--top-p", "0.95", "--seed", str(k)]),
+                n_sample_prompts) for k, f in enumerate(sampled, start=1)),
         Stage("split", py + ["-m", "hydra.data.partition_train_test", "--input", str(data),
                              "--output-dir", str(split)]
               + (["--extra-train", *map(str, extra)] if extra else []), n_prompts),
@@ -142,8 +163,9 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
         if (marks / stage.name).is_file():
             log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: done, skipped")
             continue
-        left = sum(s.work / rates.get(s.name, 1.0) for s in todo[k:] if not (marks / s.name).is_file())
-        log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: ~{_fmt(stage.work / rates.get(stage.name, 1.0))} "
+        seconds = {s.name: s.work / rates.get(_kind(s.name), 1.0) for s in todo[k:]}
+        left = sum(t for name, t in seconds.items() if not (marks / name).is_file())
+        log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: ~{_fmt(seconds[stage.name])} "
             f"(all stages left: ~{_fmt(left)})\n  {shlex.join(stage.cmd)}")
         if dry_run:
             continue
@@ -155,8 +177,9 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
             return rc
         marks.mkdir(parents=True, exist_ok=True)
         (marks / stage.name).write_text(f"{time.time() - t0:.0f} s\n")
-        rates[stage.name] = stage.work / max(time.time() - t0, 1e-3)
-        state["rates"] = {**state.get("rates", {}), stage.name: rates[stage.name]}
+        kind = _kind(stage.name)
+        rates[kind] = stage.work / max(time.time() - t0, 1e-3)
+        state["rates"] = {**state.get("rates", {}), kind: rates[kind]}
         state_path.write_text(json.dumps(state, indent=2))
     return 0
 
@@ -171,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=os.path.expanduser,
                    default=str(REPO / "data" / "train_prompts.jsonl.gz"))
     p.add_argument("--num-prompts", type=int, default=None, help="distill only the first N prompts")
+    p.add_argument("--sampled-passes", type=int, default=0,
+                   help="also sample N more replies per prompt (temperature 0.7, top-p 0.95, seeds 1..N), "
+                        "for training only: more distinct text than passes over the greedy replies")
     p.add_argument("--base-model", type=os.path.expanduser,
                    default=None, help="base model id or folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--init-heads", type=os.path.expanduser,
