@@ -96,12 +96,14 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     py, w = [sys.executable], a.workdir
     data, *extra = [Path(d) for d in a.data] if a.data else [w / "self_distill.jsonl"]
     split = w / "split"
-    n_prompts = count_conversations(a.data) if a.data else a.num_prompts or 25_323
+    n_sample_prompts = a.num_prompts or 25_323  # the training prompts, for the time estimate
+    n_prompts = count_conversations(a.data) if a.data else n_sample_prompts
     # ~300 trained tokens per conversation: the fifth CPU run's 24,794 committed chats packed into 554 steps
     # of 16 rows of 1,024 positions, ~13,470 trained tokens per step
-    tokens = (n_prompts + a.sampled_passes * (a.num_prompts or 25_323)) * 300
+    tokens = (n_prompts + a.sampled_passes * n_sample_prompts) * 300
     batch = "256" if a.device == "cuda" else "32"
     base = ["--base-model", a.base_model] if a.base_model else []
+
     def distill(output: Path, sampling: list[str]) -> list[str]:
         return (py + ["-m", "hydra.data.self_distill", "--prompts", a.prompts, "--output", str(output),
                       "--max-new-tokens", "320", "--max-prompt-tokens", "768", *sampling,
@@ -112,7 +114,6 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     # only, after the greedy chats, so the validation chats and the feature cache's rows stay those of the
     # greedy data.
     sampled = [w / f"sampled_s{k}.jsonl" for k in range(1, a.sampled_passes + 1)]
-    n_sample_prompts = a.num_prompts or 25_323
     extra = extra + sampled
     out = [
         Stage("distill", distill(data, ["--temperature", "0"]), n_prompts),
