@@ -41,7 +41,7 @@ _NP = {torch.bfloat16: np.uint16, torch.float16: np.uint16, torch.float32: np.fl
 def row_digest(row: dict) -> str:
     """A packed row's identity: its tokens and where its conversations start (position ids restart there)."""
     h = hashlib.sha256(np.asarray(row["input_ids"], dtype=np.int32).tobytes())
-    h.update(np.asarray(row.get("position_ids", range(len(row["input_ids"]))), dtype=np.int32).tobytes())
+    h.update(np.asarray(row["position_ids"], dtype=np.int32).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -71,14 +71,14 @@ class HiddenCache:
             self._allocate()
         self._data = self._flags = None
 
-    def _read_table(self) -> dict[str, tuple[int, int, int]]:
-        """digest -> (slot, offset in tokens, length)."""
+    def _read_table(self) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
+        """The table's lines, and digest -> (slot, offset in tokens, length)."""
+        lines = self._table_path.read_text().splitlines() if self._table_path.is_file() else []
         table = {}
-        if self._table_path.is_file():
-            for slot, line in enumerate(self._table_path.read_text().splitlines()):
-                digest, offset, length = line.split("\t")
-                table[digest] = (slot, int(offset), int(length))
-        return table
+        for slot, line in enumerate(lines):
+            digest, offset, length = line.split("\t")
+            table[digest] = (slot, int(offset), int(length))
+        return lines, table
 
     def _allocate(self) -> None:
         """Append this run's rows that the folder does not hold yet: files first, then the table (replaced
@@ -86,14 +86,16 @@ class HiddenCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another run on the same folder may be allocating too
-            table = self._read_table()
+            lines, table = self._read_table()
+            known = len(lines)
             end = max((o + n for _, o, n in table.values()), default=0)
-            lines = [f"{dg}\t{o}\t{n}" for dg, (_, o, n) in sorted(table.items(), key=lambda kv: kv[1][0])]
             for digest, n in zip(self._digests, self.lengths, strict=True):
                 if digest not in table:
                     table[digest] = (len(lines), end, n)
                     lines.append(f"{digest}\t{end}\t{n}")
                     end += n
+            if known and len(lines) == known:
+                return  # every row of this run is allocated already
             _grow(self._data_path, max(end, 1) * self._token_bytes)
             _grow(self._flag_path, max(len(lines), 1))
             tmp = self._table_path.with_suffix(".tsv.partial")
@@ -101,7 +103,7 @@ class HiddenCache:
             os.replace(tmp, self._table_path)
 
     def open(self) -> HiddenCache:
-        table = self._read_table()
+        _, table = self._read_table()
         missing = sum(dg not in table for dg in self._digests)
         if missing:
             raise RuntimeError(f"{self.folder} lacks {missing} of this run's rows (the main process "
