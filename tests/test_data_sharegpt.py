@@ -81,6 +81,30 @@ def test_user_turns_option_labels_their_text_only(tokenizer, plain_tokenizer, us
     assert "terse" not in "".join(both)
 
 
+# A Mistral-style template: no system turn, no role header, and it trims every turn's text.
+TRIMMING_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'].strip() + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_trimming_template_spans_each_turn_where_it_renders(tokenizer):
+    """Every labelled span starts where the template puts its turn, also when the template trims the text
+    and a reply repeats words of the prompt before it."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TRIMMING_TEMPLATE
+    conv = [{"from": "human", "value": "Say INST twice "}, {"from": "gpt", "value": "  INST INST\n"},
+            {"from": "human", "value": "\nAgain?"}, {"from": "gpt", "value": "INST INST"}]
+    def labelled(user_turns):
+        example = render_and_mask(conv, tok, max_length=512, user_turns=user_turns)
+        return [tok.decode(run).strip() for run in labelled_runs(example)]
+
+    replies = labelled(False)
+    assert replies == ["INST INST" + tok.eos_token] * 2
+    both = labelled(True)
+    assert both == ["Say INST twice", replies[0], "Again?", replies[1]]
+
+
 def test_mask_accepts_chat_messages_and_truncates(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     full = render_and_mask(messages, tokenizer, max_length=4096)

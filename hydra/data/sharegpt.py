@@ -200,40 +200,26 @@ def render_with_spans(messages: Sequence[dict[str, Any]], tokenizer: PreTrainedT
     """Render a conversation; return the text and the [start, end) character span of every assistant reply
     (and, with user_turns, of every user turn's text), in order.
 
-    A reply span covers the reply text plus the end-of-turn token right after it (the eos or another special
-    token, possibly after whitespace), never the role header. Each reply is anchored where the template puts
-    it by rendering the conversation up to that reply with the generation prompt. A user span is the turn's
-    text alone, found where the template puts it (`_turn_start`).
+    Each span starts where the template puts that turn's text (`_turn_start`). A reply span covers the reply
+    text plus the end-of-turn token right after it (the eos or another special token, possibly after
+    whitespace), never the role header; a user span is the turn's text alone. No span ends in whitespace: what
+    follows a turn's text may be the template's own (" [/INST]").
     """
     text = render_chat(messages, tokenizer, template)
     markers = _end_markers(tokenizer, template)
     spans, cursor = [], 0
     for i, message in enumerate(messages):
-        if user_turns and message["role"] == "user" and message["content"].strip():
-            start = _turn_start(messages, i, text, tokenizer, template)
-            content = message["content"]
-            if not text.startswith(content, start):
-                content = content.strip()  # some templates trim message content
-            if start < cursor or not text.startswith(content, start):
-                raise ValueError(f"user turn {i} not found verbatim in the rendered conversation; "
-                                 f"the chat template rewrites message content")
-            spans.append((start, start + len(content)))
-            cursor = start + len(content)
+        role, content = message["role"], message["content"]
+        if role != "assistant" and not (user_turns and role == "user" and content.strip()):
             continue
-        if message["role"] != "assistant":
-            continue
-        prompt = render_chat(messages[:i], tokenizer, template, add_generation_prompt=True)
-        anchor = len(prompt) if text.startswith(prompt) else cursor
-        content = message["content"]
-        start = text.find(content, anchor)
-        if start < 0:  # some templates trim message content
-            content = content.strip()
-            start = text.find(content, anchor)
-        if start < 0:
-            raise ValueError(f"assistant turn {i} not found verbatim in the rendered conversation; "
+        start = _turn_start(messages, i, text, tokenizer, template)
+        if not text.startswith(content, start):
+            content = content.strip()  # some templates trim message content
+        if start < cursor or not text.startswith(content, start):
+            raise ValueError(f"{role} turn {i} not found verbatim in the rendered conversation; "
                              f"the chat template rewrites message content")
-        end = start + len(content)
-        if not message.get("truncated"):
+        end = start + len(content.rstrip())
+        if role == "assistant" and not message.get("truncated"):
             end = _include_end_marker(text, end, markers)
         spans.append((start, end))
         cursor = end
@@ -245,8 +231,9 @@ _PLACEHOLDER = "\ue000turn\ue000"  # private-use characters: in no real turn, an
 
 def _turn_start(messages: Sequence[dict[str, Any]], i: int, text: str, tokenizer: PreTrainedTokenizerBase,
                 template: str | None) -> int:
-    """Where turn i's text starts in `text`: render the conversation up to turn i with a placeholder for its
-    text (searching for the text itself could match the system prompt or the template's own markup)."""
+    """Where turn i's text starts in `text` (-1 if the template renders the turns before it differently once
+    it follows): render the conversation up to turn i with a placeholder for its text. Searching for the
+    text itself could match the system prompt, an earlier turn or the template's own markup."""
     probe = render_chat([*messages[:i], {**messages[i], "content": _PLACEHOLDER}], tokenizer, template)
     start = probe.find(_PLACEHOLDER)
     return start if start >= 0 and text.startswith(probe[:start]) else -1

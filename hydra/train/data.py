@@ -49,7 +49,8 @@ def _fingerprint(files: list[Path], tokenizer, max_length: int, template: str | 
     spec = {
         "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
         "template": template, "chat_template": getattr(tokenizer, "chat_template", None) or "",
-        "max_length": max_length, "test_size": test_size, "seed": seed, "version": 1,
+        "max_length": max_length, "test_size": test_size, "seed": seed,
+        "version": 2,  # of the labelling rule; 2: spans stop before trailing whitespace (render_with_spans)
     }
     if train_on_inputs:  # only then: caches written before the option keep their keys
         spec["train_on_inputs"] = True
