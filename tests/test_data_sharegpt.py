@@ -90,11 +90,13 @@ TRIMMING_TEMPLATE = (
 
 def test_trimming_template_spans_each_turn_where_it_renders(tokenizer):
     """Every labelled span starts where the template puts its turn, also when the template trims the text
-    and a reply repeats words of the prompt before it."""
+    and a reply repeats words of the prompt before it; a user turn's trailing space is not stretched over the
+    template's " [/INST]"."""
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TRIMMING_TEMPLATE
     conv = [{"from": "human", "value": "Say INST twice "}, {"from": "gpt", "value": "  INST INST\n"},
             {"from": "human", "value": "\nAgain?"}, {"from": "gpt", "value": "INST INST"}]
+
     def labelled(user_turns):
         example = render_and_mask(conv, tok, max_length=512, user_turns=user_turns)
         return [tok.decode(run).strip() for run in labelled_runs(example)]
