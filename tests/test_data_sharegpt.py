@@ -107,6 +107,24 @@ def test_trimming_template_spans_each_turn_where_it_renders(tokenizer):
     assert both == ["Say INST twice", replies[0], "Again?", replies[1]]
 
 
+# Renders only the last reply, as templates that drop earlier turns' reasoning do with whole turns.
+LAST_REPLY_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'U: ' + message['content'] + '\\n' }}"
+    "{% elif loop.last %}{{ 'A: ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+UPPER_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'].upper() + '\\n' }}"
+    "{% endfor %}")
+
+
+@pytest.mark.parametrize("template, problem", [(LAST_REPLY_TEMPLATE, "hides or rewrites earlier turns"),
+                                               (UPPER_TEMPLATE, "rewrites message content")])
+def test_a_template_that_changes_turns_is_named_with_the_record(tokenizer, template, problem):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    with pytest.raises(ValueError, match=f"record c1: assistant turn 2 .*{problem}"):
+        tokenize_records([CONVERSATION], tok, max_length=512)
+
+
 def test_mask_accepts_chat_messages_and_truncates(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     full = render_and_mask(messages, tokenizer, max_length=4096)

@@ -216,8 +216,7 @@ def render_with_spans(messages: Sequence[dict[str, Any]], tokenizer: PreTrainedT
         if not text.startswith(content, start):
             content = content.strip()  # some templates trim message content
         if start < cursor or not text.startswith(content, start):
-            raise ValueError(f"{role} turn {i} not found verbatim in the rendered conversation; "
-                             f"the chat template rewrites message content")
+            raise _rewritten(role, i)
         end = start + len(content.rstrip())
         if role == "assistant" and not message.get("truncated"):
             end = _include_end_marker(text, end, markers)
@@ -231,12 +230,24 @@ _PLACEHOLDER = "\ue000turn\ue000"  # private-use characters: in no real turn, an
 
 def _turn_start(messages: Sequence[dict[str, Any]], i: int, text: str, tokenizer: PreTrainedTokenizerBase,
                 template: str | None) -> int:
-    """Where turn i's text starts in `text` (-1 if the template renders the turns before it differently once
-    it follows): render the conversation up to turn i with a placeholder for its text. Searching for the
-    text itself could match the system prompt, an earlier turn or the template's own markup."""
+    """Where turn i's text starts in `text`: render the conversation up to turn i with a placeholder for its
+    text. Searching for the text itself could match the system prompt, an earlier turn or the template's own
+    markup. Raises ValueError if the template rewrites the placeholder or renders what precedes turn i
+    differently once later turns follow (some templates drop earlier turns)."""
     probe = render_chat([*messages[:i], {**messages[i], "content": _PLACEHOLDER}], tokenizer, template)
     start = probe.find(_PLACEHOLDER)
-    return start if start >= 0 and text.startswith(probe[:start]) else -1
+    role = messages[i]["role"]
+    if start < 0:
+        raise _rewritten(role, i)
+    if not text.startswith(probe[:start]):
+        raise ValueError(f"{role} turn {i} is not where the chat template renders it once later turns "
+                         f"follow; the template hides or rewrites earlier turns")
+    return start
+
+
+def _rewritten(role: str, i: int) -> ValueError:
+    return ValueError(f"{role} turn {i} not found verbatim in the rendered conversation; "
+                      f"the chat template rewrites message content")
 
 
 def _end_markers(tokenizer: PreTrainedTokenizerBase, template: str | None) -> list[str]:
@@ -299,8 +310,11 @@ def tokenize_records(records: Iterable[Record], tokenizer: PreTrainedTokenizerBa
                      template: str | None = None, user_turns: bool = False) -> list[dict[str, list[int]]]:
     """render_and_mask over many records, dropping those with no labelled token left after truncation."""
     examples, dropped = [], 0
-    for record in records:
-        example = render_and_mask(record, tokenizer, max_length, template, user_turns)
+    for index, record in enumerate(records):
+        try:
+            example = render_and_mask(record, tokenizer, max_length, template, user_turns)
+        except ValueError as e:  # say which record: the same template fails every long-enough chat
+            raise ValueError(f"record {record.get('id', f'#{index}')}: {e}") from None
         if any(label != IGNORE_INDEX for label in example["labels"]):
             examples.append(example)
         else:
