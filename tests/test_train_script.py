@@ -9,6 +9,7 @@ has saved everything).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -585,8 +586,38 @@ def test_pipeline_sampled_passes(tmp_path):
     (w / ".done").mkdir(parents=True)
     (w / "state.json").write_text(json.dumps({"rates": {"sample": 2.0}}))
     lines = []
-    run_stages(todo[1:3], w, "cpu", dry_run=True, log=lines.append)
-    assert "sample1: ~3.5 h" in lines[0] and "all stages left: ~7.0 h" in lines[0]  # 25,323 prompts at 2/s
+    run_stages(todo[2:3], w, "cpu", dry_run=True, log=lines.append)
+    assert "sample2: ~3.5 h" in lines[0] and "all stages left: ~3.5 h" in lines[0]  # 25,323 prompts at 2/s
+
+
+def test_pipeline_sampled_pass_starts_from_the_committed_replies(tmp_path):
+    """sample1 starts from data/self_distill_smollm2_sampled_s1.jsonl.gz (the same pass, made by the same
+    command) when its output does not exist yet, and its time estimate counts only the prompts left; not for
+    another base model, nor over an existing output, nor for a pass with no committed file."""
+    from hydra.train.pipeline import REPO, Stage, count_conversations, parse_args, run_stages, stages
+
+    committed = REPO / "data" / "self_distill_smollm2_sampled_s1.jsonl.gz"
+    w = tmp_path / "w"
+    todo = stages(parse_args(["--workdir", str(w), "--sampled-passes", "2"]))
+    assert todo[1].starts_from == (committed, w / "sampled_s1.jsonl") and todo[2].starts_from is None
+    assert todo[1].work == 25_323 - count_conversations([str(committed)]) and todo[2].work == 25_323
+    other = stages(parse_args(["--workdir", str(w), "--sampled-passes", "1", "--base-model", "x/y"]))
+    assert other[1].starts_from is None
+
+    source = tmp_path / "given.jsonl.gz"
+    with gzip.open(source, "wt") as f:
+        f.write('{"id": "a"}\n{"id": "b"}\n')
+    out = w / "sampled_s1.jsonl"
+    code = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text() + 'c\\n')"
+    stage = Stage("sample1", [sys.executable, "-c", code, str(out)], 1.0, starts_from=(source, out))
+    lines: list[str] = []
+    assert run_stages([stage], w, "cpu", dry_run=True, log=lines.append) == 0 and not out.exists()
+    assert run_stages([stage], w, "cpu", log=lines.append) == 0
+    assert out.read_text().splitlines() == ['{"id": "a"}', '{"id": "b"}', "c"]
+    assert "sample1: starting from the committed" in lines[-1] and not list(w.glob("*.partial"))
+    (w / ".done" / "sample1").unlink()  # run again: the output exists, so it is resumed, not replaced
+    assert run_stages([stage], w, "cpu", log=lines.append) == 0
+    assert out.read_text().splitlines()[2:] == ["c", "c"]
 
 
 @pytest.mark.slow

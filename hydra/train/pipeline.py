@@ -11,7 +11,9 @@ r"""Rebuild the default Hydra++ heads end to end; every stage skips what is done
 Stages, in <workdir> (default runs/default-heads):
   distill   python -m hydra.data.self_distill -> self_distill.jsonl (resumes by conversation id)
   sample<k> with --sampled-passes N, k = 1..N: the same, sampled (temperature 0.7, top-p 0.95, seed k)
-            -> sampled_s<k>.jsonl, training data only
+            -> sampled_s<k>.jsonl, training data only; it starts from the committed replies of that pass
+            (data/self_distill_smollm2_sampled_s<k>.jsonl.gz) when the workdir has none yet and the base
+            model and prompts are the default ones
   split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl (files after the first --data
             file go to training only, so the validation chats stay those of the first)
   features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
@@ -32,6 +34,7 @@ import gzip
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +65,9 @@ class Stage:
     cmd: list[str]
     work: float  # in the stage's unit (prompts, conversations, tokens, ...), for the time estimate
     env: dict[str, str] = field(default_factory=dict)
+    # (committed .jsonl.gz, output): decompressed into output before the command, if output does not exist
+    # yet; the command then resumes after the committed conversations
+    starts_from: tuple[Path, Path] | None = None
 
 
 def train_flags(a: argparse.Namespace, split: Path) -> list[str]:
@@ -115,10 +121,20 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     # greedy data.
     sampled = [w / f"sampled_s{k}.jsonl" for k in range(1, a.sampled_passes + 1)]
     extra = extra + sampled
+    default_inputs = (not a.base_model and not a.num_prompts
+                      and Path(a.prompts).resolve() == (REPO / "data" / "train_prompts.jsonl.gz").resolve())
+
+    def sample(k: int, output: Path) -> Stage:
+        committed = REPO / "data" / f"self_distill_smollm2_sampled_s{k}.jsonl.gz"
+        start = (committed, output) if default_inputs and committed.is_file() else None
+        done = count_conversations([str(committed)]) if start and not output.exists() else 0
+        sampling = ["--temperature", "0.7", "--top-p", "0.95", "--seed", str(k)]
+        return Stage(f"sample{k}", distill(output, sampling), max(n_sample_prompts - done, 1),
+                     starts_from=start)
+
     out = [
         Stage("distill", distill(data, ["--temperature", "0"]), n_prompts),
-        *(Stage(f"sample{k}", distill(f, ["--temperature", "0.7", "--top-p", "0.95", "--seed", str(k)]),
-                n_sample_prompts) for k, f in enumerate(sampled, start=1)),
+        *(sample(k, f) for k, f in enumerate(sampled, start=1)),
         Stage("split", py + ["-m", "hydra.data.partition_train_test", "--input", str(data),
                              "--output-dir", str(split)]
               + (["--extra-train", *map(str, extra)] if extra else []), n_prompts),
@@ -168,6 +184,15 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
         left = sum(t for name, t in seconds.items() if not (marks / name).is_file())
         log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: ~{_fmt(seconds[stage.name])} "
             f"(all stages left: ~{_fmt(left)})\n  {shlex.join(stage.cmd)}")
+        if stage.starts_from and not stage.starts_from[1].exists():
+            source, output = stage.starts_from
+            log(f"[pipeline] {stage.name}: starting from the committed {os.path.relpath(source, REPO)}")
+            if not dry_run:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                partial = output.with_name(output.name + ".partial")  # a killed copy leaves no output
+                with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(partial, output)
         if dry_run:
             continue
         t0 = time.time()
