@@ -3,9 +3,12 @@ the same training prompts, interleaved group by group in one process so the rati
 
     python scripts/bench_distill.py                                  # 64 prompts, batch 32, sampled, fp32
     python scripts/bench_distill.py --batch-sizes 32 64 --num-prompts 128 --temperature 0
+    python scripts/bench_distill.py --top-p-candidates 0 64 --dtype bfloat16  # the top-p rule's cost
 
 `generate` keeps finished rows in the batch until its longest reply ends and grows a DynamicCache by
-concatenation; the loop (`generate_replies`) drops finished rows and writes into the position-indexed cache.
+concatenation; the loop (`generate_replies`) drops finished rows and writes into the position-indexed cache
+and applies top-p to the most likely tokens only (`sample_top_p`; --top-p-candidates 0: the warper's sort of
+the whole vocabulary, as `generate` does).
 Both answer first turns only, rendered as self_distill renders them. Results are in the README ("Training
 data").
 """
@@ -17,6 +20,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra.data.self_distill import generate_replies, read_prompts, reply_config  # noqa: E402
+from hydra.data.self_distill import (  # noqa: E402
+    TOP_P_CANDIDATES,
+    generate_replies,
+    read_prompts,
+    reply_config,
+)
 from hydra.data.sharegpt import needs_special_tokens, render_chat  # noqa: E402
 from hydra.model.base_model import eos_token_ids, load_base_model  # noqa: E402
 
@@ -42,8 +51,9 @@ def hf_generate_tokens(model, tokenizer, texts, generation_config, stop_ids) -> 
     return total
 
 
-def loop_tokens(model, tokenizer, texts, generation_config, stop_ids) -> int:
-    return sum(n for _, _, n in generate_replies(model, tokenizer, texts, generation_config, stop_ids))
+def loop_tokens(model, tokenizer, texts, generation_config, stop_ids, candidates: int) -> int:
+    return sum(n for _, _, n in generate_replies(model, tokenizer, texts, generation_config, stop_ids,
+                                                 candidates))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--base-model", type=os.path.expanduser, default=None)
+    p.add_argument("--top-p-candidates", type=int, nargs="+", default=[TOP_P_CANDIDATES],
+                   help="a loop run for each: top-p over this many most likely tokens (0: the warper)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -73,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     texts.sort(key=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))  # as self_distill does
     config = reply_config(a.max_new_tokens, a.temperature, a.top_p, stop_ids, tokenizer.pad_token_id)
     sampling = config.do_sample
+    loops = [(f"loop top-p {c}" if len(a.top_p_candidates) > 1 else "loop",
+              partial(loop_tokens, candidates=c)) for c in a.top_p_candidates]
     runs = {f"{name} batch {b}": (fn, b) for b in a.batch_sizes
-            for name, fn in (("generate", hf_generate_tokens), ("loop", loop_tokens))}
+            for name, fn in (("generate", hf_generate_tokens), *loops)}
     tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
     group = math.lcm(*a.batch_sizes)  # whole batches of every size
     for start in range(0, len(texts), group):  # every configuration answers the same group in turn

@@ -27,3 +27,17 @@ def test_generate_and_loop_answer_the_same_prompts(tmp_path, capsys):
     assert rows == {name: "20" for name in ("generate batch 2", "loop batch 2", "generate batch 3",
                                             "loop batch 3")}, out
     assert "[bench_distill] 5/5 prompts" in out and "greedy" in out
+
+
+def test_top_p_candidates_add_one_loop_run_each(tmp_path, capsys):
+    root = save_tiny_model(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "turns": [f"Question {i}"]}) + "\n"
+                               for i in range(3)))
+    bench_distill.main(["--prompts", str(prompts), "--base-model", str(root / "base"), "--num-prompts", "3",
+                        "--skip", "0", "--batch-sizes", "3", "--max-new-tokens", "4", "--threads", "1",
+                        "--top-p-candidates", "0", "16"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"(\w+(?: top-p \d+)? batch \d): +(\d+) new tokens", out))
+    assert set(rows) == {"generate batch 3", "loop top-p 0 batch 3", "loop top-p 16 batch 3"}, out
+    assert all(0 < int(n) <= 12 for n in rows.values()) and "temperature 0.7 top-p 0.95" in out

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import save_tiny_model
-from transformers import GenerationConfig
+from transformers import GenerationConfig, TopPLogitsWarper
 
 from hydra.data.self_distill import (
     generate_replies,
@@ -15,6 +15,8 @@ from hydra.data.self_distill import (
     main,
     read_done_ids,
     read_prompts,
+    sample_top_p,
+    top_p_nucleus,
 )
 from hydra.data.sharegpt import load_sharegpt, render_chat
 from hydra.model.base_model import load_base_model
@@ -124,6 +126,45 @@ def test_sampling_applies_temperature_and_top_p(tiny_loaded):
     torch.manual_seed(0)
     assert generate_replies(model, tokenizer, texts, sampled, []) == first  # seeded: reproducible
     assert first != generate_replies(model, tokenizer, texts, greedy, [])
+
+
+def _scores(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Rows from flat to peaked, so some nuclei fit in a few candidates and some do not."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=gen) * torch.linspace(0.5, 12.0, rows)[:, None]
+
+
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_top_p_nucleus_is_the_warpers_distribution(min_keep):
+    """On rows whose nucleus fits in the candidates, the candidates' kept probabilities are transformers'
+    TopPLogitsWarper distribution; the other rows are flagged for the warper itself."""
+    scores, warper = _scores(64, 500, seed=0), TopPLogitsWarper(0.9, min_tokens_to_keep=min_keep)
+    probs, indices, whole = top_p_nucleus(scores, warper, candidates=24)
+    expected = warper(None, scores).softmax(-1)
+    fast = torch.ones(64, dtype=torch.bool)
+    fast[whole] = False
+    assert 8 < int(fast.sum()) < 56  # both kinds of row are exercised
+    got = torch.zeros_like(expected).scatter(1, indices, probs)
+    got = got / got.sum(-1, keepdim=True)
+    torch.testing.assert_close(got[fast], expected[fast], atol=1e-6, rtol=0)
+    assert (expected[~fast] > 0).sum(-1).min() > 24 - 4  # flagged rows keep about as many tokens or more
+
+
+def test_sample_top_p_draws_from_the_nucleus():
+    """Sampled frequencies match the warper's distribution, on a row sampled from its candidates and on one
+    that goes through the warper."""
+    base = _scores(64, 40, seed=1)
+    warper = TopPLogitsWarper(0.8)
+    _, _, whole = top_p_nucleus(base, warper, candidates=6)
+    rows = [int(whole[0]), next(i for i in range(64) if i not in set(whole.tolist()))]
+    n = 40_000
+    torch.manual_seed(0)
+    for row in rows:
+        tokens = sample_top_p(base[row].expand(n, -1), warper, candidates=6)
+        freq = torch.bincount(tokens, minlength=40).double() / n
+        expected = warper(None, base[row:row + 1]).softmax(-1)[0].double()
+        assert (freq - expected).abs().max() < 0.01, row
+        assert (freq[expected == 0] == 0).all()
 
 
 def test_read_prompts_order_is_stable(prompt_file):

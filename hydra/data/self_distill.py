@@ -27,7 +27,6 @@ import torch
 from tqdm import tqdm
 from transformers import (
     GenerationConfig,
-    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TemperatureLogitsWarper,
@@ -40,6 +39,9 @@ from hydra.model.base_model import eos_token_ids, load_base_model
 from hydra.model.kv_cache import TreeKVCache
 
 Prompt = dict[str, Any]
+
+# The most likely tokens in which top-p sampling looks for the nucleus before it sorts the whole vocabulary.
+TOP_P_CANDIDATES = 64
 
 
 def read_prompts(path: str | os.PathLike, num_prompts: int | None = None,
@@ -94,22 +96,23 @@ def read_done_ids(path: str | os.PathLike) -> set[str]:
 
 @torch.inference_mode()
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                     generation_config: GenerationConfig,
-                     stop_ids: Sequence[int]) -> list[tuple[str, bool, int]]:
+                     generation_config: GenerationConfig, stop_ids: Sequence[int],
+                     top_p_candidates: int = TOP_P_CANDIDATES) -> list[tuple[str, bool, int]]:
     """Continue each rendered prompt as one left-padded batch; a row leaves the batch as soon as it stops.
 
     Two things HF `generate` does cost a CPU dearly here: it keeps a finished row in the batch until the
     batch's longest reply ends, and its DynamicCache copies every layer's keys and values into a new tensor
     at every step. This loop drops finished rows from the batch and writes into the project's
     position-indexed cache instead (README, "Training data", has the measurements). Sampling uses
-    transformers' own temperature and top-p warpers; greedy picks the argmax, as `generate` does.
+    transformers' temperature warper and top-p rule (`sample_top_p`, over `top_p_candidates` tokens; 0: the
+    top-p warper on every row); greedy picks the argmax, as `generate` does.
 
     Returns one (reply, hit_max_new_tokens, new_tokens) per prompt."""
     batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
                       add_special_tokens=needs_special_tokens(texts[0], tokenizer)).to(model.device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
-    pick = _token_picker(generation_config)
+    pick = _token_picker(generation_config, top_p_candidates)
     stops = torch.tensor(list(stop_ids), device=model.device)
     cache = TreeKVCache(model.config.num_hidden_layers, mask.shape[1] + generation_config.max_new_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
@@ -150,14 +153,54 @@ def reply_config(max_new_tokens: int, temperature: float, top_p: float, stop_ids
                             top_k=None, eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
 
 
-def _token_picker(generation_config: GenerationConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+def _token_picker(generation_config: GenerationConfig,
+                  top_p_candidates: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits [rows, vocab] -> one token per row: the argmax, or a sample after temperature and top-p."""
     if not generation_config.do_sample:
         return lambda logits: logits.argmax(-1)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(generation_config.temperature)])
-    if generation_config.top_p is not None and generation_config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(generation_config.top_p))
-    return lambda logits: torch.multinomial(warpers(None, logits).softmax(-1), 1).squeeze(1)
+    temperature = TemperatureLogitsWarper(generation_config.temperature)
+    if generation_config.top_p is None or generation_config.top_p >= 1.0:
+        return lambda logits: torch.multinomial(temperature(None, logits).softmax(-1), 1).squeeze(1)
+    top_p = TopPLogitsWarper(generation_config.top_p)
+    return lambda logits: sample_top_p(temperature(None, logits), top_p, top_p_candidates)
+
+
+def sample_top_p(scores: torch.Tensor, warper: TopPLogitsWarper,
+                 candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """One token per row of `scores` [rows, vocab], sampled from softmax(scores) cut by `warper`'s rule
+    (transformers' TopPLogitsWarper: the least likely tokens are dropped while their summed probability stays
+    <= 1 - top_p; the most likely min_tokens_to_keep are always kept).
+
+    The warper sorts the whole vocabulary, which on a CPU costs more than the model's decoding step (README,
+    "Training data"). `top_p_nucleus` applies the rule to the most likely tokens alone where they hold the
+    nucleus; the other rows (all of them with candidates=0) go through the warper itself."""
+    if candidates == 0:
+        return torch.multinomial(warper(None, scores).softmax(-1), 1).squeeze(1)
+    probs, indices, whole = top_p_nucleus(scores, warper, candidates)
+    tokens = indices.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+    if len(whole):
+        tokens[whole] = torch.multinomial(warper(None, scores[whole]).softmax(-1), 1).squeeze(1)
+    return tokens
+
+
+def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: int = TOP_P_CANDIDATES,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `candidates` most likely tokens of each row: (their probabilities, 0 where the warper's rule drops
+    them, [rows, candidates]; their token ids; the rows whose nucleus may reach beyond them).
+
+    When the candidates hold all but at most 1 - top_p of the mass, the rule drops every other token, so it
+    can be applied to them alone, with the warper's cumulative sums: the mass outside them plus theirs,
+    least likely first. The sums are added in another order than the warper's, so a token within float
+    rounding of the threshold may go the other way."""
+    top_p = warper.top_p
+    values, indices = scores.topk(min(candidates, scores.shape[-1]), dim=-1)  # most likely first
+    probs = (values - scores.logsumexp(-1, keepdim=True)).exp()
+    outside = (1 - probs.sum(-1, keepdim=True)).clamp(min=0)
+    dropped = (outside + probs.flip(-1).cumsum(-1) <= 1 - top_p).flip(-1)
+    dropped[:, :warper.min_tokens_to_keep] = False
+    # 1e-4 of slack for the rounding of `outside`; rows nearer the threshold go through the warper
+    whole = (outside.squeeze(1) > 1 - top_p - 1e-4).nonzero().squeeze(1)
+    return probs.masked_fill(dropped, 0), indices, whole
 
 
 def distill_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
