@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p-candidates", type=int, nargs="+", default=[TOP_P_CANDIDATES],
                    help="a loop run for each: top-p over this many most likely tokens (0: the warper)")
     a = p.parse_args(argv)
+    if min(a.top_p_candidates) < 0:
+        p.error("--top-p-candidates: 0 or more")
+    a.top_p_candidates = list(dict.fromkeys(a.top_p_candidates))  # each run once
     torch.set_num_threads(a.threads)
 
     model, tokenizer = load_base_model(a.base_model, dtype=a.dtype)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     texts.sort(key=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))  # as self_distill does
     config = reply_config(a.max_new_tokens, a.temperature, a.top_p, stop_ids, tokenizer.pad_token_id)
     sampling = config.do_sample
-    loops = [(f"loop top-p {c}" if len(a.top_p_candidates) > 1 else "loop",
+    loops = [(f"loop candidates {c}" if len(a.top_p_candidates) > 1 else "loop",
               partial(loop_tokens, candidates=c)) for c in a.top_p_candidates]
     runs = {f"{name} batch {b}": (fn, b) for b in a.batch_sizes
             for name, fn in (("generate", hf_generate_tokens), *loops)}

@@ -36,8 +36,9 @@ def test_top_p_candidates_add_one_loop_run_each(tmp_path, capsys):
                                for i in range(3)))
     bench_distill.main(["--prompts", str(prompts), "--base-model", str(root / "base"), "--num-prompts", "3",
                         "--skip", "0", "--batch-sizes", "3", "--max-new-tokens", "4", "--threads", "1",
-                        "--top-p-candidates", "0", "16"])
+                        "--top-p-candidates", "0", "16", "16"])  # a repeated value runs once
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"(\w+(?: top-p \d+)? batch \d): +(\d+) new tokens", out))
-    assert set(rows) == {"generate batch 3", "loop top-p 0 batch 3", "loop top-p 16 batch 3"}, out
+    rows = dict(re.findall(r"(\w+(?: candidates \d+)? batch \d): +(\d+) new tokens", out))
+    assert set(rows) == {"generate batch 3", "loop candidates 0 batch 3", "loop candidates 16 batch 3"}, out
+    assert out.count("loop candidates 16 batch 3:") == 1
     assert all(0 < int(n) <= 12 for n in rows.values()) and "temperature 0.7 top-p 0.95" in out

@@ -150,6 +150,25 @@ def test_top_p_nucleus_is_the_warpers_distribution(min_keep):
     assert (expected[~fast] > 0).sum(-1).min() > 24 - 4  # flagged rows keep about as many tokens or more
 
 
+def test_top_p_nucleus_in_bf16_and_with_more_kept_than_candidates():
+    """bf16 scores give the float32 result (in bf16 the mass outside the candidates is too coarse to trust),
+    and a min_tokens_to_keep above the candidates widens them instead of dropping kept tokens."""
+    scores = _scores(64, 500, seed=2).bfloat16()
+    warper = TopPLogitsWarper(0.9)
+    for got, want in zip(top_p_nucleus(scores, warper, 24), top_p_nucleus(scores.float(), warper, 24),
+                         strict=True):
+        assert torch.equal(got, want)
+    scores = _scores(64, 500, seed=3)  # float32: bf16 ties at the 40th token would be broken either way
+    many = TopPLogitsWarper(0.5, min_tokens_to_keep=40)
+    probs, indices, whole = top_p_nucleus(scores, many, candidates=8)
+    assert probs.shape[1] == 40 and (probs > 0).sum(-1).min() >= 40
+    expected = many(None, scores).softmax(-1)
+    fast = torch.ones(64, dtype=torch.bool)
+    fast[whole] = False
+    got = torch.zeros_like(expected).scatter(1, indices, probs)
+    torch.testing.assert_close((got / got.sum(-1, keepdim=True))[fast], expected[fast], atol=1e-6, rtol=0)
+
+
 def test_sample_top_p_draws_from_the_nucleus():
     """Sampled frequencies match the warper's distribution, on a row sampled from its candidates and on one
     that goes through the warper."""

@@ -591,9 +591,10 @@ def test_pipeline_sampled_passes(tmp_path):
 
 
 def test_pipeline_sampled_pass_starts_from_the_committed_replies(tmp_path):
-    """sample1 starts from data/self_distill_smollm2_sampled_s1.jsonl.gz (the same pass, made by the same
-    command) when its output does not exist yet, and its time estimate counts only the prompts left; not for
-    another base model, nor over an existing output, nor for a pass with no committed file."""
+    """sample1 starts from data/self_distill_smollm2_sampled_s1.jsonl.gz (the same prompts and sampling
+    settings) when its output does not exist yet or is empty, and its time estimate counts only the prompts
+    left; not for another base model, nor over an output with chats in it, nor for a pass with no committed
+    file."""
     from hydra.train.pipeline import REPO, Stage, count_conversations, parse_args, run_stages, stages
 
     committed = REPO / "data" / "self_distill_smollm2_sampled_s1.jsonl.gz"
@@ -612,12 +613,16 @@ def test_pipeline_sampled_pass_starts_from_the_committed_replies(tmp_path):
     stage = Stage("sample1", [sys.executable, "-c", code, str(out)], 1.0, starts_from=(source, out))
     lines: list[str] = []
     assert run_stages([stage], w, "cpu", dry_run=True, log=lines.append) == 0 and not out.exists()
+    out.parent.mkdir(parents=True)
+    out.touch()  # what a distillation killed before its first batch leaves
     assert run_stages([stage], w, "cpu", log=lines.append) == 0
     assert out.read_text().splitlines() == ['{"id": "a"}', '{"id": "b"}', "c"]
     assert "sample1: starting from the committed" in lines[-1] and not list(w.glob("*.partial"))
     (w / ".done" / "sample1").unlink()  # run again: the output exists, so it is resumed, not replaced
     assert run_stages([stage], w, "cpu", log=lines.append) == 0
     assert out.read_text().splitlines()[2:] == ["c", "c"]
+    resumed = stages(parse_args(["--workdir", str(w), "--sampled-passes", "1"]))[1]
+    assert resumed.work == 25_323 - 4  # the output's chats are answered, the committed file's are not counted
 
 
 @pytest.mark.slow

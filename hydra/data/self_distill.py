@@ -174,6 +174,7 @@ def sample_top_p(scores: torch.Tensor, warper: TopPLogitsWarper,
     The warper sorts the whole vocabulary, which on a CPU costs more than the model's decoding step (README,
     "Training data"). `top_p_nucleus` applies the rule to the most likely tokens alone where they hold the
     nucleus; the other rows (all of them with candidates=0) go through the warper itself."""
+    scores = scores.float()
     if candidates == 0:
         return torch.multinomial(warper(None, scores).softmax(-1), 1).squeeze(1)
     probs, indices, whole = top_p_nucleus(scores, warper, candidates)
@@ -191,9 +192,11 @@ def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: in
     When the candidates hold all but at most 1 - top_p of the mass, the rule drops every other token, so it
     can be applied to them alone, with the warper's cumulative sums: the mass outside them plus theirs,
     least likely first. The sums are added in another order than the warper's, so a token within float
-    rounding of the threshold may go the other way."""
-    top_p = warper.top_p
-    values, indices = scores.topk(min(candidates, scores.shape[-1]), dim=-1)  # most likely first
+    rounding of the threshold may go the other way. Computed in float32 whatever the scores' dtype: in bf16
+    the mass outside the candidates would be off by more than the slack allowed for it."""
+    top_p, scores = warper.top_p, scores.float()
+    k = min(max(candidates, warper.min_tokens_to_keep), scores.shape[-1])  # the kept minimum is candidates
+    values, indices = scores.topk(k, dim=-1)  # most likely first
     probs = (values - scores.logsumexp(-1, keepdim=True)).exp()
     outside = (1 - probs.sum(-1, keepdim=True)).clamp(min=0)
     dropped = (outside + probs.flip(-1).cumsum(-1) <= 1 - top_p).flip(-1)

@@ -313,8 +313,10 @@ def tokenize_records(records: Iterable[Record], tokenizer: PreTrainedTokenizerBa
     for index, record in enumerate(records):
         try:
             example = render_and_mask(record, tokenizer, max_length, template, user_turns)
-        except ValueError as e:  # say which record: the same template fails every long-enough chat
-            raise ValueError(f"record {record.get('id', f'#{index}')}: {e}") from None
+        except ValueError as e:  # say which record: a template that changes turns fails first on a chat
+            # long enough to show it, which may be far into the file
+            name = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
+            raise ValueError(f"record {name}: {e}") from e
         if any(label != IGNORE_INDEX for label in example["labels"]):
             examples.append(example)
         else:

@@ -12,8 +12,8 @@ Stages, in <workdir> (default runs/default-heads):
   distill   python -m hydra.data.self_distill -> self_distill.jsonl (resumes by conversation id)
   sample<k> with --sampled-passes N, k = 1..N: the same, sampled (temperature 0.7, top-p 0.95, seed k)
             -> sampled_s<k>.jsonl, training data only; it starts from the committed replies of that pass
-            (data/self_distill_smollm2_sampled_s<k>.jsonl.gz) when the workdir has none yet and the base
-            model and prompts are the default ones
+            (data/self_distill_smollm2_sampled_s<k>.jsonl.gz: the same prompts and sampling settings) when
+            the workdir has none yet and the base model and prompts are the default ones
   split     python -m hydra.data.partition_train_test -> split/{train,val}.jsonl (files after the first --data
             file go to training only, so the validation chats stay those of the first)
   features  hydra.train.train --fill_hidden_cache only: the feature cache (resumes by row)
@@ -127,7 +127,8 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     def sample(k: int, output: Path) -> Stage:
         committed = REPO / "data" / f"self_distill_smollm2_sampled_s{k}.jsonl.gz"
         start = (committed, output) if default_inputs and committed.is_file() else None
-        done = count_conversations([str(committed)]) if start and not output.exists() else 0
+        answered = output if _has_data(output) else committed if start else None
+        done = count_conversations([str(answered)]) if answered else 0
         sampling = ["--temperature", "0.7", "--top-p", "0.95", "--seed", str(k)]
         return Stage(f"sample{k}", distill(output, sampling), max(n_sample_prompts - done, 1),
                      starts_from=start)
@@ -165,6 +166,12 @@ def count_conversations(files: list[str]) -> int:
     return total
 
 
+def _has_data(path: Path) -> bool:
+    """A stage output holds something (an empty one is what a distillation killed before its first batch
+    leaves)."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _fmt(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -184,7 +191,7 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
         left = sum(t for name, t in seconds.items() if not (marks / name).is_file())
         log(f"[pipeline] {k + 1}/{len(todo)} {stage.name}: ~{_fmt(seconds[stage.name])} "
             f"(all stages left: ~{_fmt(left)})\n  {shlex.join(stage.cmd)}")
-        if stage.starts_from and not stage.starts_from[1].exists():
+        if stage.starts_from and not _has_data(stage.starts_from[1]):
             source, output = stage.starts_from
             log(f"[pipeline] {stage.name}: starting from the committed {os.path.relpath(source, REPO)}")
             if not dry_run:
@@ -192,6 +199,8 @@ def run_stages(todo: list[Stage], workdir: Path, device: str, dry_run: bool = Fa
                 partial = output.with_name(output.name + ".partial")  # a killed copy leaves no output
                 with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
                 os.replace(partial, output)
         if dry_run:
             continue
