@@ -160,7 +160,7 @@ def _token_picker(generation_config: GenerationConfig,
         return lambda logits: logits.argmax(-1)
     temperature = TemperatureLogitsWarper(generation_config.temperature)
     if generation_config.top_p is None or generation_config.top_p >= 1.0:
-        return lambda logits: torch.multinomial(temperature(None, logits).softmax(-1), 1).squeeze(1)
+        return lambda logits: _sample(temperature(None, logits))
     top_p = TopPLogitsWarper(generation_config.top_p)
     return lambda logits: sample_top_p(temperature(None, logits), top_p, top_p_candidates)
 
@@ -176,12 +176,17 @@ def sample_top_p(scores: torch.Tensor, warper: TopPLogitsWarper,
     nucleus; the other rows (all of them with candidates=0) go through the warper itself."""
     scores = scores.float()
     if candidates == 0:
-        return torch.multinomial(warper(None, scores).softmax(-1), 1).squeeze(1)
+        return _sample(warper(None, scores))
     probs, indices, whole = top_p_nucleus(scores, warper, candidates)
     tokens = indices.gather(1, torch.multinomial(probs, 1)).squeeze(1)
     if len(whole):
-        tokens[whole] = torch.multinomial(warper(None, scores[whole]).softmax(-1), 1).squeeze(1)
+        tokens[whole] = _sample(warper(None, scores[whole]))
     return tokens
+
+
+def _sample(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row of `scores` [rows, vocab], drawn from softmax(scores)."""
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
 
 
 def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: int = TOP_P_CANDIDATES,
