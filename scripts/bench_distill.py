@@ -4,22 +4,25 @@ the same training prompts, interleaved group by group in one process so the rati
     python scripts/bench_distill.py                                  # 64 prompts, batch 32, sampled, fp32
     python scripts/bench_distill.py --batch-sizes 32 64 --num-prompts 128 --temperature 0
     python scripts/bench_distill.py --top-p-candidates 0 64 --dtype bfloat16  # the top-p rule's cost
+    python scripts/bench_distill.py --refill-below 1 32 --num-prompts 256 --group 128 --dtype bfloat16 \
+        --no-generate                                  # continuous batching against batch after batch
 
 `generate` keeps finished rows in the batch until its longest reply ends and grows a DynamicCache by
-concatenation; the loop (`generate_replies`) drops finished rows and writes into the position-indexed cache
-and applies top-p to the most likely tokens only (`sample_top_p`; --top-p-candidates 0: the warper's sort of
-the whole vocabulary, as `generate` does).
-Both answer first turns only, rendered as self_distill renders them. Results are in the README ("Training
-data").
+concatenation; the loop (`stream_replies`) drops finished rows, writes into the position-indexed cache,
+applies top-p to the most likely tokens only (`sample_top_p`; --top-p-candidates 0: the warper's sort of
+the whole vocabulary, as `generate` does) and admits the next prompts when fewer than --refill-below rows
+are left (1: batch after batch, as `generate`). Every configuration answers the same --group of prompts in
+turn (the loop streams through the group; `generate` takes it batch by batch), first turns only, rendered as
+self_distill renders them. Results are in the README ("Training data").
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
+from collections import deque
 from functools import partial
 from pathlib import Path
 
@@ -30,9 +33,10 @@ sys.path.insert(0, str(REPO))
 
 from hydra.data.self_distill import (  # noqa: E402
     TOP_P_CANDIDATES,
-    generate_replies,
+    length_sorted,
     read_prompts,
     reply_config,
+    stream_replies,
 )
 from hydra.data.sharegpt import needs_special_tokens, render_chat  # noqa: E402
 from hydra.model.base_model import eos_token_ids, load_base_model  # noqa: E402
@@ -51,9 +55,15 @@ def hf_generate_tokens(model, tokenizer, texts, generation_config, stop_ids) -> 
     return total
 
 
-def loop_tokens(model, tokenizer, texts, generation_config, stop_ids, candidates: int) -> int:
-    return sum(n for _, _, n in generate_replies(model, tokenizer, texts, generation_config, stop_ids,
-                                                 candidates))
+def hf_generate_group(model, tokenizer, texts, generation_config, stop_ids, batch_size: int) -> int:
+    return sum(hf_generate_tokens(model, tokenizer, texts[b:b + batch_size], generation_config, stop_ids)
+               for b in range(0, len(texts), batch_size))
+
+
+def loop_tokens(model, tokenizer, texts, generation_config, stop_ids, batch_size: int, candidates: int,
+                refill_below: int) -> int:
+    return sum(n for *_, n in stream_replies(model, tokenizer, deque(enumerate(texts)), generation_config,
+                                             stop_ids, batch_size, refill_below, candidates))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,10 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-model", type=os.path.expanduser, default=None)
     p.add_argument("--top-p-candidates", type=int, nargs="+", default=[TOP_P_CANDIDATES],
                    help="a loop run for each: top-p over this many most likely tokens (0: the warper)")
+    p.add_argument("--refill-below", type=int, nargs="+", default=[None],
+                   help="a loop run for each: admit prompts when fewer rows are left (default: batch size)")
+    p.add_argument("--group", type=int, default=None,
+                   help="prompts each configuration answers in turn (default 4x the largest batch size)")
+    p.add_argument("--no-generate", action="store_true", help="time the loop only")
     a = p.parse_args(argv)
     if min(a.top_p_candidates) < 0:
         p.error("--top-p-candidates: 0 or more")
+    if min(r or 1 for r in a.refill_below) < 1 or min(a.batch_sizes) < 1 or (a.group or 1) < 1:
+        p.error("--batch-sizes, --refill-below and --group: 1 or more")
     a.top_p_candidates = list(dict.fromkeys(a.top_p_candidates))  # each run once
+    a.refill_below = list(dict.fromkeys(a.refill_below))
     torch.set_num_threads(a.threads)
 
     model, tokenizer = load_base_model(a.base_model, dtype=a.dtype)
@@ -85,22 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(a.prompts, a.skip + a.num_prompts, a.seed)[a.skip:]
     texts = [render_chat([{"role": "user", "content": q["turns"][0]}], tokenizer, None,
                          add_generation_prompt=True) for q in prompts]
-    texts.sort(key=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))  # as self_distill does
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts = length_sorted(texts, lengths, 16 * max(a.batch_sizes))  # as self_distill orders them
     config = reply_config(a.max_new_tokens, a.temperature, a.top_p, stop_ids, tokenizer.pad_token_id)
     sampling = config.do_sample
-    loops = [(f"loop candidates {c}" if len(a.top_p_candidates) > 1 else "loop",
-              partial(loop_tokens, candidates=c)) for c in a.top_p_candidates]
-    runs = {f"{name} batch {b}": (fn, b) for b in a.batch_sizes
-            for name, fn in (("generate", hf_generate_tokens), *loops)}
+    runs = {}
+    for b in a.batch_sizes:
+        if not a.no_generate:
+            runs[f"generate batch {b}"] = partial(hf_generate_group, batch_size=b)
+        for c in a.top_p_candidates:
+            for r in a.refill_below:
+                name = "loop" + (f" candidates {c}" if len(a.top_p_candidates) > 1 else "") \
+                    + (f" refill below {r or b}" if len(a.refill_below) > 1 else "")
+                runs[f"{name} batch {b}"] = partial(loop_tokens, batch_size=b, candidates=c, refill_below=r)
     tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
-    group = math.lcm(*a.batch_sizes)  # whole batches of every size
+    group = a.group or 4 * max(a.batch_sizes)
     for start in range(0, len(texts), group):  # every configuration answers the same group in turn
-        for name, (fn, batch_size) in runs.items():
+        for name, fn in runs.items():
             torch.manual_seed(a.seed + start)
             t = time.perf_counter()
-            end = min(start + group, len(texts))
-            for b in range(start, end, batch_size):
-                tokens[name] += fn(model, tokenizer, texts[b:min(b + batch_size, end)], config, stop_ids)
+            tokens[name] += fn(model, tokenizer, texts[start:start + group], config, stop_ids)
             seconds[name] += time.perf_counter() - t
         print(f"[bench_distill] {min(start + group, len(texts))}/{len(texts)} prompts", flush=True)
     base = next(iter(runs))
@@ -108,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'temperature ' + str(a.temperature) + ' top-p ' + str(a.top_p) if sampling else 'greedy'}")
     for name in runs:
         rate = tokens[name] / seconds[name]
-        print(f"{name:>18}: {tokens[name]:6d} new tokens in {seconds[name]:6.0f} s = {rate:6.1f} tok/s "
+        print(f"{name:>36}: {tokens[name]:6d} new tokens in {seconds[name]:6.0f} s = {rate:6.1f} tok/s "
               f"({rate / (tokens[base] / seconds[base]):.2f}x)")
 
 

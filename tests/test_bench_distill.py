@@ -42,3 +42,17 @@ def test_top_p_candidates_add_one_loop_run_each(tmp_path, capsys):
     assert set(rows) == {"generate batch 3", "loop candidates 0 batch 3", "loop candidates 16 batch 3"}, out
     assert out.count("loop candidates 16 batch 3:") == 1
     assert all(0 < int(n) <= 12 for n in rows.values()) and "temperature 0.7 top-p 0.95" in out
+
+
+def test_refill_below_adds_one_loop_run_each(tmp_path, capsys):
+    root = save_tiny_model(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "turns": [f"Question {i}"]}) + "\n"
+                               for i in range(5)))
+    bench_distill.main(["--prompts", str(prompts), "--base-model", str(root / "base"), "--num-prompts", "5",
+                        "--skip", "0", "--batch-sizes", "2", "--max-new-tokens", "3", "--threads", "1",
+                        "--temperature", "0", "--refill-below", "1", "2", "--group", "5", "--no-generate"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"(loop refill below \d batch \d): +(\d+) new tokens", out))
+    assert rows == {"loop refill below 1 batch 2": "15", "loop refill below 2 batch 2": "15"}, out
+    assert "generate" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import pytest
 import torch
@@ -10,12 +11,16 @@ from helpers import save_tiny_model
 from transformers import GenerationConfig, TopPLogitsWarper
 
 from hydra.data.self_distill import (
+    _admit,
+    _decode,
+    _select,
     generate_replies,
-    length_sorted_batches,
+    length_sorted,
     main,
     read_done_ids,
     read_prompts,
     sample_top_p,
+    stream_replies,
     top_p_nucleus,
 )
 from hydra.data.sharegpt import load_sharegpt, render_chat
@@ -113,6 +118,100 @@ def test_rows_leaving_the_batch_keep_generate_greedy_replies(tiny_loaded):
     assert lengths[1] <= 4 and max(lengths) == 12  # the batch did shrink before it ended
 
 
+def _forward_shapes(model):
+    """Record (rows, tokens) of every forward of `model`; returns the list and the hook handle."""
+    shapes = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return shapes, handle
+
+
+@pytest.mark.parametrize("refill_below, merges", [(None, True), (1, False)])
+def test_refilled_rows_give_the_replies_of_prompts_answered_alone(tiny_loaded, refill_below, merges):
+    """Continuous batching: prompts admitted while other rows are mid-reply (their caches merged at another
+    padding) answer exactly as each prompt alone; with refill_below=1 batches never mix."""
+    model, tokenizer, texts = tiny_loaded
+    more = ["Why is the sky blue? Answer in one long sentence.", "Hi"]
+    texts = texts + [render_chat([{"role": "user", "content": q}], tokenizer, None,
+                                 add_generation_prompt=True) for q in more]
+    first = tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
+    free = model.generate(**first, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=None)[0, first["input_ids"].shape[1]:]
+    stop = int(free[2])  # ends some replies early
+    config = GenerationConfig(max_new_tokens=10, do_sample=False)
+    alone = [generate_replies(model, tokenizer, [t], config, [stop])[0] for t in texts]
+    assert any(n < 10 for _, _, n in alone) and any(n == 10 for _, _, n in alone)
+
+    shapes, handle = _forward_shapes(model)
+    try:
+        streamed = {key: tuple(rest) for key, *rest in stream_replies(
+            model, tokenizer, deque(enumerate(texts)), config, [stop], batch_size=2,
+            refill_below=refill_below)}
+    finally:
+        handle.remove()
+    assert [streamed[i] for i in range(len(texts))] == alone
+    assert max(rows for rows, _ in shapes) <= 2
+    # a prefill followed by a decoding step over more rows than it prefilled: new rows joined live ones
+    joined = any(t > 1 and shapes[i + 1][0] > rows for i, (rows, t) in enumerate(shapes[:-1]))
+    assert joined == merges
+
+
+def test_admitted_rows_score_as_if_alone(tiny_loaded):
+    """After a merge (a short prompt joining rows three tokens into longer replies, then a long prompt joining
+    after one of those has left) every row's scores equal those of its prompt decoded alone."""
+    model, tokenizer, texts = tiny_loaded
+    long_text = render_chat([{"role": "user", "content": "Why is the sky blue? " * 8}], tokenizer, None,
+                            add_generation_prompt=True)
+
+    def alone(text, tokens):
+        rows = _admit(model, tokenizer, [(0, text)], None, 8)
+        for token in tokens:
+            _decode(model, rows, torch.tensor([token]))
+        return rows.logits[0]
+
+    with torch.inference_mode():
+        rows = _admit(model, tokenizer, [(0, texts[1]), (1, texts[0])], None, 8)
+        fed = {0: [], 1: []}
+        for _ in range(3):
+            chosen = rows.logits.argmax(-1)
+            for key, token in zip(rows.keys, chosen.tolist(), strict=True):
+                fed[key].append(token)
+            _decode(model, rows, chosen)
+        _select(rows, torch.tensor([1]))  # the longest prompt leaves: its leading columns are dropped next
+        rows = _admit(model, tokenizer, [(2, "Hi")], rows, 8)  # shorter than the live row's context
+        assert rows.mask[:, 0].any()  # no column left that no row attends to
+        rows = _admit(model, tokenizer, [(3, long_text)], rows, 8)  # longer than the live rows' context
+        fed[2], fed[3] = [], []
+        chosen = rows.logits.argmax(-1)
+        _decode(model, rows, chosen)
+        for key, token in zip(rows.keys, chosen.tolist(), strict=True):
+            fed[key].append(token)
+        assert rows.keys == [1, 2, 3]
+        for row, key in enumerate(rows.keys):
+            expected = alone([texts[1], texts[0], "Hi", long_text][key], fed[key])
+            torch.testing.assert_close(rows.logits[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_requests_added_while_streaming_are_answered(tiny_loaded):
+    """A conversation's next turn is queued while the stream runs (self_distill's multi-turn prompts)."""
+    model, tokenizer, texts = tiny_loaded
+    config = GenerationConfig(max_new_tokens=4, do_sample=False)
+    queue = deque([("a", texts[0]), ("b", texts[1])])
+    seen = []
+    for key, *_ in stream_replies(model, tokenizer, queue, config, [], batch_size=2):
+        seen.append(key)
+        if key == "a":
+            queue.appendleft(("a2", texts[2]))
+    assert sorted(seen) == ["a", "a2", "b"]
+
+
+def test_stream_rejects_an_empty_batch(tiny_loaded):
+    model, tokenizer, texts = tiny_loaded
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        next(stream_replies(model, tokenizer, deque([(0, texts[0])]), GenerationConfig(max_new_tokens=2), [],
+                            batch_size=0))
+
+
 def test_sampling_applies_temperature_and_top_p(tiny_loaded):
     model, tokenizer, texts = tiny_loaded
     greedy = GenerationConfig(max_new_tokens=10, do_sample=False)
@@ -194,11 +293,10 @@ def test_read_prompts_order_is_stable(prompt_file):
     assert [p["id"] for p in read_prompts(prompt_file, seed=None)] == ["p0", "p1", "p2"]
 
 
-def test_batches_sorted_by_length_with_multi_turn_last():
-    prompts = [{"id": str(i), "turns": ["q"] * (2 if i in (1, 4) else 1)} for i in range(7)]
+def test_prompts_sorted_by_length_within_windows():
+    prompts = [{"id": str(i), "turns": ["q"]} for i in range(7)]
     lengths = [5, 9, 1, 7, 3, 8, 2]
-    batches = length_sorted_batches(prompts, lengths, batch_size=2, window=4)
-    assert [[p["id"] for p in b] for b in batches] == [["5", "3"], ["0", "2"], ["6"], ["1", "4"]]
+    assert [p["id"] for p in length_sorted(prompts, lengths, window=4)] == ["1", "3", "0", "2", "5", "4", "6"]
 
 
 @pytest.mark.slow

@@ -19,9 +19,11 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -39,6 +41,7 @@ from hydra.model.base_model import eos_token_ids, load_base_model
 from hydra.model.kv_cache import TreeKVCache
 
 Prompt = dict[str, Any]
+T = TypeVar("T")
 
 # The most likely tokens in which top-p sampling looks for the nucleus before it sorts the whole vocabulary.
 TOP_P_CANDIDATES = 64
@@ -94,54 +97,139 @@ def read_done_ids(path: str | os.PathLike) -> set[str]:
     return {str(r["id"]) for r in read_resumable(path) if "id" in r}
 
 
-@torch.inference_mode()
-def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                     generation_config: GenerationConfig, stop_ids: Sequence[int],
-                     top_p_candidates: int = TOP_P_CANDIDATES) -> list[tuple[str, bool, int]]:
-    """Continue each rendered prompt as one left-padded batch; a row leaves the batch as soon as it stops.
+@dataclass
+class _Rows:
+    """The replies being decoded together: one batch row each, sharing `cache` (left-padded to one length)."""
 
-    Two things HF `generate` does cost a CPU dearly here: it keeps a finished row in the batch until the
-    batch's longest reply ends, and its DynamicCache copies every layer's keys and values into a new tensor
-    at every step. This loop drops finished rows from the batch and writes into the project's
-    position-indexed cache instead (README, "Training data", has the measurements). Sampling uses
-    transformers' temperature warper and top-p rule (`sample_top_p`, over `top_p_candidates` tokens; 0: the
-    top-p warper on every row); greedy picks the argmax, as `generate` does.
+    keys: list[Hashable]  # the request each row answers
+    tokens: list[list[int]]  # what each row has picked so far
+    cache: TreeKVCache
+    mask: torch.Tensor  # [rows, cache length]: 0 over a row's padding
+    positions: torch.Tensor  # [rows]: the position of each row's next token
+    logits: torch.Tensor  # [rows, vocab]: the scores each row picks its next token from
 
-    Returns one (reply, hit_max_new_tokens, new_tokens) per prompt."""
+
+def _prefill(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+             spare: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One left-padded forward over `texts`: (cache with `spare` free slots, mask, next positions, logits)."""
     batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
                       add_special_tokens=needs_special_tokens(texts[0], tokenizer)).to(model.device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
-    pick = _token_picker(generation_config, top_p_candidates)
-    stops = torch.tensor(list(stop_ids), device=model.device)
-    cache = TreeKVCache(model.config.num_hidden_layers, mask.shape[1] + generation_config.max_new_tokens)
+    cache = TreeKVCache(model.config.num_hidden_layers, mask.shape[1] + spare)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    live = torch.arange(len(texts))  # batch row -> prompt index
-    next_position = positions[:, -1] + 1
-    tokens: list[list[int]] = [[] for _ in texts]
-    for step in range(generation_config.max_new_tokens):
-        chosen = pick(logits.float())
-        for row, token in zip(live.tolist(), chosen.tolist(), strict=True):
-            tokens[row].append(token)
-        going = ~torch.isin(chosen, stops)
-        if step + 1 == generation_config.max_new_tokens or not going.any():
-            break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            live, mask, chosen = live[keep.cpu()], mask[keep], chosen[keep]
-            next_position = next_position[keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
-    results = []
-    for row in tokens:
-        hit_limit = row[-1] not in stop_ids
-        reply = tokenizer.decode(row if hit_limit else row[:-1], skip_special_tokens=True).strip()
-        results.append((reply, hit_limit, len(row)))
-    return results
+    return cache, mask, positions[:, -1] + 1, logits
+
+
+def _admit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+           requests: Sequence[tuple[Hashable, str]], rows: _Rows | None, max_new_tokens: int) -> _Rows:
+    """Prefill `requests` and add them to `rows` (None: start a batch).
+
+    Both caches are right-aligned in a new one: the rows already decoding keep their slots relative to their
+    last token and lose the leading columns none of them attends to any more (left behind by rows that have
+    ended); the shorter side is padded on the left with zeros, masked out. Zeros, not empty memory: a masked
+    slot gets zero weight, but a NaN in it would still poison the weighted sum."""
+    texts = [text for _, text in requests]
+    cache, mask, positions, logits = _prefill(model, tokenizer, texts, max_new_tokens)
+    keys, tokens = [key for key, _ in requests], [[] for _ in requests]
+    if rows is None:
+        return _Rows(keys, tokens, cache, mask, positions, logits)
+    first = int(rows.mask.any(0).nonzero()[0, 0])  # columns before it are padding for every row
+    kept = rows.mask.shape[1] - first
+    length = max(kept, mask.shape[1])
+    merged = TreeKVCache(cache.num_layers, length + max_new_tokens)
+    old, new = len(rows.keys), len(requests)
+    k0, v0 = cache.k[0], cache.v[0]
+    merged.k = [k0.new_zeros(old + new, k0.shape[1], merged.max_len, k0.shape[3]) for _ in cache.k]
+    merged.v = [v0.new_zeros(old + new, v0.shape[1], merged.max_len, v0.shape[3]) for _ in cache.v]
+    for dst, a, b in zip(merged.k + merged.v, rows.cache.k + rows.cache.v, cache.k + cache.v, strict=True):
+        dst[:old, :, length - kept:length] = a[:, :, first:rows.cache.length]
+        dst[old:, :, length - mask.shape[1]:length] = b[:, :, :cache.length]
+    merged.length = length
+    merged_mask = mask.new_zeros(old + new, length)
+    merged_mask[:old, length - kept:] = rows.mask[:, first:]
+    merged_mask[old:, length - mask.shape[1]:] = mask
+    return _Rows(rows.keys + keys, rows.tokens + tokens, merged, merged_mask,
+                 torch.cat([rows.positions, positions]), torch.cat([rows.logits, logits]))
+
+
+@torch.inference_mode()
+def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   requests: deque[tuple[Hashable, str]], generation_config: GenerationConfig,
+                   stop_ids: Sequence[int], batch_size: int, refill_below: int | None = None,
+                   top_p_candidates: int = TOP_P_CANDIDATES) -> Iterator[tuple[Hashable, str, bool, int]]:
+    """Continue rendered prompts (`requests`: (key, text), taken from the left) in batches of up to
+    `batch_size` rows; yield (key, reply, hit_max_new_tokens, new_tokens) as each reply ends.
+
+    A row leaves the batch as soon as it stops, and when fewer than `refill_below` rows are left (default
+    batch_size: whenever one has left) the next requests are prefilled and join the rows still decoding
+    (continuous batching; 1: a new batch only once the last one has ended). The caller may add requests while
+    iterating, e.g. a conversation's next turn at the left. HF `generate` keeps finished rows to the end of
+    the batch and copies its DynamicCache at every step; this loop writes into the project's
+    position-indexed cache (README, "Training data", has the measurements). Sampling uses transformers'
+    temperature warper and top-p rule (`sample_top_p`, over `top_p_candidates` tokens; 0: the top-p warper
+    on every row); greedy picks the argmax, as `generate` does."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    refill_below = batch_size if refill_below is None else refill_below
+    max_new = generation_config.max_new_tokens
+    pick = _token_picker(generation_config, top_p_candidates)
+    stops = torch.tensor(list(stop_ids), device=model.device)
+    rows: _Rows | None = None
+    while True:
+        live = 0 if rows is None else len(rows.keys)
+        if requests and live < max(refill_below, 1):
+            taken = [requests.popleft() for _ in range(min(batch_size - live, len(requests)))]
+            rows = _admit(model, tokenizer, taken, rows, max_new)
+        if rows is None:
+            return
+        chosen = pick(rows.logits.float())
+        for picked, token in zip(rows.tokens, chosen.tolist(), strict=True):
+            picked.append(token)
+        ended = torch.isin(chosen, stops) | torch.tensor([len(t) >= max_new for t in rows.tokens],
+                                                         device=chosen.device)
+        if ended.any():
+            for row in ended.nonzero().squeeze(1).tolist():
+                picked = rows.tokens[row]
+                hit_limit = picked[-1] not in stop_ids
+                reply = tokenizer.decode(picked if hit_limit else picked[:-1], skip_special_tokens=True)
+                yield rows.keys[row], reply.strip(), hit_limit, len(picked)
+            going = (~ended).nonzero().squeeze(1)
+            if not len(going):
+                rows = None
+                continue
+            _select(rows, going)
+            chosen = chosen[going]
+        _decode(model, rows, chosen)
+
+
+def _select(rows: _Rows, going: torch.Tensor) -> None:
+    """Keep only the rows `going` (indices, in order)."""
+    rows.cache.batch_select_indices(going)
+    keep = going.tolist()
+    rows.keys, rows.tokens = [rows.keys[i] for i in keep], [rows.tokens[i] for i in keep]
+    rows.mask, rows.positions, rows.logits = rows.mask[going], rows.positions[going], rows.logits[going]
+
+
+def _decode(model: PreTrainedModel, rows: _Rows, chosen: torch.Tensor) -> None:
+    """One forward over each row's `chosen` token [rows]: the scores for the token after it."""
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.keys), 1)], dim=1)
+    rows.logits = model(input_ids=chosen[:, None], attention_mask=rows.mask,
+                        position_ids=rows.positions[:, None], past_key_values=rows.cache,
+                        use_cache=True).logits[:, -1]
+    rows.positions = rows.positions + 1
+
+
+def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                     generation_config: GenerationConfig, stop_ids: Sequence[int],
+                     top_p_candidates: int = TOP_P_CANDIDATES) -> list[tuple[str, bool, int]]:
+    """Continue each rendered prompt as one batch (`stream_replies`); one (reply, hit_max_new_tokens,
+    new_tokens) per prompt, in order."""
+    results = {key: rest for key, *rest in stream_replies(
+        model, tokenizer, deque(enumerate(texts)), generation_config, stop_ids, max(len(texts), 1),
+        top_p_candidates=top_p_candidates)}
+    return [tuple(results[i]) for i in range(len(texts))]
 
 
 def reply_config(max_new_tokens: int, temperature: float, top_p: float, stop_ids: Sequence[int],
@@ -211,46 +299,60 @@ def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: in
     return probs.masked_fill(dropped, 0), indices, whole
 
 
-def distill_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-                  generation_config: GenerationConfig, stop_ids: Sequence[int], max_prompt_tokens: int,
-                  template: str | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Answer every user turn of a batch of prompts in order; turn k's context holds the model's replies
-    1..k-1.
+def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                          prompts: Sequence[Prompt], generation_config: GenerationConfig,
+                          stop_ids: Sequence[int], max_prompt_tokens: int, batch_size: int,
+                          refill_below: int | None = None, template: str | None = None,
+                          counts: dict[str, int] | None = None,
+                          ) -> Iterator[tuple[Prompt, dict[str, Any] | None]]:
+    """Answer every user turn of each prompt in order, turn k's context holding the model's replies 1..k-1;
+    yield (prompt, ShareGPT record or None) as each conversation ends, in the order they end.
 
-    Returns ShareGPT records and counters. A conversation stops before a turn whose context would exceed
-    max_prompt_tokens or after an empty reply; its earlier turns are kept.
-    """
-    counts = {"new_tokens": 0, "truncated_replies": 0, "empty_reply": 0, "context_too_long": 0}
+    First turns are taken in the order of `prompts`; a later turn goes to the front of the queue, so a
+    conversation is written soon after it starts. A conversation stops before a turn whose context would
+    exceed max_prompt_tokens or after an empty reply; its earlier turns are kept (None: no reply at all).
+    `counts` (if given) adds up new_tokens, truncated_replies, empty_reply and context_too_long."""
+    counts = {} if counts is None else counts
+    for key in ("new_tokens", "truncated_replies", "empty_reply", "context_too_long"):
+        counts.setdefault(key, 0)
     histories: list[list[dict[str, Any]]] = [[] for _ in prompts]
-    alive = [True] * len(prompts)
-    for turn in range(max(len(p["turns"]) for p in prompts)):
-        active, texts = [], []
-        for i, prompt in enumerate(prompts):
-            if not alive[i] or turn >= len(prompt["turns"]):
-                continue
-            messages = histories[i] + [{"role": "user", "content": prompt["turns"][turn]}]
-            text = render_chat(messages, tokenizer, template, add_generation_prompt=True)
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
-                alive[i] = False
-                counts["context_too_long"] += 1
-                continue
-            active.append(i)
-            texts.append(text)
-        if not active:
-            break
-        for i, (reply, hit_limit, n_new) in zip(
-                active, generate_replies(model, tokenizer, texts, generation_config, stop_ids), strict=True):
-            counts["new_tokens"] += n_new
-            if not reply:  # keep the turns before it; a record with no reply at all is not written
-                alive[i] = False
-                counts["empty_reply"] += 1
-                continue
-            counts["truncated_replies"] += hit_limit
-            histories[i].append({"role": "user", "content": prompts[i]["turns"][turn]})
-            histories[i].append({"role": "assistant", "content": reply, "truncated": hit_limit})
-    records = [_to_sharegpt(prompt, history)
-               for prompt, history in zip(prompts, histories, strict=True) if history]
-    return records, counts
+
+    def request(i: int) -> tuple[int, str] | None:
+        """Prompt i's next turn rendered after its history, or None if that context is too long."""
+        turn = prompts[i]["turns"][len(histories[i]) // 2]
+        text = render_chat(histories[i] + [{"role": "user", "content": turn}], tokenizer, template,
+                           add_generation_prompt=True)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+            counts["context_too_long"] += 1
+            return None
+        return i, text
+
+    def ended(i: int) -> tuple[Prompt, dict[str, Any] | None]:
+        return prompts[i], _to_sharegpt(prompts[i], histories[i]) if histories[i] else None
+
+    queue: deque[tuple[Hashable, str]] = deque()
+    for i in range(len(prompts)):
+        first = request(i)
+        if first is None:
+            yield ended(i)
+        else:
+            queue.append(first)
+    for i, reply, hit_limit, n_new in stream_replies(model, tokenizer, queue, generation_config, stop_ids,
+                                                     batch_size, refill_below):
+        counts["new_tokens"] += n_new
+        if not reply:  # keep the turns before it; a record with no reply at all is not written
+            counts["empty_reply"] += 1
+            yield ended(i)
+            continue
+        counts["truncated_replies"] += hit_limit
+        turn = prompts[i]["turns"][len(histories[i]) // 2]
+        histories[i] += [{"role": "user", "content": turn},
+                         {"role": "assistant", "content": reply, "truncated": hit_limit}]
+        follow_up = request(i) if len(histories[i]) // 2 < len(prompts[i]["turns"]) else None
+        if follow_up is None:
+            yield ended(i)
+        else:
+            queue.appendleft(follow_up)
 
 
 def _to_sharegpt(prompt: Prompt, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -266,20 +368,14 @@ def _to_sharegpt(prompt: Prompt, history: list[dict[str, Any]]) -> dict[str, Any
     return record
 
 
-def length_sorted_batches(prompts: Sequence[Prompt], lengths: Sequence[int], batch_size: int,
-                          window: int) -> list[list[Prompt]]:
-    """Batches of similar prompt length (less left padding), sorting only within windows of `window` prompts
-    so a partial run still covers the prompts roughly in order. Multi-turn prompts are batched together at the
-    end: each extra turn is one more generate call for its whole batch, so mixing them in would cost a round
-    per batch instead of a few rounds in total."""
-    batches = []
-    for group in ([i for i, p in enumerate(prompts) if len(p["turns"]) == 1],
-                  [i for i, p in enumerate(prompts) if len(p["turns"]) > 1]):
-        for start in range(0, len(group), window):
-            order = sorted(group[start:start + window], key=lambda i: -lengths[i])
-            batches += [[prompts[i] for i in order[b:b + batch_size]]
-                        for b in range(0, len(order), batch_size)]
-    return batches
+def length_sorted(prompts: Sequence[T], lengths: Sequence[int], window: int) -> list[T]:
+    """The prompts sorted by length, longest first, within windows of `window` prompts: requests admitted
+    together are padded to the longest of them, and a partial run still covers the prompts roughly in
+    order."""
+    order = []
+    for start in range(0, len(prompts), window):
+        order += sorted(range(start, min(start + window, len(prompts))), key=lambda i: -lengths[i])
+    return [prompts[i] for i in order]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     # On a GPU a decode step of this small model is kernel-launch bound, so larger batches are almost free
     # there (README, Training data).
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together at most")
+    parser.add_argument("--refill-below", type=int, default=None,
+                        help="admit new prompts when fewer rows than this are decoding (default: the batch "
+                             "size, i.e. as soon as one has ended; 1: whole batches, one after another)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                         help="skip a prompt (or stop a conversation) whose rendered context is longer")
     parser.add_argument("--sort-window", type=int, default=16, help="sort by length within this many batches")
@@ -308,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.refill_below is not None and args.refill_below < 1):
+        parser.error("--batch-size and --refill-below must be at least 1")
     try:
         return distill(args)
     except (OSError, ValueError) as e:  # bad input: one line; the output holds only whole records
@@ -343,24 +444,24 @@ def distill(args: argparse.Namespace) -> int:
         print(f"[hydra.data] skipping {len(pending) - len(fits)} prompts longer than --max-prompt-tokens "
               f"{args.max_prompt_tokens}", flush=True)
     pending, lengths = [pending[i] for i in fits], [lengths[i] for i in fits]
-    batches = length_sorted_batches(pending, lengths, args.batch_size, args.batch_size * args.sort_window)
+    pending = length_sorted(pending, lengths, args.batch_size * args.sort_window)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    totals = {"written": 0, "new_tokens": 0, "truncated_replies": 0, "empty_reply": 0, "context_too_long": 0}
+    totals = {"written": 0}
     start = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="self-distill", unit="prompt")
+    bar = tqdm(total=len(pending), desc="self-distill", unit="prompt", mininterval=5)
     with output.open("a", encoding="utf-8") as f, bar:
-        for batch in batches:
-            records, counts = distill_batch(model, tokenizer, batch, generation_config, stop_ids,
-                                            args.max_prompt_tokens, args.template)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            f.flush()  # a kill loses at most the batch in flight
-            os.fsync(f.fileno())
-            for key, value in counts.items():
-                totals[key] += value
-            totals["written"] += len(records)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{totals['new_tokens'] / (time.perf_counter() - start):.0f}")
+        for _, record in distill_conversations(model, tokenizer, pending, generation_config, stop_ids,
+                                               args.max_prompt_tokens, args.batch_size, args.refill_below,
+                                               args.template, totals):
+            if record is not None:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()  # a kill loses only the conversations in flight
+                os.fsync(f.fileno())
+                totals["written"] += 1
+            bar.update(1)
+            rate = totals["new_tokens"] / (time.perf_counter() - start)
+            bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
     elapsed = time.perf_counter() - start
     print(f"[hydra.data] wrote {totals['written']} conversations to {output}: {totals['new_tokens']} new "
           f"tokens in {elapsed:.1f} s ({totals['new_tokens'] / elapsed:.1f} tok/s); "
