@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,6 +124,12 @@ def test_a_template_that_changes_turns_is_named_with_the_record(tokenizer, templ
     tok.chat_template = template
     with pytest.raises(ValueError, match=f"record c1: assistant turn 2 .*{problem}"):
         tokenize_records([CONVERSATION], tok, max_length=512)
+
+
+def test_a_slow_tokenizer_is_named_once_not_with_a_record():
+    slow = SimpleNamespace(is_fast=False)
+    with pytest.raises(ValueError, match=r"^render_and_mask needs a fast tokenizer"):
+        tokenize_records([CONVERSATION], slow, max_length=512)
 
 
 def test_mask_accepts_chat_messages_and_truncates(tokenizer):

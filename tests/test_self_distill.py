@@ -11,9 +11,10 @@ from helpers import save_tiny_model
 from transformers import GenerationConfig, TopPLogitsWarper
 
 from hydra.data.self_distill import (
-    _admit,
     _decode,
-    _select,
+    _merge,
+    _pick,
+    _prefill,
     generate_replies,
     length_sorted,
     main,
@@ -156,40 +157,42 @@ def test_refilled_rows_give_the_replies_of_prompts_answered_alone(tiny_loaded, r
     assert joined == merges
 
 
-def test_admitted_rows_score_as_if_alone(tiny_loaded):
-    """After a merge (a short prompt joining rows three tokens into longer replies, then a long prompt joining
-    after one of those has left) every row's scores equal those of its prompt decoded alone."""
+def test_merged_rows_score_as_if_alone(tiny_loaded):
+    """After a merge (a short prompt joining rows of two lengths three tokens into their replies, after a
+    longer one has ended, then a long prompt joining them) every row's scores equal those of its prompt decoded alone."""
     model, tokenizer, texts = tiny_loaded
     long_text = render_chat([{"role": "user", "content": "Why is the sky blue? " * 8}], tokenizer, None,
                             add_generation_prompt=True)
+    prompts = {0: texts[1], 1: texts[0], 4: texts[2], 2: "Hi", 3: long_text}
+    greedy = lambda logits: logits.argmax(-1)  # noqa: E731
+    no_stop = torch.tensor([], dtype=torch.long)
 
-    def alone(text, tokens):
-        rows = _admit(model, tokenizer, [(0, text)], None, 8)
+    def alone(key, tokens):
+        rows = _prefill(model, tokenizer, [(key, prompts[key])], 8)
         for token in tokens:
-            _decode(model, rows, torch.tensor([token]))
+            rows.next_tokens[:] = token
+            _decode(model, rows)
         return rows.logits[0]
 
     with torch.inference_mode():
-        rows = _admit(model, tokenizer, [(0, texts[1]), (1, texts[0])], None, 8)
-        fed = {0: [], 1: []}
+        rows = _prefill(model, tokenizer, [(key, prompts[key]) for key in (0, 1, 4)], 8)
         for _ in range(3):
-            chosen = rows.logits.argmax(-1)
-            for key, token in zip(rows.keys, chosen.tolist(), strict=True):
-                fed[key].append(token)
-            _decode(model, rows, chosen)
-        _select(rows, torch.tensor([1]))  # the longest prompt leaves: its leading columns are dropped next
-        rows = _admit(model, tokenizer, [(2, "Hi")], rows, 8)  # shorter than the live row's context
-        assert rows.mask[:, 0].any()  # no column left that no row attends to
-        rows = _admit(model, tokenizer, [(3, long_text)], rows, 8)  # longer than the live rows' context
-        fed[2], fed[3] = [], []
-        chosen = rows.logits.argmax(-1)
-        _decode(model, rows, chosen)
-        for key, token in zip(rows.keys, chosen.tolist(), strict=True):
-            fed[key].append(token)
-        assert rows.keys == [1, 2, 3]
+            _pick(rows, greedy, no_stop, 8)
+            _decode(model, rows)
+        rows.live[0] = False  # the longest prompt has ended: its leading columns go in the next merge
+        _pick(rows, greedy, no_stop, 8)
+        for key in (2, 3):  # shorter, then longer than the live rows' context
+            new = _prefill(model, tokenizer, [(key, prompts[key])], 8)
+            _pick(new, greedy, no_stop, 8)
+            rows = _merge(rows, new, 8)
+            assert rows.mask[:, 0].any()  # no column left that no row attends to
+            if key == 2:
+                _decode(model, rows)
+                _pick(rows, greedy, no_stop, 8)
+        _decode(model, rows)
+        assert rows.keys == [1, 4, 2, 3] and rows.live.all()
         for row, key in enumerate(rows.keys):
-            expected = alone([texts[1], texts[0], "Hi", long_text][key], fed[key])
-            torch.testing.assert_close(rows.logits[row], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rows.logits[row], alone(key, rows.tokens[row]), atol=1e-5, rtol=1e-5)
 
 
 def test_requests_added_while_streaming_are_answered(tiny_loaded):

@@ -99,7 +99,9 @@ def read_done_ids(path: str | os.PathLike) -> set[str]:
 
 @dataclass
 class _Rows:
-    """The replies being decoded together: one batch row each, sharing `cache` (left-padded to one length)."""
+    """The replies being decoded together, one batch row each, sharing `cache` (left-padded to one length).
+    A row that has ended may stay in the batch until the next admission drops it (`live` False): its output
+    is ignored."""
 
     keys: list[Hashable]  # the request each row answers
     tokens: list[list[int]]  # what each row has picked so far
@@ -107,51 +109,92 @@ class _Rows:
     mask: torch.Tensor  # [rows, cache length]: 0 over a row's padding
     positions: torch.Tensor  # [rows]: the position of each row's next token
     logits: torch.Tensor  # [rows, vocab]: the scores each row picks its next token from
+    live: torch.Tensor  # [rows] bool: still answering
+    next_tokens: torch.Tensor  # [rows]: what each row feeds the next forward
 
 
-def _prefill(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-             spare: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One left-padded forward over `texts`: (cache with `spare` free slots, mask, next positions, logits)."""
-    batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
+def _prefill(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             requests: Sequence[tuple[Hashable, str]], spare: int) -> _Rows:
+    """One left-padded forward over the requests' texts into a cache with `spare` free slots."""
+    texts = [text for _, text in requests]
+    batch = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
                       add_special_tokens=needs_special_tokens(texts[0], tokenizer)).to(model.device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
     cache = TreeKVCache(model.config.num_hidden_layers, mask.shape[1] + spare)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    return cache, mask, positions[:, -1] + 1, logits
+    rows = len(texts)
+    return _Rows([key for key, _ in requests], [[] for _ in texts], cache, mask, positions[:, -1] + 1, logits,
+                 torch.ones(rows, dtype=torch.bool, device=mask.device),
+                 torch.zeros(rows, dtype=torch.long, device=mask.device))
 
 
-def _admit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           requests: Sequence[tuple[Hashable, str]], rows: _Rows | None, max_new_tokens: int) -> _Rows:
-    """Prefill `requests` and add them to `rows` (None: start a batch).
+def _merge(rows: _Rows, new: _Rows, max_new_tokens: int) -> _Rows:
+    """The live rows of `rows` followed by all of `new`, in one cache with room for `max_new_tokens` more.
 
-    Both caches are right-aligned in a new one: the rows already decoding keep their slots relative to their
-    last token and lose the leading columns none of them attends to any more (left behind by rows that have
-    ended); the shorter side is padded on the left with zeros, masked out. Zeros, not empty memory: a masked
-    slot gets zero weight, but a NaN in it would still poison the weighted sum."""
-    texts = [text for _, text in requests]
-    cache, mask, positions, logits = _prefill(model, tokenizer, texts, max_new_tokens)
-    keys, tokens = [key for key, _ in requests], [[] for _ in requests]
-    if rows is None:
-        return _Rows(keys, tokens, cache, mask, positions, logits)
-    first = int(rows.mask.any(0).nonzero()[0, 0])  # columns before it are padding for every row
-    kept = rows.mask.shape[1] - first
-    length = max(kept, mask.shape[1])
-    merged = TreeKVCache(cache.num_layers, length + max_new_tokens)
-    old, new = len(rows.keys), len(requests)
-    k0, v0 = cache.k[0], cache.v[0]
-    merged.k = [k0.new_zeros(old + new, k0.shape[1], merged.max_len, k0.shape[3]) for _ in cache.k]
-    merged.v = [v0.new_zeros(old + new, v0.shape[1], merged.max_len, v0.shape[3]) for _ in cache.v]
-    for dst, a, b in zip(merged.k + merged.v, rows.cache.k + rows.cache.v, cache.k + cache.v, strict=True):
-        dst[:old, :, length - kept:length] = a[:, :, first:rows.cache.length]
-        dst[old:, :, length - mask.shape[1]:length] = b[:, :, :cache.length]
+    Both caches are right-aligned: the live rows keep their slots relative to their last token and lose the
+    leading columns none of them attends to any more (left behind by rows that have ended); the shorter side
+    is padded on the left with zeros, masked out. Zeros, not empty memory: a masked slot gets zero weight,
+    but a NaN in it would still poison the weighted sum. Slots past the length are written before they are
+    read, so they stay uninitialised."""
+    going = rows.live.nonzero().squeeze(1)
+    old, new_rows = len(going), len(new.keys)
+    first = int(rows.mask[going].any(0).nonzero()[0, 0])  # columns before it are padding for every live row
+    kept, fresh = rows.mask.shape[1] - first, new.mask.shape[1]
+    length = max(kept, fresh)
+    merged = TreeKVCache(new.cache.num_layers, length + max_new_tokens)
+    merged.k, merged.v = ([buf.new_empty(old + new_rows, buf.shape[1], merged.max_len, buf.shape[3])
+                           for buf in bufs] for bufs in (new.cache.k, new.cache.v))
+    for dst, a, b in zip(merged.k + merged.v, rows.cache.k + rows.cache.v, new.cache.k + new.cache.v,
+                         strict=True):
+        dst[:old, :, :length - kept] = 0
+        dst[:old, :, length - kept:length] = a[going, :, first:rows.cache.length]
+        dst[old:, :, :length - fresh] = 0
+        dst[old:, :, length - fresh:length] = b[:, :, :new.cache.length]
     merged.length = length
-    merged_mask = mask.new_zeros(old + new, length)
-    merged_mask[:old, length - kept:] = rows.mask[:, first:]
-    merged_mask[old:, length - mask.shape[1]:] = mask
-    return _Rows(rows.keys + keys, rows.tokens + tokens, merged, merged_mask,
-                 torch.cat([rows.positions, positions]), torch.cat([rows.logits, logits]))
+    mask = new.mask.new_zeros(old + new_rows, length)
+    mask[:old, length - kept:] = rows.mask[going, first:]
+    mask[old:, length - fresh:] = new.mask
+    keep = going.tolist()
+    cat = torch.cat
+    return _Rows([rows.keys[i] for i in keep] + new.keys, [rows.tokens[i] for i in keep] + new.tokens, merged,
+                 mask, cat([rows.positions[going], new.positions]), cat([rows.logits[going], new.logits]),
+                 cat([rows.live[going], new.live]), cat([rows.next_tokens[going], new.next_tokens]))
+
+
+def _select(rows: _Rows, going: torch.Tensor) -> None:
+    """Keep only the rows `going` (indices, in order)."""
+    rows.cache.batch_select_indices(going)
+    keep = going.tolist()
+    rows.keys, rows.tokens = [rows.keys[i] for i in keep], [rows.tokens[i] for i in keep]
+    for name in ("mask", "positions", "logits", "live", "next_tokens"):
+        setattr(rows, name, getattr(rows, name)[going])
+
+
+def _decode(model: PreTrainedModel, rows: _Rows) -> None:
+    """One forward over each row's next token: the scores for the token after it."""
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.keys), 1)], dim=1)
+    rows.logits = model(input_ids=rows.next_tokens[:, None], attention_mask=rows.mask,
+                        position_ids=rows.positions[:, None], past_key_values=rows.cache,
+                        use_cache=True).logits[:, -1]
+    rows.positions = rows.positions + 1
+
+
+def _pick(rows: _Rows, pick: Callable[[torch.Tensor], torch.Tensor], stops: torch.Tensor,
+          max_new_tokens: int) -> list[int]:
+    """Each live row picks its next token from its scores; returns the rows that have thereby ended (stop
+    token or max_new_tokens), now no longer live."""
+    live = rows.live.nonzero().squeeze(1)
+    chosen = pick(rows.logits[live].float())
+    rows.next_tokens[live] = chosen
+    for row, token in zip(live.tolist(), chosen.tolist(), strict=True):
+        rows.tokens[row].append(token)
+    full = torch.tensor([len(rows.tokens[row]) >= max_new_tokens for row in live.tolist()],
+                        dtype=torch.bool, device=live.device)
+    ended = live[torch.isin(chosen, stops) | full]
+    rows.live[ended] = False
+    return ended.tolist()
 
 
 @torch.inference_mode()
@@ -162,63 +205,49 @@ def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Continue rendered prompts (`requests`: (key, text), taken from the left) in batches of up to
     `batch_size` rows; yield (key, reply, hit_max_new_tokens, new_tokens) as each reply ends.
 
-    A row leaves the batch as soon as it stops, and when fewer than `refill_below` rows are left (default
-    batch_size: whenever one has left) the next requests are prefilled and join the rows still decoding
-    (continuous batching; 1: a new batch only once the last one has ended). The caller may add requests while
-    iterating, e.g. a conversation's next turn at the left. HF `generate` keeps finished rows to the end of
-    the batch and copies its DynamicCache at every step; this loop writes into the project's
-    position-indexed cache (README, "Training data", has the measurements). Sampling uses transformers'
-    temperature warper and top-p rule (`sample_top_p`, over `top_p_candidates` tokens; 0: the top-p warper
-    on every row); greedy picks the argmax, as `generate` does."""
+    Continuous batching: when fewer than `refill_below` rows are still answering (default batch_size: as
+    soon as one has ended), the next requests are prefilled and join them, and the ended rows leave the
+    batch in the same copy of the cache; until then they stay in it, their output ignored (a row's share of a
+    step costs less than copying the cache). With refill_below=1, or once no request waits, a row leaves as
+    soon as it ends, and new requests start only when the batch is empty. The caller may add requests while
+    iterating, e.g. a conversation's next turn at the left.
+
+    HF `generate` keeps finished rows to the end of the batch and copies its DynamicCache at every step;
+    this loop writes into the project's position-indexed cache (README, "Training data", has the
+    measurements). Sampling uses transformers' temperature warper and top-p rule (`sample_top_p`, over
+    `top_p_candidates` tokens; 0: the top-p warper on every row); greedy picks the argmax, as `generate`
+    does."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    refill_below = batch_size if refill_below is None else refill_below
+    refill_below = max(batch_size if refill_below is None else refill_below, 1)
     max_new = generation_config.max_new_tokens
     pick = _token_picker(generation_config, top_p_candidates)
-    stops = torch.tensor(list(stop_ids), device=model.device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)
+
+    def replies(rows: _Rows, ended: list[int]) -> Iterator[tuple[Hashable, str, bool, int]]:
+        for row in ended:
+            picked = rows.tokens[row]
+            hit_limit = picked[-1] not in stop_ids
+            reply = tokenizer.decode(picked if hit_limit else picked[:-1], skip_special_tokens=True)
+            yield rows.keys[row], reply.strip(), hit_limit, len(picked)
+
     rows: _Rows | None = None
     while True:
-        live = 0 if rows is None else len(rows.keys)
-        if requests and live < max(refill_below, 1):
-            taken = [requests.popleft() for _ in range(min(batch_size - live, len(requests)))]
-            rows = _admit(model, tokenizer, taken, rows, max_new)
-        if rows is None:
-            return
-        chosen = pick(rows.logits.float())
-        for picked, token in zip(rows.tokens, chosen.tolist(), strict=True):
-            picked.append(token)
-        ended = torch.isin(chosen, stops) | torch.tensor([len(t) >= max_new for t in rows.tokens],
-                                                         device=chosen.device)
-        if ended.any():
-            for row in ended.nonzero().squeeze(1).tolist():
-                picked = rows.tokens[row]
-                hit_limit = picked[-1] not in stop_ids
-                reply = tokenizer.decode(picked if hit_limit else picked[:-1], skip_special_tokens=True)
-                yield rows.keys[row], reply.strip(), hit_limit, len(picked)
-            going = (~ended).nonzero().squeeze(1)
-            if not len(going):
-                rows = None
-                continue
-            _select(rows, going)
-            chosen = chosen[going]
-        _decode(model, rows, chosen)
-
-
-def _select(rows: _Rows, going: torch.Tensor) -> None:
-    """Keep only the rows `going` (indices, in order)."""
-    rows.cache.batch_select_indices(going)
-    keep = going.tolist()
-    rows.keys, rows.tokens = [rows.keys[i] for i in keep], [rows.tokens[i] for i in keep]
-    rows.mask, rows.positions, rows.logits = rows.mask[going], rows.positions[going], rows.logits[going]
-
-
-def _decode(model: PreTrainedModel, rows: _Rows, chosen: torch.Tensor) -> None:
-    """One forward over each row's `chosen` token [rows]: the scores for the token after it."""
-    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.keys), 1)], dim=1)
-    rows.logits = model(input_ids=chosen[:, None], attention_mask=rows.mask,
-                        position_ids=rows.positions[:, None], past_key_values=rows.cache,
-                        use_cache=True).logits[:, -1]
-    rows.positions = rows.positions + 1
+        live = 0 if rows is None else int(rows.live.sum())
+        if requests and live < refill_below:
+            new = _prefill(model, tokenizer, [requests.popleft()
+                                              for _ in range(min(batch_size - live, len(requests)))], max_new)
+            yield from replies(new, _pick(new, pick, stops, max_new))
+            rows = new if not live else _merge(rows, new, max_new)
+        if rows is None or not rows.live.any():
+            if not requests:
+                return
+            rows = None
+            continue
+        if not rows.live.all() and (refill_below == 1 or not requests):
+            _select(rows, rows.live.nonzero().squeeze(1))
+        _decode(model, rows)
+        yield from replies(rows, _pick(rows, pick, stops, max_new))
 
 
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],

@@ -267,6 +267,11 @@ def _include_end_marker(text: str, end: int, markers: list[str]) -> int:
     return end
 
 
+def _require_fast(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("render_and_mask needs a fast tokenizer (return_offsets_mapping)")
+
+
 def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
                     max_length: int, template: str | None = None, user_turns: bool = False,
                     ) -> dict[str, list[int]]:
@@ -279,8 +284,7 @@ def render_and_mask(conversation: Record | Sequence[dict[str, Any]], tokenizer: 
         template: None = the tokenizer's chat template (vicuna_v1.1 if it has none); "vicuna" = vicuna_v1.1.
         user_turns: also label the text of the user turns (never the system prompt or the template's markup).
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("render_and_mask needs a fast tokenizer (return_offsets_mapping)")
+    _require_fast(tokenizer)
     text, spans = render_with_spans(to_messages(conversation), tokenizer, template, user_turns)
     encoding = tokenizer(text, return_offsets_mapping=True, truncation=False,
                          add_special_tokens=needs_special_tokens(text, tokenizer))
@@ -309,6 +313,7 @@ def needs_special_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> bool:
 def tokenize_records(records: Iterable[Record], tokenizer: PreTrainedTokenizerBase, max_length: int,
                      template: str | None = None, user_turns: bool = False) -> list[dict[str, list[int]]]:
     """render_and_mask over many records, dropping those with no labelled token left after truncation."""
+    _require_fast(tokenizer)  # before the loop: an error about the tokenizer names no record
     examples, dropped = [], 0
     for index, record in enumerate(records):
         try:
