@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p-candidates", type=int, nargs="+", default=[TOP_P_CANDIDATES],
                    help="a loop run for each: top-p over this many most likely tokens (0: the warper)")
     p.add_argument("--refill-below", type=int, nargs="+", default=[None],
-                   help="a loop run for each: admit prompts when fewer rows are left (default: batch size)")
+                   help="a loop run for each: admit prompts when fewer rows are left (default: 7/8 batch)")
     p.add_argument("--group", type=int, default=None,
                    help="prompts each configuration answers in turn (default 4x the largest batch size)")
     p.add_argument("--no-generate", action="store_true", help="time the loop only")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         for c in a.top_p_candidates:
             for r in a.refill_below:
                 name = "loop" + (f" candidates {c}" if len(a.top_p_candidates) > 1 else "") \
-                    + (f" refill below {r or b}" if len(a.refill_below) > 1 else "")
+                    + (f" refill below {r or b - b // 8}" if len(a.refill_below) > 1 else "")
                 runs[f"{name} batch {b}"] = partial(loop_tokens, batch_size=b, candidates=c, refill_below=r)
     tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
     group = a.group or 4 * max(a.batch_sizes)

@@ -159,7 +159,8 @@ def test_refilled_rows_give_the_replies_of_prompts_answered_alone(tiny_loaded, r
 
 def test_merged_rows_score_as_if_alone(tiny_loaded):
     """After a merge (a short prompt joining rows of two lengths three tokens into their replies, after a
-    longer one has ended, then a long prompt joining them) every row's scores equal those of its prompt decoded alone."""
+    longer one has ended, then a long prompt joining them) every row's scores equal those of its prompt
+    decoded alone."""
     model, tokenizer, texts = tiny_loaded
     long_text = render_chat([{"role": "user", "content": "Why is the sky blue? " * 8}], tokenizer, None,
                             add_generation_prompt=True)
