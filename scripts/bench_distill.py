@@ -8,17 +8,19 @@ the same training prompts, interleaved group by group in one process so the rati
         --no-generate                                  # continuous batching against batch after batch
 
 `generate` keeps finished rows in the batch until its longest reply ends and grows a DynamicCache by
-concatenation; the loop (`stream_replies`) drops finished rows, writes into the position-indexed cache,
-applies top-p to the most likely tokens only (`sample_top_p`; --top-p-candidates 0: the warper's sort of
-the whole vocabulary, as `generate` does) and admits the next prompts when fewer than --refill-below rows
-are left (1: batch after batch, as `generate`). Every configuration answers the same --group of prompts in
-turn (the loop streams through the group; `generate` takes it batch by batch), first turns only, rendered as
-self_distill renders them. Results are in the README ("Training data").
+concatenation; the loop (`stream_replies`) writes into the position-indexed cache, applies top-p to the
+most likely tokens only (`sample_top_p`; --top-p-candidates 0: the warper's sort of the whole vocabulary, as
+`generate` does) and admits the next prompts when fewer than --refill-below rows are left (1: batch after
+batch, dropping finished rows as they end). Every configuration answers the same --group of prompts in turn
+(the loop streams through the group; `generate` takes it batch by batch), first turns only, rendered as
+self_distill renders them. The loop drains its batch at the end of every group, which a self_distill run does
+only once, so a small --group understates continuous batching. Results are in the README ("Training data").
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from hydra.data.self_distill import (  # noqa: E402
     TOP_P_CANDIDATES,
+    default_refill_below,
     length_sorted,
     read_prompts,
     reply_config,
@@ -85,12 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refill-below", type=int, nargs="+", default=[None],
                    help="a loop run for each: admit prompts when fewer rows are left (default: 7/8 batch)")
     p.add_argument("--group", type=int, default=None,
-                   help="prompts each configuration answers in turn (default 4x the largest batch size)")
+                   help="prompts each configuration answers in turn (default 4 batches of every size)")
     p.add_argument("--no-generate", action="store_true", help="time the loop only")
     a = p.parse_args(argv)
     if min(a.top_p_candidates) < 0:
         p.error("--top-p-candidates: 0 or more")
-    if min(r or 1 for r in a.refill_below) < 1 or min(a.batch_sizes) < 1 or (a.group or 1) < 1:
+    if any(r is not None and r < 1 for r in a.refill_below) or min(a.batch_sizes) < 1 or (a.group or 1) < 1:
         p.error("--batch-sizes, --refill-below and --group: 1 or more")
     a.top_p_candidates = list(dict.fromkeys(a.top_p_candidates))  # each run once
     a.refill_below = list(dict.fromkeys(a.refill_below))
@@ -112,12 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         if not a.no_generate:
             runs[f"generate batch {b}"] = partial(hf_generate_group, batch_size=b)
         for c in a.top_p_candidates:
-            for r in a.refill_below:
+            used = (min(b, default_refill_below(b) if r is None else r) for r in a.refill_below)
+            for r in dict.fromkeys(used):  # clamped to the batch size, as stream_replies does
                 name = "loop" + (f" candidates {c}" if len(a.top_p_candidates) > 1 else "") \
-                    + (f" refill below {r or b - b // 8}" if len(a.refill_below) > 1 else "")
+                    + (f" refill below {r}" if len(a.refill_below) > 1 else "")
                 runs[f"{name} batch {b}"] = partial(loop_tokens, batch_size=b, candidates=c, refill_below=r)
     tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
-    group = a.group or 4 * max(a.batch_sizes)
+    group = a.group or 4 * math.lcm(*a.batch_sizes)  # whole batches of every size
     for start in range(0, len(texts), group):  # every configuration answers the same group in turn
         for name, fn in runs.items():
             torch.manual_seed(a.seed + start)

@@ -51,8 +51,11 @@ def test_refill_below_adds_one_loop_run_each(tmp_path, capsys):
                                for i in range(5)))
     bench_distill.main(["--prompts", str(prompts), "--base-model", str(root / "base"), "--num-prompts", "5",
                         "--skip", "0", "--batch-sizes", "2", "--max-new-tokens", "3", "--threads", "1",
-                        "--temperature", "0", "--refill-below", "1", "2", "--group", "5", "--no-generate"])
+                        "--temperature", "0", "--refill-below", "1", "2", "3", "--group", "5",
+                        "--no-generate"])
     out = capsys.readouterr().out
     rows = dict(re.findall(r"(loop refill below \d batch \d): +(\d+) new tokens", out))
+    # 3 is above the batch size: it runs (and is named) as 2, once
     assert rows == {"loop refill below 1 batch 2": "15", "loop refill below 2 batch 2": "15"}, out
+    assert out.count("loop refill below 2 batch 2:") == 1
     assert "generate" not in out

@@ -209,6 +209,23 @@ def test_requests_added_while_streaming_are_answered(tiny_loaded):
     assert sorted(seen) == ["a", "a2", "b"]
 
 
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--refill-below", "0"],
+                                   ["--batch-size", "4", "--refill-below", "5"]])
+def test_bad_batch_flags_are_one_error(tmp_path, prompt_file, flags, capsys):
+    with pytest.raises(SystemExit):
+        main(["--prompts", str(prompt_file), "--output", str(tmp_path / "o.jsonl"), *flags])
+    assert "--refill-below between 1 and --batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_refill_below_above_the_batch_is_the_batch(tiny_loaded):
+    model, tokenizer, texts = tiny_loaded
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    replies = list(stream_replies(model, tokenizer, deque(enumerate(texts)), config, [], batch_size=2,
+                                  refill_below=5))
+    assert sorted(key for key, *_ in replies) == [0, 1, 2]
+
+
 def test_stream_rejects_an_empty_batch(tiny_loaded):
     model, tokenizer, texts = tiny_loaded
     with pytest.raises(ValueError, match="batch_size must be at least 1"):

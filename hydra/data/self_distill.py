@@ -197,6 +197,11 @@ def _pick(rows: _Rows, pick: Callable[[torch.Tensor], torch.Tensor], stops: torc
     return ended.tolist()
 
 
+def default_refill_below(batch_size: int) -> int:
+    """7/8 of the batch: the fastest `refill_below` measured at batch 32 (README, "Training data")."""
+    return batch_size - batch_size // 8
+
+
 @torch.inference_mode()
 def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    requests: deque[tuple[Hashable, str]], generation_config: GenerationConfig,
@@ -205,8 +210,8 @@ def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Continue rendered prompts (`requests`: (key, text), taken from the left) in batches of up to
     `batch_size` rows; yield (key, reply, hit_max_new_tokens, new_tokens) as each reply ends.
 
-    Continuous batching: when fewer than `refill_below` rows are still answering (default 7/8 of the batch,
-    the fastest of those measured, README "Training data"), the next requests are prefilled and join them,
+    Continuous batching: when fewer than `refill_below` rows are still answering (default
+    `default_refill_below`), the next requests are prefilled and join them,
     and the ended rows leave the batch in the same copy of the cache; until then they stay in it, their
     output ignored (a row's share of a step costs less than copying the cache). With refill_below=1, or
     once no request waits, a row leaves as soon as it ends, and new requests start only when the batch is
@@ -219,7 +224,8 @@ def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     does."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    refill_below = max(batch_size - batch_size // 8 if refill_below is None else refill_below, 1)
+    refill_below = min(max(default_refill_below(batch_size) if refill_below is None else refill_below, 1),
+                       batch_size)  # more than batch_size would admit into a full batch
     max_new = generation_config.max_new_tokens
     pick = _token_picker(generation_config, top_p_candidates)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)
@@ -436,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or (args.refill_below is not None and args.refill_below < 1):
-        parser.error("--batch-size and --refill-below must be at least 1")
+    refill_below = 1 if args.refill_below is None else args.refill_below
+    if args.batch_size < 1 or not 1 <= refill_below <= args.batch_size:
+        parser.error("--batch-size must be at least 1 and --refill-below between 1 and --batch-size")
     try:
         return distill(args)
     except (OSError, ValueError) as e:  # bad input: one line; the output holds only whole records
