@@ -15,6 +15,7 @@ from hydra.data.self_distill import (
     _merge,
     _pick,
     _prefill,
+    distill_conversations,
     generate_replies,
     length_sorted,
     main,
@@ -224,6 +225,29 @@ def test_refill_below_above_the_batch_is_the_batch(tiny_loaded):
     replies = list(stream_replies(model, tokenizer, deque(enumerate(texts)), config, [], batch_size=2,
                                   refill_below=5))
     assert sorted(key for key, *_ in replies) == [0, 1, 2]
+
+
+def test_conversations_streamed_together_equal_conversations_answered_alone(tiny_loaded):
+    """Multi-turn prompts in a continuously refilled batch give the records and counts of each prompt answered
+    alone, including a conversation stopped by max_prompt_tokens after its first turn."""
+    model, tokenizer, _ = tiny_loaded
+    prompts = [{"id": f"q{i}", "turns": [f"Question {i}: " + "why? " * (3 * i)] + ["And then?"] * (i % 3)}
+               for i in range(7)]
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+
+    def answer(group, batch_size):
+        counts = {}
+        records = {p["id"]: r for p, r in distill_conversations(model, tokenizer, group, config, [stop], 75,
+                                                                batch_size, counts=counts)}
+        return records, counts
+
+    together = answer(prompts, 3)
+    alone = [answer([p], 1) for p in prompts]
+    assert together[0] == {k: v for records, _ in alone for k, v in records.items()}
+    assert together[1] == {key: sum(c[key] for _, c in alone) for key in together[1]}
+    assert together[1]["context_too_long"] > 0 and together[1]["truncated_replies"] > 0
+    assert any(len(r["conversations"]) >= 4 for r in together[0].values())  # a later turn went through too
 
 
 def test_stream_rejects_an_empty_batch(tiny_loaded):
