@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))
 
 from hydra.data.self_distill import (  # noqa: E402
     TOP_P_CANDIDATES,
-    default_refill_below,
     length_sorted,
     read_prompts,
     reply_config,
@@ -85,15 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-model", type=os.path.expanduser, default=None)
     p.add_argument("--top-p-candidates", type=int, nargs="+", default=[TOP_P_CANDIDATES],
                    help="a loop run for each: top-p over this many most likely tokens (0: the warper)")
-    p.add_argument("--refill-below", type=int, nargs="+", default=[None],
-                   help="a loop run for each: admit prompts when fewer rows are left (default: 7/8 batch)")
+    p.add_argument("--refill-below", type=int, nargs="+", default=[1],
+                   help="a loop run for each: admit prompts when fewer rows are left (1: batch after batch)")
     p.add_argument("--group", type=int, default=None,
                    help="prompts each configuration answers in turn (default 4 batches of every size)")
     p.add_argument("--no-generate", action="store_true", help="time the loop only")
     a = p.parse_args(argv)
     if min(a.top_p_candidates) < 0:
         p.error("--top-p-candidates: 0 or more")
-    if any(r is not None and r < 1 for r in a.refill_below) or min(a.batch_sizes) < 1 or (a.group or 1) < 1:
+    if min(a.refill_below) < 1 or min(a.batch_sizes) < 1 or (a.group or 1) < 1:
         p.error("--batch-sizes, --refill-below and --group: 1 or more")
     a.top_p_candidates = list(dict.fromkeys(a.top_p_candidates))  # each run once
     a.refill_below = list(dict.fromkeys(a.refill_below))
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         if not a.no_generate:
             runs[f"generate batch {b}"] = partial(hf_generate_group, batch_size=b)
         for c in a.top_p_candidates:
-            used = (min(b, default_refill_below(b) if r is None else r) for r in a.refill_below)
+            used = (min(b, r) for r in a.refill_below)
             for r in dict.fromkeys(used):  # clamped to the batch size, as stream_replies does
                 name = "loop" + (f" candidates {c}" if len(a.top_p_candidates) > 1 else "") \
                     + (f" refill below {r}" if len(a.refill_below) > 1 else "")

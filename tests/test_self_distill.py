@@ -128,7 +128,7 @@ def _forward_shapes(model):
     return shapes, handle
 
 
-@pytest.mark.parametrize("refill_below, merges", [(None, True), (1, False)])
+@pytest.mark.parametrize("refill_below, merges", [(2, True), (1, False)])
 def test_refilled_rows_give_the_replies_of_prompts_answered_alone(tiny_loaded, refill_below, merges):
     """Continuous batching: prompts admitted while other rows are mid-reply (their caches merged at another
     padding) answer exactly as each prompt alone; with refill_below=1 batches never mix."""
@@ -239,7 +239,7 @@ def test_conversations_streamed_together_equal_conversations_answered_alone(tiny
     def answer(group, batch_size):
         counts = {}
         records = {p["id"]: r for p, r in distill_conversations(model, tokenizer, group, config, [stop], 75,
-                                                                batch_size, counts=counts)}
+                                                                batch_size, batch_size, counts=counts)}
         return records, counts
 
     together = answer(prompts, 3)

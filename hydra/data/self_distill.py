@@ -197,25 +197,21 @@ def _pick(rows: _Rows, pick: Callable[[torch.Tensor], torch.Tensor], stops: torc
     return ended.tolist()
 
 
-def default_refill_below(batch_size: int) -> int:
-    """7/8 of the batch: the fastest `refill_below` measured at batch 32 (README, "Training data")."""
-    return batch_size - batch_size // 8
-
-
 @torch.inference_mode()
 def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    requests: deque[tuple[Hashable, str]], generation_config: GenerationConfig,
-                   stop_ids: Sequence[int], batch_size: int, refill_below: int | None = None,
+                   stop_ids: Sequence[int], batch_size: int, refill_below: int = 1,
                    top_p_candidates: int = TOP_P_CANDIDATES) -> Iterator[tuple[Hashable, str, bool, int]]:
     """Continue rendered prompts (`requests`: (key, text), taken from the left) in batches of up to
     `batch_size` rows; yield (key, reply, hit_max_new_tokens, new_tokens) as each reply ends.
 
-    Continuous batching: when fewer than `refill_below` rows are still answering (default
-    `default_refill_below`), the next requests are prefilled and join them,
-    and the ended rows leave the batch in the same copy of the cache; until then they stay in it, their
-    output ignored (a row's share of a step costs less than copying the cache). With refill_below=1, or
-    once no request waits, a row leaves as soon as it ends, and new requests start only when the batch is
-    empty. The caller may add requests while iterating, e.g. a conversation's next turn at the left.
+    With refill_below=1 (the default), or once no request waits, a row leaves the batch as soon as it ends,
+    and new requests start only when the batch is empty. Continuous batching (refill_below > 1): when fewer
+    than `refill_below` rows are still answering, the next requests are prefilled and join them, and the
+    ended rows leave the batch in the same copy of the cache; until then they stay in it, their output
+    ignored (a row's share of a step costs less than copying the cache). On a 2-core CPU that was faster on
+    one set of prompts and slower on another (README, "Training data"), so it is not the default. The
+    caller may add requests while iterating, e.g. a conversation's next turn at the left.
 
     HF `generate` keeps finished rows to the end of the batch and copies its DynamicCache at every step;
     this loop writes into the project's position-indexed cache (README, "Training data", has the
@@ -224,8 +220,7 @@ def stream_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     does."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    refill_below = min(max(default_refill_below(batch_size) if refill_below is None else refill_below, 1),
-                       batch_size)  # more than batch_size would admit into a full batch
+    refill_below = min(max(refill_below, 1), batch_size)  # more than batch_size would admit into a full batch
     max_new = generation_config.max_new_tokens
     pick = _token_picker(generation_config, top_p_candidates)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)
@@ -337,7 +332,7 @@ def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: in
 def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                           prompts: Sequence[Prompt], generation_config: GenerationConfig,
                           stop_ids: Sequence[int], max_prompt_tokens: int, batch_size: int,
-                          refill_below: int | None = None, template: str | None = None,
+                          refill_below: int = 1, template: str | None = None,
                           counts: dict[str, int] | None = None,
                           ) -> Iterator[tuple[Prompt, dict[str, Any] | None]]:
     """Answer every user turn of each prompt in order, turn k's context holding the model's replies 1..k-1;
@@ -426,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     # On a GPU a decode step of this small model is kernel-launch bound, so larger batches are almost free
     # there (README, Training data).
     parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together at most")
-    parser.add_argument("--refill-below", type=int, default=None,
-                        help="admit new prompts when fewer rows than this are decoding (default 7/8 of "
-                             "--batch-size; 1: whole batches, one after another)")
+    parser.add_argument("--refill-below", type=int, default=1,
+                        help="continuous batching: admit new prompts when fewer rows than this are decoding "
+                             "(default 1: whole batches, one after another)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                         help="skip a prompt (or stop a conversation) whose rendered context is longer")
     parser.add_argument("--sort-window", type=int, default=16, help="sort by length within this many batches")
@@ -442,8 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    refill_below = 1 if args.refill_below is None else args.refill_below
-    if args.batch_size < 1 or not 1 <= refill_below <= args.batch_size:
+    if args.batch_size < 1 or not 1 <= args.refill_below <= args.batch_size:
         parser.error("--batch-size must be at least 1 and --refill-below between 1 and --batch-size")
     try:
         return distill(args)
