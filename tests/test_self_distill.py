@@ -250,6 +250,36 @@ def test_conversations_streamed_together_equal_conversations_answered_alone(tiny
     assert any(len(r["conversations"]) >= 4 for r in together[0].values())  # a later turn went through too
 
 
+def test_first_turns_rendered_by_the_caller_are_not_rendered_again(tiny_loaded, monkeypatch):
+    """distill() renders the first turns to sort the prompts and passes them on: the records are the same,
+    only later turns are rendered here, and a given length over max_prompt_tokens stops the conversation."""
+    import hydra.data.self_distill as self_distill
+
+    model, tokenizer, _ = tiny_loaded
+    prompts = [{"id": f"q{i}", "turns": [f"Question {i}?"] + ["And then?"] * (i % 2)} for i in range(4)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False)
+    stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    rendered = [render_chat([{"role": "user", "content": p["turns"][0]}], tokenizer, None,
+                            add_generation_prompt=True) for p in prompts]
+    first_turns = [(text, len(tokenizer(text, add_special_tokens=False)["input_ids"])) for text in rendered]
+    calls = []
+    monkeypatch.setattr(self_distill, "render_chat", lambda *a, **k: calls.append(a) or render_chat(*a, **k))
+
+    def records(given, counts=None):
+        calls.clear()
+        answered = distill_conversations(model, tokenizer, prompts, config, [stop], 200, 2, counts=counts,
+                                         first_turns=given)
+        return {p["id"]: r for p, r in answered}
+
+    assert records(first_turns) == records(None)
+    rendered_here = len(calls)  # every turn
+    records(first_turns)
+    assert rendered_here - len(calls) == len(prompts) and len(calls) > 0  # the later turns only
+    counts = {}
+    too_long = [(text, 201 if i == 0 else n) for i, (text, n) in enumerate(first_turns)]
+    assert records(too_long, counts)["q0"] is None and counts["context_too_long"] == 1
+
+
 def test_stream_rejects_an_empty_batch(tiny_loaded):
     model, tokenizer, texts = tiny_loaded
     with pytest.raises(ValueError, match="batch_size must be at least 1"):

@@ -334,6 +334,7 @@ def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
                           stop_ids: Sequence[int], max_prompt_tokens: int, batch_size: int,
                           refill_below: int = 1, template: str | None = None,
                           counts: dict[str, int] | None = None,
+                          first_turns: Sequence[tuple[str, int]] | None = None,
                           ) -> Iterator[tuple[Prompt, dict[str, Any] | None]]:
     """Answer every user turn of each prompt in order, turn k's context holding the model's replies 1..k-1;
     yield (prompt, ShareGPT record or None) as each conversation ends, in the order they end.
@@ -341,7 +342,9 @@ def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     First turns are taken in the order of `prompts`; a later turn goes to the front of the queue, so a
     conversation is written soon after it starts. A conversation stops before a turn whose context would
     exceed max_prompt_tokens or after an empty reply; its earlier turns are kept (None: no reply at all).
-    `counts` (if given) adds up new_tokens, truncated_replies, empty_reply and context_too_long."""
+    `counts` (if given) adds up new_tokens, truncated_replies, empty_reply and context_too_long.
+    `first_turns` (if given): each prompt's first turn already rendered, with its length in tokens, so a
+    caller that rendered them to sort the prompts does not pay for it twice."""
     counts = {} if counts is None else counts
     for key in ("new_tokens", "truncated_replies", "empty_reply", "context_too_long"):
         counts.setdefault(key, 0)
@@ -349,10 +352,14 @@ def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
     def request(i: int) -> tuple[int, str] | None:
         """Prompt i's next turn rendered after its history, or None if that context is too long."""
-        turn = prompts[i]["turns"][len(histories[i]) // 2]
-        text = render_chat(histories[i] + [{"role": "user", "content": turn}], tokenizer, template,
-                           add_generation_prompt=True)
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+        if first_turns is not None and not histories[i]:
+            text, length = first_turns[i]
+        else:
+            turn = prompts[i]["turns"][len(histories[i]) // 2]
+            text = render_chat(histories[i] + [{"role": "user", "content": turn}], tokenizer, template,
+                               add_generation_prompt=True)
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > max_prompt_tokens:
             counts["context_too_long"] += 1
             return None
         return i, text
@@ -473,8 +480,8 @@ def distill(args: argparse.Namespace) -> int:
     if len(fits) < len(pending):
         print(f"[hydra.data] skipping {len(pending) - len(fits)} prompts longer than --max-prompt-tokens "
               f"{args.max_prompt_tokens}", flush=True)
-    pending, lengths = [pending[i] for i in fits], [lengths[i] for i in fits]
-    pending = length_sorted(pending, lengths, args.batch_size * args.sort_window)
+    order = length_sorted(fits, [lengths[i] for i in fits], args.batch_size * args.sort_window)
+    pending, first_turns = [pending[i] for i in order], [(first_turns[i], lengths[i]) for i in order]
 
     output.parent.mkdir(parents=True, exist_ok=True)
     totals = {"written": 0}
@@ -483,7 +490,7 @@ def distill(args: argparse.Namespace) -> int:
     with output.open("a", encoding="utf-8") as f, bar:
         for _, record in distill_conversations(model, tokenizer, pending, generation_config, stop_ids,
                                                args.max_prompt_tokens, args.batch_size, args.refill_below,
-                                               args.template, totals):
+                                               args.template, totals, first_turns):
             if record is not None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()  # a kill loses only the conversations in flight
