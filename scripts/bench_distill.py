@@ -37,10 +37,11 @@ from hydra.data.self_distill import (  # noqa: E402
     TOP_P_CANDIDATES,
     length_sorted,
     read_prompts,
+    rendered_contexts,
     reply_config,
     stream_replies,
 )
-from hydra.data.sharegpt import needs_special_tokens, render_chat  # noqa: E402
+from hydra.data.sharegpt import needs_special_tokens  # noqa: E402
 from hydra.model.base_model import eos_token_ids, load_base_model  # noqa: E402
 
 
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     stop_ids = eos_token_ids(model, tokenizer)
     prompts = read_prompts(a.prompts, a.skip + a.num_prompts, a.seed)[a.skip:]
-    texts = [render_chat([{"role": "user", "content": q["turns"][0]}], tokenizer, None,
-                         add_generation_prompt=True) for q in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    texts = length_sorted(texts, lengths, 16 * max(a.batch_sizes))  # as self_distill orders them
+    rendered = rendered_contexts([[{"role": "user", "content": q["turns"][0]}] for q in prompts],
+                                 tokenizer, None)
+    texts = length_sorted([text for text, _ in rendered], [n for _, n in rendered],
+                          16 * max(a.batch_sizes))  # as self_distill orders them
     config = reply_config(a.max_new_tokens, a.temperature, a.top_p, stop_ids, tokenizer.pad_token_id)
     sampling = config.do_sample
     runs = {}

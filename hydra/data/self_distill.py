@@ -329,6 +329,15 @@ def top_p_nucleus(scores: torch.Tensor, warper: TopPLogitsWarper, candidates: in
     return probs.masked_fill(dropped, 0), indices, whole
 
 
+def rendered_contexts(chats: Sequence[list[dict[str, Any]]], tokenizer: PreTrainedTokenizerBase,
+                      template: str | None) -> list[tuple[str, int]]:
+    """Each chat (ending with a user turn) rendered with the assistant's generation prompt, and its length in
+    tokens: the length --max-prompt-tokens is checked against. One tokenizer call for all of them."""
+    texts = [render_chat(chat, tokenizer, template, add_generation_prompt=True) for chat in chats]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    return list(zip(texts, lengths, strict=True))
+
+
 def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                           prompts: Sequence[Prompt], generation_config: GenerationConfig,
                           stop_ids: Sequence[int], max_prompt_tokens: int, batch_size: int,
@@ -356,9 +365,8 @@ def distill_conversations(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
             text, length = first_turns[i]
         else:
             turn = prompts[i]["turns"][len(histories[i]) // 2]
-            text = render_chat(histories[i] + [{"role": "user", "content": turn}], tokenizer, template,
-                               add_generation_prompt=True)
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            [(text, length)] = rendered_contexts([histories[i] + [{"role": "user", "content": turn}]],
+                                                 tokenizer, template)
         if length > max_prompt_tokens:
             counts["context_too_long"] += 1
             return None
@@ -473,15 +481,15 @@ def distill(args: argparse.Namespace) -> int:
                                      tokenizer.pad_token_id)
     torch.manual_seed(args.seed)
 
-    first_turns = [render_chat([{"role": "user", "content": p["turns"][0]}], tokenizer, args.template,
-                               add_generation_prompt=True) for p in pending]
-    lengths = [len(ids) for ids in tokenizer(first_turns, add_special_tokens=False)["input_ids"]]
+    first_turns = rendered_contexts([[{"role": "user", "content": p["turns"][0]}] for p in pending],
+                                    tokenizer, args.template)
+    lengths = [length for _, length in first_turns]
     fits = [i for i, n in enumerate(lengths) if n <= args.max_prompt_tokens]
     if len(fits) < len(pending):
         print(f"[hydra.data] skipping {len(pending) - len(fits)} prompts longer than --max-prompt-tokens "
               f"{args.max_prompt_tokens}", flush=True)
     order = length_sorted(fits, [lengths[i] for i in fits], args.batch_size * args.sort_window)
-    pending, first_turns = [pending[i] for i in order], [(first_turns[i], lengths[i]) for i in order]
+    pending, first_turns = [pending[i] for i in order], [first_turns[i] for i in order]
 
     output.parent.mkdir(parents=True, exist_ok=True)
     totals = {"written": 0}
