@@ -43,10 +43,13 @@ def _packed_batch(vocab, lengths_per_row, seed=0, label_frac=0.7):
     return torch.stack(ids), torch.stack(labels), torch.stack(pos)
 
 
-def reference_loss(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w):
-    """The original's formulation on full (B, S, V) logits, plus the packed-conversation mask"""
+def reference_loss(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w, f_w=0.0,
+                   temperature=1.0):
+    """The original's formulation on full (B, S, V) logits, plus the packed-conversation mask; with f_w,
+    EAGLE's smooth-L1 feature regression onto the base's final hidden state, averaged over the hidden
+    dimension"""
     total = 0.0
-    t_probs = F.softmax(model.base_logits(teacher_hidden).float(), dim=-1)
+    t_probs = F.softmax(model.base_logits(teacher_hidden).float() / temperature, dim=-1)
     for i in range(head_hidden.shape[0]):
         s = i + 2
         z = model.head_logits(i, head_hidden[i]).float()[:, :-s]
@@ -56,7 +59,9 @@ def reference_loss(model, head_hidden, teacher_hidden, labels, position_ids, lm_
         logp = F.log_softmax(z, dim=-1)
         lm = -logp[m].gather(1, y[m][:, None]).mean()
         teacher = -(q[m] * logp[m]).sum(-1).mean()
-        total = total + lm_w * lm + t_w * teacher
+        g, target = head_hidden[i][:, :-s][m].float(), teacher_hidden[:, s - 1:-1][m].float()
+        feature = F.smooth_l1_loss(g, target, reduction="none").mean(-1).mean()
+        total = total + lm_w * lm + t_w * teacher + f_w * feature
     return total
 
 
@@ -84,6 +89,55 @@ def test_chunked_equals_reference(tiny_base, randomize, arch, share_lm_head):
             else:
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
         assert stats.shape == (H, len(STAT_FIELDS))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_feature_loss_and_teacher_temperature_equal_reference(tiny_base, randomize, arch):
+    model = _model(tiny_base, arch, randomize=randomize)
+    ids, labels, pos = _packed_batch(tiny_base.config.vocab_size, [[5, 9, 3], [11, 4]])
+    params = [p for p in model.heads.parameters() if p.requires_grad]
+    lm_w, t_w, f_w, temp = 0.3, 1.0, 2.0, 0.5
+    out = model(ids, position_ids=pos)
+    ref = reference_loss(model, out.head_hidden, out.base_hidden, labels, pos, lm_w, t_w, f_w, temp)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    plain = reference_loss(model, out.head_hidden, out.base_hidden, labels, pos, lm_w, t_w)
+    assert abs(ref.item() - plain.item()) > 1e-2  # both options change the loss
+    for chunk in (1, 7, 64):
+        out = model(ids, position_ids=pos)
+        loss, stats = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w,
+                                 chunk_size=chunk, feature_weight=f_w, teacher_temperature=temp)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref_grads, strict=True):
+            if r is None:
+                assert g is None or torch.count_nonzero(g) == 0
+            else:
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    m = summarize(stats, lm_w, t_w, f_w)
+    assert math.isclose(m["loss"], loss.item(), rel_tol=1e-5)
+    assert all(m[f"head{i}_feature_loss"] > 0 for i in range(H))
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, lm_w, t_w, teacher_temperature=0.0)
+
+
+def test_head_weights_scale_each_head(tiny_base, randomize):
+    """head_weights w: the loss is sum_i w_i loss_i, and a head of weight 0 gets no gradient."""
+    model = _model(tiny_base, "hydra-mlp", randomize=randomize)
+    ids, labels, pos = _packed_batch(tiny_base.config.vocab_size, [[12, 9], [16]], seed=6)
+    weights = [2.0, 0.0, 0.5]
+    with torch.no_grad():
+        out = model(ids, position_ids=pos)
+        _, st = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, 1.0, 1.0)
+    per_head = summarize(st, 1.0, 1.0)
+    out = model(ids, position_ids=pos)
+    loss, st = hydra_loss(model, out.head_hidden, labels, pos, out.base_hidden, 1.0, 1.0, chunk_size=5,
+                          head_weights=weights)
+    want = sum(w * per_head[f"head{i}_loss"] for i, w in enumerate(weights))
+    assert math.isclose(loss.item(), want, rel_tol=1e-5)
+    assert math.isclose(summarize(st, 1.0, 1.0, head_weights=weights)["loss"], want, rel_tol=1e-5)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.heads.mlps[1].parameters())
+    assert all(p.grad is not None and p.grad.any() for p in model.heads.mlps[0].parameters())
 
 
 def draft_reference(model, head_hidden, teacher_hidden, labels, position_ids, lm_w, t_w, vocab):

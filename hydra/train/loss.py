@@ -1,11 +1,17 @@
 """The Hydra training loss, computed in chunks: no (heads x batch x seq x vocab) tensor ever exists.
 
 Conventions (digest §3.4): head i (shift s = i + 2) at position t is scored against token x_{t+s}:
-  data loss     CE(z_i(t), x_{t+s})                                               x lm_weight
-  teacher loss  -sum_v q_v log softmax(z_i(t))_v, q = softmax(base logits at t+s-1)   x teacher_weight
+  data loss     CE(z_i(t), x_{t+s})                                                     x lm_weight
+  teacher loss  -sum_v q_v log softmax(z_i(t))_v, q = softmax(base logits at t+s-1 / T)   x teacher_weight
+  feature loss  mean_d smooth_l1(g_i(t) - h_{t+s-1})                                      x feature_weight
 over positions whose target is an assistant token (labels != -100) and lies in the same packed conversation as
 t (position_ids count up by exactly s from t to t+s). Each head's loss is a mean over its scored tokens; heads
-are summed uniformly, as in the paper.
+are summed uniformly, as in the paper, unless `head_weights` are given (e.g. to favour the depths a tree
+uses). T (`teacher_temperature`, 1 by default) below 1 sharpens the teacher towards its argmax, the token
+greedy verification accepts. The feature loss is EAGLE's regression target: g_i(t) is head i's hidden state
+(what the output layer reads) and h_{t+s-1} the base's final hidden state whose projection is the teacher
+distribution, so with a shared output layer a head that matches the feature matches the teacher exactly
+(smooth L1 with beta 1, averaged over the hidden dimension as EAGLE does).
 
 How: positions are flattened to (B*S) and walked in chunks. Per chunk the teacher log-probs are computed once
 (only at the positions some head needs) and shared by all heads; each head's logits are computed for its
@@ -33,7 +39,8 @@ from torch.nn import functional as F
 IGNORE_INDEX = -100
 
 # Columns of the per-head statistics tensor (H, len(STAT_FIELDS)), float64 sums: all-reduce them, then divide.
-STAT_FIELDS = ("count", "lm_loss", "teacher_loss", "top1", "top5", "teacher_top1", "teacher_top5")
+STAT_FIELDS = ("count", "lm_loss", "teacher_loss", "feature_loss", "top1", "top5", "teacher_top1",
+               "teacher_top5")
 _COL = {name: k for k, name in enumerate(STAT_FIELDS)}
 
 
@@ -64,8 +71,8 @@ def count_targets(labels: torch.Tensor, position_ids: torch.Tensor | None, num_h
     return target_mask(labels, position_ids, num_heads).sum(dim=(1, 2))
 
 
-def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float,
-              prefix: str = "") -> dict[str, float]:
+def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float, feature_weight: float = 0.0,
+              head_weights: list[float] | None = None, prefix: str = "") -> dict[str, float]:
     """Turn summed statistics (H, len(STAT_FIELDS)) into means: loss, per-head losses and top-k accuracies."""
     out: dict[str, float] = {}
     total = 0.0
@@ -76,13 +83,16 @@ def summarize(stats: torch.Tensor, lm_weight: float, teacher_weight: float,
             continue
         lm = stats[i, _COL["lm_loss"]].item() / n
         teacher = stats[i, _COL["teacher_loss"]].item() / n
-        loss = lm_weight * lm + teacher_weight * teacher
-        total += loss
+        feature = stats[i, _COL["feature_loss"]].item() / n
+        loss = lm_weight * lm + teacher_weight * teacher + feature_weight * feature
+        total += loss * (head_weights[i] if head_weights else 1.0)
         out[f"{prefix}head{i}_loss"] = loss
         out[f"{prefix}head{i}_lm_loss"] = lm
         # -1 marks "teacher not computed" (training with the data loss only)
         if stats[i, _COL["teacher_top1"]].item() >= 0:
             out[f"{prefix}head{i}_teacher_loss"] = teacher
+        if feature_weight:
+            out[f"{prefix}head{i}_feature_loss"] = feature
         for field in ("top1", "top5", "teacher_top1", "teacher_top5"):
             value = stats[i, _COL[field]].item()
             if value >= 0:
@@ -96,13 +106,19 @@ class _Runner:
     """Walks the chunks once: loss value, statistics, and (optionally) the gradients."""
 
     def __init__(self, model, labels, position_ids, teacher_hidden, lm_weight, teacher_weight, normalizer,
-                 chunk_size, topk, teacher_metrics, params, vocab=None):
+                 chunk_size, topk, teacher_metrics, params, vocab=None, feature_weight=0.0,
+                 teacher_temperature=1.0, head_weights=None):
         self.model = model
         self.labels = labels
         self.position_ids = position_ids
         self.teacher_hidden = teacher_hidden
         self.lm_weight = float(lm_weight)
         self.teacher_weight = float(teacher_weight)
+        self.feature_weight = float(feature_weight)
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+        self.teacher_temperature = float(teacher_temperature)
+        self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
         self.normalizer = normalizer
         self.chunk_size = max(1, int(chunk_size))
         self.topk = topk
@@ -120,14 +136,14 @@ class _Runner:
         hidden = head_hidden.detach().reshape(H, N, d)
         valid = target_mask(labels, self.position_ids, H).reshape(H, N)
         flat_labels = labels.reshape(N)
-        if self.use_teacher:
+        if self.use_teacher or self.feature_weight:
             if self.teacher_hidden is None:
-                raise ValueError("the teacher loss / metrics need teacher_hidden "
+                raise ValueError("the teacher and feature losses / metrics need teacher_hidden "
                                  "(the base model's final hidden states)")
             teacher_flat = self.teacher_hidden.detach().reshape(N, -1)
         counts = valid.sum(dim=1)
         norm = (counts if self.normalizer is None else self.normalizer.to(device)).double().clamp_min(1)
-        norm = norm.tolist()
+        scale = [w / n for w, n in zip(self.head_weights or [1.0] * H, norm.tolist(), strict=True)]
 
         stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=device)
         stats[:, _COL["count"]] = counts.double()
@@ -174,6 +190,8 @@ class _Runner:
                             t_logits = t_logits[:, vocab]
                     else:
                         t_logits = model.base_logits(t_in, vocab)
+                    if self.teacher_temperature != 1.0:
+                        t_logits = t_logits.float() / self.teacher_temperature
                     t_logp = F.log_softmax(t_logits, dim=-1, dtype=torch.float32)
                     del t_logits
                     t_prob = t_logp.exp_()  # in place: the log-probs are not needed any more
@@ -209,7 +227,14 @@ class _Runner:
                         t_sum = -torch.dot(q.view(-1), logp.view(-1))
                         stats[i, _COL["teacher_loss"]] += t_sum
                         contrib = contrib + self.teacher_weight * t_sum.double()
-                    loss += contrib / norm[i]
+                    if self.feature_weight:
+                        # d/dg of mean_d smooth_l1 (beta 1) is clamp(g - h, -1, 1) / d
+                        diff = h.detach().float() - teacher_flat[n + (s - 1)].float()
+                        absd = diff.abs()
+                        f_sum = torch.where(absd < 1, 0.5 * diff * diff, absd - 0.5).sum() / d
+                        stats[i, _COL["feature_loss"]] += f_sum
+                        contrib = contrib + self.feature_weight * f_sum.double()
+                    loss += contrib * scale[i]
                     if self.topk:
                         top = z.detach().topk(5, dim=-1).indices
                         if vocab is not None:
@@ -230,22 +255,25 @@ class _Runner:
                         # d loss / d z = ((w_lm m + w_t) softmax(z) - w_lm m onehot(y) - w_t q) / normaliser,
                         # m = 1 if y is in the scored vocabulary, else 0
                         w_t = self.teacher_weight if self.use_teacher else 0.0
-                        w_lm = self.lm_weight / norm[i]
+                        w_lm = self.lm_weight * scale[i]
                         lm_w = (torch.full((len(n),), w_lm, device=device) if in_vocab is None
                                 else in_vocab.float() * w_lm)
                         dz = logp.exp_()
-                        dz.mul_((lm_w + w_t / norm[i])[:, None])
+                        dz.mul_((lm_w + w_t * scale[i])[:, None])
                         if w_t != 0.0:
-                            dz.sub_(q, alpha=w_t / norm[i])
+                            dz.sub_(q, alpha=w_t * scale[i])
                         if self.lm_weight != 0.0:
                             dz[torch.arange(len(n), device=device), y_col] -= lm_w
                     del logp
                 if need_grad:
                     grads = torch.autograd.grad(z, [h] + self.params[i], grad_outputs=dz.to(z.dtype))
-                    grad_hidden[i, n] = grads[0].to(grad_hidden.dtype)
+                    g_h = grads[0]
+                    if self.feature_weight:
+                        g_h = g_h.float() + diff.clamp_(-1, 1) * (self.feature_weight * scale[i] / d)
+                    grad_hidden[i, n] = g_h.to(grad_hidden.dtype)
                     for acc, g in zip(grad_params[i], grads[1:], strict=True):
                         acc.add_(g)
-                    del dz, grads
+                    del dz, grads, g_h
                 del z
             if self.use_teacher:
                 del t_prob
@@ -275,7 +303,8 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
                lm_weight: float = 1.0, teacher_weight: float = 0.0,
                normalizer: torch.Tensor | None = None, chunk_size: int = 256, topk: bool = False,
                teacher_metrics: bool = False, vocab: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               feature_weight: float = 0.0, teacher_temperature: float = 1.0,
+               head_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked Hydra loss. Returns (loss, stats).
 
     Args:
@@ -293,6 +322,9 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
         teacher_metrics: compute the teacher's distribution even if teacher_weight == 0 (for teacher_top*).
         vocab: a draft vocabulary (1-D token ids) to score over instead of the whole vocabulary (see the
             module docstring for the teacher and out-of-vocabulary targets).
+        feature_weight: weight of the feature loss (needs teacher_hidden).
+        teacher_temperature: the teacher distribution is softmax(base logits / teacher_temperature).
+        head_weights: (H,) weight of each head's loss; None = all 1 (the paper's uniform sum).
 
     loss is differentiable with respect to head_hidden and the heads' own output layers (if not shared); stats
     is (H, len(STAT_FIELDS)) float64 sums (columns of metrics that were not computed hold -1 per row); see
@@ -304,7 +336,8 @@ def hydra_loss(model, head_hidden: torch.Tensor, labels: torch.Tensor,
         own = heads.lm_heads[i] if heads.lm_heads is not None else None
         params.append([p for p in own.parameters() if p.requires_grad] if own is not None else [])
     runner = _Runner(model, labels, position_ids, teacher_hidden, lm_weight, teacher_weight, normalizer,
-                     chunk_size, topk, teacher_metrics, params, vocab)
+                     chunk_size, topk, teacher_metrics, params, vocab, feature_weight, teacher_temperature,
+                     head_weights)
     flat = [p for ps in params for p in ps]
     if torch.is_grad_enabled() and (head_hidden.requires_grad or any(p.requires_grad for p in flat)):
         return _ChunkedLoss.apply(runner, head_hidden, *flat)

@@ -64,7 +64,7 @@ from hydra.model.base_model import cache_dir
 from hydra.train import checkpoint as ckpt
 from hydra.train import hidden_cache
 from hydra.train.data import BatchOrder, load_or_build_rows
-from hydra.train.loss import count_targets, hydra_loss, summarize
+from hydra.train.loss import STAT_FIELDS, count_targets, hydra_loss, summarize
 from hydra.train.runtime import Dist, Logger, autocast_ctx, every, setup_distributed, step_seed
 from hydra.train.schedule import (
     MIN_TIMED_STEPS,
@@ -156,6 +156,13 @@ class TrainingArguments:
                 "identity, so --init_heads from heads with fewer continue exactly"})
     lm_loss_weight: float = 1.0
     teacher_loss_weight: float = 0.0
+    feature_loss_weight: float = field(default=0.0, metadata={
+        "help": "EAGLE-style regression of each head's hidden state onto the base's final hidden state whose "
+                "projection is the teacher distribution (hydra/train/loss.py)"})
+    head_loss_weights: list[float] = field(default_factory=list, metadata={
+        "help": "one weight per head for its loss (default: all 1, the paper's uniform sum)"})
+    teacher_temperature: float = field(default=1.0, metadata={
+        "help": "the teacher distribution is softmax(base logits / T); T < 1 sharpens it towards the argmax"})
     dropout_rate: float = 0.0
     noise_alpha: float = field(default=0.0, metadata={"help": "NEFTune-style noise on the token embeddings"})
     share_lm_head: bool = field(default=True, metadata={"help": "heads use the frozen base output layer"})
@@ -229,6 +236,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error("--decay_from <checkpoint> and --decay_steps N > 0 make a cool-down branch together")
     if args.decay_from and (args.deepspeed or args.time_budget_minutes > 0):
         parser.error("--decay_from branches a plain run: not with --deepspeed or --time_budget_minutes")
+    if args.head_loss_weights and (len(args.head_loss_weights) != args.hydra_num_heads
+                                   or min(args.head_loss_weights) < 0 or not any(args.head_loss_weights)):
+        parser.error(f"--head_loss_weights needs {args.hydra_num_heads} weights >= 0 (one per head, not all "
+                     f"0), got {args.head_loss_weights}")
+    if args.teacher_temperature <= 0:
+        parser.error(f"--teacher_temperature must be > 0, got {args.teacher_temperature}")
     if args.fill_hidden_cache != "lazy" and not args.cache_hidden_states:
         parser.error("--fill_hidden_cache needs --cache_hidden_states True")
     for group in (model_args, data_args, args):
@@ -336,7 +349,14 @@ class Run:
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        return dict(lm_weight=self.args.lm_loss_weight, teacher_weight=self.args.teacher_loss_weight)
+        return dict(lm_weight=self.args.lm_loss_weight, teacher_weight=self.args.teacher_loss_weight,
+                    feature_weight=self.args.feature_loss_weight,
+                    head_weights=self.args.head_loss_weights or None)
+
+    @property
+    def loss_options(self) -> dict[str, float]:
+        """Keyword arguments of hydra_loss beyond the batch: the weights and the teacher's temperature."""
+        return dict(self.loss_weights, teacher_temperature=self.args.teacher_temperature)
 
     def batch(self, row_ids: list[int]) -> dict[str, torch.Tensor]:
         """Rows by id (train rows first, then val rows) as one padded, packed batch on the device."""
@@ -587,7 +607,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
     t0 = time.time()
     eb = run.args.per_device_eval_batch_size or run.args.per_device_train_batch_size
     mine = [len(run.train_rows) + r for r in range(d.rank, len(run.val_rows), d.world)]
-    stats = torch.zeros(H, 7, dtype=torch.float64, device=d.device)
+    stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=d.device)
     with torch.no_grad():
         for j in range(0, len(mine), eb):
             ids = mine[j:j + eb]
@@ -596,7 +616,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
                 out = run.forward(ids, batch)
                 _, st = hydra_loss(model, out.head_hidden, batch["labels"], batch["position_ids"],
                                    out.base_hidden, chunk_size=run.args.loss_chunk_size, topk=True,
-                                   teacher_metrics=True, vocab=run.vocab, **run.loss_weights)
+                                   teacher_metrics=True, vocab=run.vocab, **run.loss_options)
             stats += st
     d.all_reduce(stats)
     model.train()
@@ -647,7 +667,7 @@ def train_step(run: Run, step: int, stats: torch.Tensor) -> tuple[float, float, 
             out = run.forward(mb, batch, args.noise_alpha)
             loss, st = hydra_loss(run.model, out.head_hidden, batch["labels"], batch["position_ids"],
                                   out.base_hidden, normalizer=normalizer, chunk_size=args.loss_chunk_size,
-                                  vocab=run.vocab, **run.loss_weights)
+                                  vocab=run.vocab, **run.loss_options)
         stats += st
         if run.engine is not None:
             # The loss is normalised by the global batch's token count already; DeepSpeed averages over
@@ -685,7 +705,7 @@ def fit(run: Run) -> None:
     started = time.time()
     if run.start_step == args.start_step and args.init_heads and eval_every:
         validate(run, run.start_step)  # where the given heads start from
-    stats = torch.zeros(H, 7, dtype=torch.float64, device=d.device)
+    stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=d.device)
     interval_tokens, interval_time, last_saved, last_eval = 0, 0.0, run.start_step, -1
     budget_at = max(args.warmup_steps, run.start_step + MIN_TIMED_STEPS)
     step = run.start_step
