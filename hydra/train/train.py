@@ -348,13 +348,13 @@ class Run:
         return self.args.bf16 and self.engine is None
 
     @property
-    def loss_weights(self) -> dict[str, float]:
+    def loss_weights(self) -> dict[str, float | list[float] | None]:
         return dict(lm_weight=self.args.lm_loss_weight, teacher_weight=self.args.teacher_loss_weight,
                     feature_weight=self.args.feature_loss_weight,
                     head_weights=self.args.head_loss_weights or None)
 
     @property
-    def loss_options(self) -> dict[str, float]:
+    def loss_options(self) -> dict[str, float | list[float] | None]:
         """Keyword arguments of hydra_loss beyond the batch: the weights and the teacher's temperature."""
         return dict(self.loss_weights, teacher_temperature=self.args.teacher_temperature)
 
