@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hydra.train import hidden_cache, train  # noqa: E402
-from hydra.train.loss import STAT_FIELDS  # noqa: E402
+from hydra.train.loss import new_stats  # noqa: E402
 from hydra.train.runtime import autocast_ctx  # noqa: E402
 
 RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
@@ -66,8 +66,7 @@ def configure(run: train.Run, option: str, vocab: torch.Tensor, cache) -> None:
 
 
 def timed_steps(run: train.Run, first_step: int, n: int) -> tuple[int, float]:
-    stats = torch.zeros(run.model.config.hydra_num_heads, len(STAT_FIELDS), dtype=torch.float64,
-                        device=run.d.device)
+    stats = new_stats(run.model.config.hydra_num_heads, run.d.device)
     tokens, t0 = 0, time.perf_counter()
     for step in range(first_step, first_step + n):
         tokens += train.train_step(run, step, stats)[2]

@@ -44,6 +44,11 @@ STAT_FIELDS = ("count", "lm_loss", "teacher_loss", "feature_loss", "top1", "top5
 _COL = {name: k for k, name in enumerate(STAT_FIELDS)}
 
 
+def new_stats(num_heads: int, device: torch.device | str) -> torch.Tensor:
+    """An empty per-head statistics tensor (num_heads, len(STAT_FIELDS)) of float64 sums."""
+    return torch.zeros(num_heads, len(STAT_FIELDS), dtype=torch.float64, device=device)
+
+
 def target_mask(labels: torch.Tensor, position_ids: torch.Tensor | None, num_heads: int) -> torch.Tensor:
     """(H, B, S) bool: head i at position t is scored iff labels[t+i+2] != -100 and t+i+2 is in t's
     conversation.
@@ -145,7 +150,7 @@ class _Runner:
         norm = (counts if self.normalizer is None else self.normalizer.to(device)).double().clamp_min(1)
         scale = [w / n for w, n in zip(self.head_weights or [1.0] * H, norm.tolist(), strict=True)]
 
-        stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=device)
+        stats = new_stats(H, device)
         stats[:, _COL["count"]] = counts.double()
         if not self.topk:
             stats[:, _COL["top5"]] = -1

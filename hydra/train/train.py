@@ -64,7 +64,7 @@ from hydra.model.base_model import cache_dir
 from hydra.train import checkpoint as ckpt
 from hydra.train import hidden_cache
 from hydra.train.data import BatchOrder, load_or_build_rows
-from hydra.train.loss import STAT_FIELDS, count_targets, hydra_loss, summarize
+from hydra.train.loss import count_targets, hydra_loss, new_stats, summarize
 from hydra.train.runtime import Dist, Logger, autocast_ctx, every, setup_distributed, step_seed
 from hydra.train.schedule import (
     MIN_TIMED_STEPS,
@@ -607,7 +607,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
     t0 = time.time()
     eb = run.args.per_device_eval_batch_size or run.args.per_device_train_batch_size
     mine = [len(run.train_rows) + r for r in range(d.rank, len(run.val_rows), d.world)]
-    stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=d.device)
+    stats = new_stats(H, d.device)
     with torch.no_grad():
         for j in range(0, len(mine), eb):
             ids = mine[j:j + eb]
@@ -705,7 +705,7 @@ def fit(run: Run) -> None:
     started = time.time()
     if run.start_step == args.start_step and args.init_heads and eval_every:
         validate(run, run.start_step)  # where the given heads start from
-    stats = torch.zeros(H, len(STAT_FIELDS), dtype=torch.float64, device=d.device)
+    stats = new_stats(H, d.device)
     interval_tokens, interval_time, last_saved, last_eval = 0, 0.0, run.start_step, -1
     budget_at = max(args.warmup_steps, run.start_step + MIN_TIMED_STEPS)
     step = run.start_step
