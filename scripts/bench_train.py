@@ -39,7 +39,7 @@ RECIPES = {  # name -> train.py flags (README "Training": the three recipes)
     "hydrapp": ["--hydra_head_arch", "prefix-mlp", "--hydra_num_layers", "4", "--lm_loss_weight", "0.0",
                 "--teacher_loss_weight", "1.0", "--dropout_rate", "0.2"],
 }
-# The pipeline's Hydra++ recipe: the paper's without dropout (README, "Dropout off").
+# The pipeline's Hydra++ recipe: the paper's without dropout (assets/training_logs/README.md, "Dropout off").
 RECIPES["hydrapp-nodrop"] = ["--hydra_head_arch", "prefix-mlp", "--hydra_num_layers", "4",
                               "--lm_loss_weight", "0.0", "--teacher_loss_weight", "1.0",
                               "--dropout_rate", "0.0"]

@@ -10,10 +10,11 @@ log's records after step N are dropped. Where a log holds a step twice (a run re
 truncated its log on resuming), the later record counts. An evaluation's token count is the `tokens_seen` of
 the training record of the same step (logs written before train.py put it in evaluation records), else
 interpolated between the training records around it. A dotted line marks where each continued run starts;
-its step-0 evaluation re-scores the heads it started from, so a jump there is a change of metric or
-validation rows, not learning (the README says which metric each run used). A log that continues another from
-step N without evaluating at N (a cool-down branch, train.py --decay_from, or the rest of a run resumed from
-its own checkpoint) is drawn from the other's last point at or before N. Prints the table it plots.
+its step-0 evaluation re-scores the heads it started from, so a jump there is a change of metric or validation
+rows, not learning (assets/training_logs/README.md says which metric each run used). A log that continues
+another from step N without evaluating at N (a cool-down branch, train.py --decay_from, or the rest of a run
+resumed from its own checkpoint) is drawn from the other's last point at or before N. Prints the table it
+plots.
 """
 
 from __future__ import annotations

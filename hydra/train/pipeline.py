@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Rough throughput defaults for the first estimate only (work units per second); measured rates replace them.
 # CPU: features ~ the fifth CPU run's fill rate (~390-510 trained tokens/s, heads training beside it); train
-# ~ its rate on rows read from the feature cache (README, "Trained heads shipped in this repository").
+# ~ its rate on rows read from the feature cache (assets/training_logs/README.md, "A fifth run").
 DEFAULT_RATES = {
     "cpu": {"distill": 0.3, "sample": 0.3, "split": 1e3, "features": 450.0, "train": 1250.0, "tree": 0.15,
             "mtbench": 0.06},
@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.0,
                    help="train.py --dropout_rate (the paper's Hydra++ recipe: 0.2; without dropout the "
-                        "heads learned faster here: README, \"Dropout off\")")
+                        "heads learned faster here: assets/training_logs/README.md, \"Dropout off\")")
     p.add_argument("--rows", type=int, default=4, help="packed rows per device per micro-batch")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="minutes of training (train.py --time_budget_minutes): the planned epochs are cut, "
